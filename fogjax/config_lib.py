@@ -1,0 +1,167 @@
+"""The full default config of a run, per architecture and size (SPEC.md §1-§3).
+
+`configs/<arch>.py` files call :func:`get_config` with their architecture and the size given after
+the colon on the command line (``--config=configs/fog_flash.py:1.5b``). Every field carries a comment;
+the config is locked, so a typo in ``--config.x.y=...`` fails loudly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+ARCHS = ("fog_max", "fog_opt", "fog_flash", "llama3", "llama3_smooth_swiglu", "op", "olmo2")
+SIZES = ("tiny", "390m", "1.5b", "8b")
+
+SIGMA0 = 0.02
+
+# Paper Table 6. ffn is F, the SwiGLU-equivalent width; non-gated FFNs use 3F/2.
+_SIZE_TABLE = {
+    #        L   D     F      H   G  tied   batch steps    lr      warmup cooldown fog_softmax_scale
+    "tiny": (4, 256, 768, 2, 1, False, 16, 200, 3e-3, 20, 40, 0.17678),
+    "390m": (16, 1024, 4096, 8, 4, True, 128, 100_000, 1e-3, 5_000, 20_000, 0.17678),
+    "1.5b": (16, 2048, 8192, 16, 8, False, 256, 125_000, 2.5e-4, 2_500, 25_000, 0.125),
+    "8b": (32, 4096, 14336, 32, 8, False, 512, 10_000, 3e-4, 1_250, 0, 0.125),
+}
+
+# Per-architecture block knobs (SPEC.md §1). `None` softmax scale means 1/sqrt(head_dim).
+_ARCH_TABLE = {
+    "llama3": dict(
+        block="prenorm", input_scale=1.0, post_norm="none", qk_norm="none",
+        final_norm=True, ffn_activation="swiglu", fog_scale=False,
+    ),
+    "llama3_smooth_swiglu": dict(
+        block="prenorm", input_scale=1.0, post_norm="none", qk_norm="none",
+        final_norm=True, ffn_activation="smooth_swiglu", fog_scale=False,
+    ),
+    "olmo2": dict(
+        block="postnorm", input_scale=1.0, post_norm="rms", qk_norm="rms",
+        final_norm=True, ffn_activation="swiglu", fog_scale=False,
+    ),
+    "op": dict(
+        block="postnorm", input_scale=1.0 / SIGMA0, post_norm="layerscale", qk_norm="rms",
+        final_norm=False, ffn_activation="gelu", fog_scale=False,
+    ),
+    "fog_max": dict(
+        block="postnorm", input_scale=1.0 / SIGMA0, post_norm="rms", qk_norm="frozen_rms",
+        final_norm=False, ffn_activation="xielu", fog_scale=True,
+    ),
+    "fog_opt": dict(
+        block="postnorm", input_scale=1.0 / SIGMA0, post_norm="rms", qk_norm="frozen_rms",
+        final_norm=False, ffn_activation="gelu", fog_scale=True,
+    ),
+    "fog_flash": dict(
+        block="postnorm", input_scale=1.0 / SIGMA0, post_norm="rms", qk_norm="tanh",
+        final_norm=False, ffn_activation="gelu", fog_scale=True,
+    ),
+}  # fmt: skip
+
+GATED_ACTIVATIONS = ("swiglu", "smooth_swiglu")
+
+
+def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
+    """The `model` section for one architecture and size."""
+    if arch not in _ARCH_TABLE:
+        raise ValueError(f"Unknown architecture {arch!r}; choose one of {list(ARCHS)}.")
+    if size not in _SIZE_TABLE:
+        raise ValueError(f"Unknown size {size!r}; choose one of {list(SIZES)}.")
+    layers, d, f, h, g, tied, *_, fog_scale = _SIZE_TABLE[size]
+    a = _ARCH_TABLE[arch]
+    gated = a["ffn_activation"] in GATED_ACTIVATIONS
+    m = ml_collections.ConfigDict()
+    m.arch = arch  # Registry name of the architecture (one of config_lib.ARCHS).
+    m.block = a["block"]  # 'prenorm' (Llama: X + f(N(X))) or 'postnorm' (X + N(f(X))).
+    m.vocab_size = 4096 if size == "tiny" else 131072  # Must cover the tokenizer's vocabulary.
+    m.d_model = d  # D, the residual width.
+    m.num_layers = layers  # L.
+    m.num_heads = h  # H query heads.
+    m.num_kv_heads = g  # G key/value groups (GQA).
+    m.head_dim = d // h  # d_h = D / H (128 at every paper size).
+    m.ffn_activation = a["ffn_activation"]  # 'gelu' | 'swiglu' | 'smooth_swiglu' | 'xielu'.
+    m.ffn_dim = f if gated else 3 * f // 2  # Gated FFNs use F; non-gated use 3F/2 (same count).
+    m.input_scale = a["input_scale"]  # Embedding output multiplier: 1/sigma0 for FOG and OP.
+    m.pre_norm = m.block == "prenorm"  # RMSNorm before attention/FFN (Llama).
+    m.post_norm = a["post_norm"]  # 'none' | 'rms' | 'layerscale': applied to each branch output.
+    # Initial gain of the post-norm / LayerScale: 1/sqrt(L) for FOG and OP, 1 for OLMo2.
+    m.post_norm_init = 1.0 if arch == "olmo2" else 1.0 / math.sqrt(layers)
+    m.qk_norm = a["qk_norm"]  # 'none' | 'rms' (learnable) | 'frozen_rms' | 'tanh'.
+    m.tanh_alpha_init = 0.5  # alpha0 of FOG-flash's tanh(alpha x) QK regulariser.
+    # Softmax scale s (logits = s q.k): FOG folds the frozen QK gain into a larger fixed scale.
+    m.softmax_scale = fog_scale if a["fog_scale"] else 1.0 / math.sqrt(m.head_dim)
+    m.final_norm = a["final_norm"]  # RMSNorm before the LM head (not in FOG or OP).
+    m.norm_eps = 1e-5  # RMSNorm epsilon (reduced in float32).
+    m.rope_base = 500_000.0  # RoPE base frequency.
+    m.rope_scaling = True  # Llama-3.1 frequency scaling (on in the released code).
+    m.rope_scaling_factor = 8.0
+    m.rope_low_freq_factor = 1.0
+    m.rope_high_freq_factor = 4.0
+    m.rope_original_context = 8192
+    m.init_std = SIGMA0  # sigma0: std of every matrix (embedding and LM head included).
+    m.scale_out_init = True  # Attention-out and FFN-out use sigma0/sqrt(2L).
+    m.tie_embeddings = tied  # LM head shares the embedding (390M only).
+    m.xielu_alpha_init = 0.8  # Initial alpha_p and alpha_n of xIELU.
+    m.xielu_beta = 0.5
+    m.xielu_eps = -1e-6
+    m.smooth_swiglu_per_channel = False  # SmoothSwiGLU per token (paper code) or per channel.
+    m.scan_layers = True  # nn.scan over blocks (False unrolls: slower compile, same numerics).
+    m.remat = "none"  # Activation checkpointing: 'none' | 'full' | 'dots'.
+    m.attention_impl = "xla"  # 'xla' (einsum; everywhere) or 'cudnn' (fused, Hopper GPUs).
+    return m
+
+
+def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
+    """The complete, locked run config for ``arch`` at ``size``."""
+    size = size or "tiny"
+    if size not in _SIZE_TABLE:
+        raise ValueError(f"Unknown size {size!r}; choose one of {list(SIZES)} (configs/x.py:SIZE).")
+    _, _, _, _, _, _, batch, steps, lr, warmup, cooldown, _ = _SIZE_TABLE[size]
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds parameter init and data order.
+    c.model = model_config(arch, size)
+
+    c.precision = ml_collections.ConfigDict()
+    c.precision.recipe = "bf16"  # 'bf16' | 'fp8' (linears) | 'fp8dpa' (linears + attention).
+    c.precision.backend = "xla"  # 'xla' (flax fp8_ops style, runs on CPU too) | 'te' (GPU).
+    c.precision.compute_dtype = "bfloat16"  # Activation dtype; parameters stay float32.
+    c.precision.amax_history_len = 1024  # Delayed scaling window.
+    c.precision.amax_reduction = "max"  # 'max' over the window, or 'most_recent'.
+    c.precision.margin = 0  # scale = fp8_max / amax / 2**margin.
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = "embedded"  # Directory of prepared shards, or 'embedded' (bundled corpus).
+    c.data.num_workers = 0  # grain worker processes (0 = in-process).
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.peak_lr = lr
+    c.optim.min_lr = 1e-8
+    c.optim.schedule = "wsd"  # 'wsd' (warmup, stable, 1-sqrt cooldown) | 'cosine'.
+    c.optim.warmup_steps = warmup
+    c.optim.cooldown_steps = cooldown
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1  # On matrices only (embedding and LM head included).
+    c.optim.grad_clip = 1.0  # Global-norm clip over parameters (never the FP8 state).
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = steps
+    c.train.batch_size = batch  # Global batch, in sequences.
+    c.train.seq_len = 128 if size == "tiny" else 4096
+    c.train.micro_batches = 1  # Gradient accumulation steps per optimizer step.
+    c.train.ckpt_every = 100 if size == "tiny" else 1000
+    c.train.keep_checkpoints = 3
+    c.train.eval_every = 100 if size == "tiny" else 1000
+    c.train.eval_batches = 4 if size == "tiny" else 20
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes.
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.log = ml_collections.ConfigDict()
+    c.log.log_every = 10 if size == "tiny" else 50  # Console and TensorBoard scalars.
+    c.log.stats_every = 50 if size == "tiny" else 250  # Kurtosis and FP8 statistics.
+    c.log.kurtosis_form = "token"  # 'token' (paper) or 'sequence' (released code).
+    c.lock()
+    return c

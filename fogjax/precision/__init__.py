@@ -1,0 +1,1 @@
+"""Number formats, delayed scaling and precision recipes."""
