@@ -11,10 +11,10 @@ import math
 
 import ml_collections
 
-ARCHS = ("fog_max", "fog_opt", "fog_flash", "llama3", "llama3_smooth_swiglu", "op", "olmo2")
-SIZES = ("tiny", "390m", "1.5b", "8b")
+from fogjax.model.blocks import ARCHITECTURES, SIGMA0, post_norm_init
 
-SIGMA0 = 0.02
+ARCHS = tuple(ARCHITECTURES)
+SIZES = ("tiny", "390m", "1.5b", "8b")
 
 # Paper Table 6. ffn is F, the SwiGLU-equivalent width; non-gated FFNs use 3F/2.
 _SIZE_TABLE = {
@@ -25,71 +25,36 @@ _SIZE_TABLE = {
     "8b": (32, 4096, 14336, 32, 8, False, 512, 10_000, 3e-4, 1_250, 0, 0.125),
 }
 
-# Per-architecture block knobs (SPEC.md §1). `None` softmax scale means 1/sqrt(head_dim).
-_ARCH_TABLE = {
-    "llama3": dict(
-        block="prenorm", input_scale=1.0, post_norm="none", qk_norm="none",
-        final_norm=True, ffn_activation="swiglu", fog_scale=False,
-    ),
-    "llama3_smooth_swiglu": dict(
-        block="prenorm", input_scale=1.0, post_norm="none", qk_norm="none",
-        final_norm=True, ffn_activation="smooth_swiglu", fog_scale=False,
-    ),
-    "olmo2": dict(
-        block="postnorm", input_scale=1.0, post_norm="rms", qk_norm="rms",
-        final_norm=True, ffn_activation="swiglu", fog_scale=False,
-    ),
-    "op": dict(
-        block="postnorm", input_scale=1.0 / SIGMA0, post_norm="layerscale", qk_norm="rms",
-        final_norm=False, ffn_activation="gelu", fog_scale=False,
-    ),
-    "fog_max": dict(
-        block="postnorm", input_scale=1.0 / SIGMA0, post_norm="rms", qk_norm="frozen_rms",
-        final_norm=False, ffn_activation="xielu", fog_scale=True,
-    ),
-    "fog_opt": dict(
-        block="postnorm", input_scale=1.0 / SIGMA0, post_norm="rms", qk_norm="frozen_rms",
-        final_norm=False, ffn_activation="gelu", fog_scale=True,
-    ),
-    "fog_flash": dict(
-        block="postnorm", input_scale=1.0 / SIGMA0, post_norm="rms", qk_norm="tanh",
-        final_norm=False, ffn_activation="gelu", fog_scale=True,
-    ),
-}  # fmt: skip
-
 GATED_ACTIVATIONS = ("swiglu", "smooth_swiglu")
 
 
 def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
     """The `model` section for one architecture and size."""
-    if arch not in _ARCH_TABLE:
+    if arch not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {arch!r}; choose one of {list(ARCHS)}.")
     if size not in _SIZE_TABLE:
         raise ValueError(f"Unknown size {size!r}; choose one of {list(SIZES)}.")
     layers, d, f, h, g, tied, *_, fog_scale = _SIZE_TABLE[size]
-    a = _ARCH_TABLE[arch]
-    gated = a["ffn_activation"] in GATED_ACTIVATIONS
+    a = ARCHITECTURES[arch]
+    gated = a.ffn_activation in GATED_ACTIVATIONS
     m = ml_collections.ConfigDict()
-    m.arch = arch  # Registry name of the architecture (one of config_lib.ARCHS).
-    m.block = a["block"]  # 'prenorm' (Llama: X + f(N(X))) or 'postnorm' (X + N(f(X))).
+    m.arch = arch  # Registry name (fogjax.model.blocks.ARCHITECTURES).
     m.vocab_size = 4096 if size == "tiny" else 131072  # Must cover the tokenizer's vocabulary.
     m.d_model = d  # D, the residual width.
     m.num_layers = layers  # L.
-    m.num_heads = h  # H query heads.
+    m.num_heads = h  # H query heads; head dim d_h = D / H (128 at every paper size).
     m.num_kv_heads = g  # G key/value groups (GQA).
-    m.head_dim = d // h  # d_h = D / H (128 at every paper size).
-    m.ffn_activation = a["ffn_activation"]  # 'gelu' | 'swiglu' | 'smooth_swiglu' | 'xielu'.
+    m.ffn_activation = a.ffn_activation  # 'gelu' | 'swiglu' | 'smooth_swiglu' | 'xielu'.
     m.ffn_dim = f if gated else 3 * f // 2  # Gated FFNs use F; non-gated use 3F/2 (same count).
-    m.input_scale = a["input_scale"]  # Embedding output multiplier: 1/sigma0 for FOG and OP.
-    m.pre_norm = m.block == "prenorm"  # RMSNorm before attention/FFN (Llama).
-    m.post_norm = a["post_norm"]  # 'none' | 'rms' | 'layerscale': applied to each branch output.
-    # Initial gain of the post-norm / LayerScale: 1/sqrt(L) for FOG and OP, 1 for OLMo2.
-    m.post_norm_init = 1.0 if arch == "olmo2" else 1.0 / math.sqrt(layers)
-    m.qk_norm = a["qk_norm"]  # 'none' | 'rms' (learnable) | 'frozen_rms' | 'tanh'.
+    m.input_scale = a.input_scale  # Embedding output multiplier: 1/sigma0 for FOG and OP.
+    m.pre_norm = a.pre_norm  # RMSNorm before attention and FFN (Llama).
+    m.post_norm = a.post_norm  # 'none' | 'rms' | 'layerscale' on each branch output.
+    m.post_norm_init = post_norm_init(arch, layers)  # 1/sqrt(L) for FOG and OP, 1 for OLMo2.
+    m.qk_norm = a.qk_norm  # 'none' | 'rms' (learnable gain) | 'frozen_rms' | 'tanh'.
     m.tanh_alpha_init = 0.5  # alpha0 of FOG-flash's tanh(alpha x) QK regulariser.
     # Softmax scale s (logits = s q.k): FOG folds the frozen QK gain into a larger fixed scale.
-    m.softmax_scale = fog_scale if a["fog_scale"] else 1.0 / math.sqrt(m.head_dim)
-    m.final_norm = a["final_norm"]  # RMSNorm before the LM head (not in FOG or OP).
+    m.softmax_scale = fog_scale if a.fog_softmax_scale else 1.0 / math.sqrt(d // h)
+    m.final_norm = a.final_norm  # RMSNorm before the LM head (not in FOG or OP).
     m.norm_eps = 1e-5  # RMSNorm epsilon (reduced in float32).
     m.rope_base = 500_000.0  # RoPE base frequency.
     m.rope_scaling = True  # Llama-3.1 frequency scaling (on in the released code).

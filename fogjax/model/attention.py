@@ -1,0 +1,155 @@
+"""Causal grouped-query attention with the paper's QK regularisers (SPEC.md §1).
+
+Layout: the fused QKV kernel is [D, G, R + 2, d_h] with R = H / G query heads per key/value group,
+so query head h = g * R + r uses key/value group g (the repeat-kv convention), and tensor
+parallelism can shard whole groups. Per group the R query heads come first, then K, then V.
+
+Order of operations: QKV projection -> QK regulariser per head over d_h -> RoPE -> logits
+s * q.k in float32 -> causal softmax in float32 -> PV -> output projection [G, R, d_h, D].
+
+QK^T and PV get their dot_general from the precision recipe (FP8 under ``fp8dpa``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fogjax.model import probes
+from fogjax.model.layers import Linear, RMSNorm
+from fogjax.model.rope import apply_rope, rope_frequencies
+from fogjax.precision.recipes import Recipe
+
+Array = jax.Array
+
+QK_NORMS = ("none", "rms", "frozen_rms", "tanh")
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+# Large negative logit for masked positions: finite so that fully-masked rows cannot produce NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class TanhRegulariser(nn.Module):
+    """FOG-flash's QK regulariser tanh(alpha * x) with one learnable scalar alpha (float32)."""
+
+    alpha_init: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
+        return jnp.tanh(alpha * x.astype(jnp.float32)).astype(x.dtype)
+
+
+def make_qk_regulariser(cfg: Any, dtype: Any, name: str) -> Callable[[Array], Array]:
+    """The QK regulariser named by ``cfg.qk_norm``; applied per head over d_h (the last axis)."""
+    kind = cfg.qk_norm
+    if kind == "none":
+        return lambda x: x
+    if kind == "rms":
+        return RMSNorm(cfg.norm_eps, learnable=True, logical_axis="kv", dtype=dtype, name=name)
+    if kind == "frozen_rms":
+        return RMSNorm(cfg.norm_eps, learnable=False, dtype=dtype, name=name)
+    if kind == "tanh":
+        return TanhRegulariser(cfg.tanh_alpha_init, name=name)
+    raise ValueError(f"Unknown model.qk_norm={kind!r}; choose one of {QK_NORMS}.")
+
+
+def xla_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) -> Array:
+    """Causal softmax attention from two recipe dot_generals.
+
+    Args:
+      q: [B, T, G, R, d_h]; k, v: [B, S, G, d_h] (S = T), all in the compute dtype.
+      scale: softmax scale s; logits are s * q.k in float32.
+    Returns:
+      [B, T, G, R, d_h] in the compute dtype.
+
+    Called from inside a Linen compact method: FP8 dot_generals bind to the calling module.
+    """
+    dtype = recipe.compute_dtype
+    qk = recipe.attention_dot_general("qk")
+    pv = recipe.attention_dot_general("pv")
+    # Contract d_h; batch over (B, G): logits [B, G, T, R, S].
+    logits = qk(q, k, (((4,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) * scale
+    t, s = q.shape[1], k.shape[1]
+    causal = jnp.arange(t)[:, None, None] >= jnp.arange(s)[None, None, :]  # [T, 1, S]
+    logits = jnp.where(causal, logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    # Contract S; batch over (B, G): [B, G, T, R, d_h].
+    out = pv(probs, v, (((4,), (1,)), ((0, 1), (0, 2))), preferred_element_type=dtype)
+    return jnp.transpose(out.astype(dtype), (0, 2, 1, 3, 4))
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) -> Array:
+    """cuDNN fused attention (bf16) through jax.nn.dot_product_attention; same shapes as xla."""
+    if recipe.quantizes_attention:
+        raise ValueError(
+            "model.attention_impl='cudnn' with FP8 attention is not available in this build; "
+            "use model.attention_impl='xla' for precision.recipe='fp8dpa'."
+        )
+    b, t, g, r, d = q.shape
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, t, g * r, d), k, v, scale=scale, is_causal=True, implementation="cudnn"
+    )
+    return out.reshape(b, t, g, r, d)
+
+
+_IMPLS = {"xla": xla_attention, "cudnn": cudnn_attention}
+
+
+class Attention(nn.Module):
+    """x [B, T, D] -> [B, T, D]: fused QKV, QK regulariser, RoPE, causal GQA, output projection."""
+
+    cfg: Any  # the `model` config section
+    recipe: Recipe
+    kurtosis_form: str = "token"
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array) -> Array:
+        cfg, recipe = self.cfg, self.recipe
+        g, d_h = cfg.num_kv_heads, cfg.d_model // cfg.num_heads
+        r = cfg.num_heads // g
+        probes.probe(self, "qkv_in", x, self.kurtosis_form)
+        qkv = Linear(
+            (g, r + 2, d_h), ("embed", "heads", None, "kv"), cfg.init_std, recipe, name="wqkv"
+        )(x)
+        probes.probe(self, "qkv", qkv, self.kurtosis_form)
+        q, k, v = qkv[..., :r, :], qkv[..., r, :], qkv[..., r + 1, :]
+
+        q = make_qk_regulariser(cfg, recipe.compute_dtype, "q_norm")(q)
+        k = make_qk_regulariser(cfg, recipe.compute_dtype, "k_norm")(k)
+        probes.probe(self, "q_reg", q, self.kurtosis_form)
+        probes.probe(self, "k_reg", k, self.kurtosis_form)
+
+        inv_freq = rope_frequencies(
+            d_h,
+            cfg.rope_base,
+            cfg.rope_scaling,
+            cfg.rope_scaling_factor,
+            cfg.rope_low_freq_factor,
+            cfg.rope_high_freq_factor,
+            cfg.rope_original_context,
+        )
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        if cfg.attention_impl not in _IMPLS:
+            raise ValueError(
+                f"Unknown model.attention_impl={cfg.attention_impl!r}; choose one of "
+                f"{ATTENTION_IMPLS}."
+            )
+        out = _IMPLS[cfg.attention_impl](q, k, v, cfg.softmax_scale, recipe)
+
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scale_out_init else None
+        return Linear(
+            (cfg.d_model,),
+            ("heads", None, "kv", "embed"),
+            out_std or cfg.init_std,
+            recipe,
+            name="wo",
+        )(out)

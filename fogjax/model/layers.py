@@ -1,0 +1,117 @@
+"""Basic layers: RMSNorm (learnable or frozen), LayerScale, and the recipe-aware Linear.
+
+Parameters are float32; activations run in the recipe's compute dtype. Every parameter carries
+logical axis names (see fogjax/sharding.py for how they map onto the mesh).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fogjax.precision.recipes import Recipe
+
+Array = jax.Array
+
+
+def rms_normalize(x: Array, eps: float) -> Array:
+    """z / sqrt(mean(z^2) + eps) over the last axis, reduced in float32; returns float32."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm_g(z) = g * z / sqrt(mean(z^2) + eps) over the last axis.
+
+    Attributes:
+      learnable: False gives SPEC's "frozen" RMSNorm: no gain parameter at all.
+      gain_init: initial value of every entry of the gain g ([features] float32).
+      logical_axis: logical name of the gain's axis (for sharding).
+      dtype: output dtype.
+    """
+
+    eps: float = 1e-5
+    learnable: bool = True
+    gain_init: float = 1.0
+    logical_axis: str | None = "norm"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = rms_normalize(x, self.eps)
+        if self.learnable:
+            gain = self.param(
+                "scale",
+                nn.with_logical_partitioning(
+                    nn.initializers.constant(self.gain_init), (self.logical_axis,)
+                ),
+                (x.shape[-1],),
+                jnp.float32,
+            )
+            y = y * gain
+        return y.astype(self.dtype)
+
+
+class LayerScale(nn.Module):
+    """y = g * x with a per-channel gain g ([features] float32), as in OP's post-"norm"."""
+
+    gain_init: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        gain = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.constant(self.gain_init), ("norm",)),
+            (x.shape[-1],),
+            jnp.float32,
+        )
+        return (x.astype(jnp.float32) * gain).astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """A bias-free linear map whose GEMM comes from the precision recipe.
+
+    Contracts the last ``len(in_axes_names)`` axes of the input with the leading axes of a kernel of
+    shape ``x.shape[-n_in:] + features``; the output is ``x.shape[:-n_in] + features``.
+
+    Attributes:
+      features: output shape appended after the batch axes, e.g. ``(G, R + 2, d_h)`` for fused QKV.
+      kernel_axes: logical names of every kernel axis (input axes first, then ``features``).
+      init_std: the kernel is initialised N(0, init_std^2).
+      recipe: supplies the dot_general (bf16, FP8 with delayed scaling, ...).
+    """
+
+    features: Sequence[int]
+    kernel_axes: Sequence[str | None]
+    init_std: float
+    recipe: Recipe
+
+    @nn.compact
+    def __call__(self, x: Array, row_scale: Array | None = None) -> Array:
+        """x [..., *in] -> [..., *features]; ``row_scale`` [*in] multiplies the kernel's rows."""
+        features = tuple(self.features)
+        n_in = len(self.kernel_axes) - len(features)
+        if n_in < 1:
+            raise ValueError(f"Linear {self.name}: kernel_axes must name the input axes too.")
+        kernel_shape = tuple(x.shape[-n_in:]) + features
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=self.init_std), tuple(self.kernel_axes)
+            ),
+            kernel_shape,
+            jnp.float32,
+        )
+        if row_scale is not None:
+            kernel = kernel * row_scale.reshape(row_scale.shape + (1,) * len(features))
+        dtype = self.recipe.compute_dtype
+        contract_x = tuple(range(x.ndim - n_in, x.ndim))
+        contract_k = tuple(range(n_in))
+        dot_general = self.recipe.linear_dot_general("dot")
+        return dot_general(
+            x.astype(dtype), kernel.astype(dtype), ((contract_x, contract_k), ((), ()))
+        )

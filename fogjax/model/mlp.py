@@ -1,0 +1,123 @@
+"""Feed-forward networks: non-gated (GeLU, xIELU) and gated (SwiGLU, SmoothSwiGLU), SPEC.md §1."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fogjax.model import probes
+from fogjax.model.layers import Linear
+from fogjax.precision.recipes import Recipe
+
+Array = jax.Array
+
+GATED = ("swiglu", "smooth_swiglu")
+NON_GATED = ("gelu", "xielu")
+ACTIVATIONS = GATED + NON_GATED
+
+
+def _inverse_softplus(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+class XIELU(nn.Module):
+    """xIELU with per-layer trainable scalars (float32).
+
+    alpha_p = softplus(a_p), alpha_n = beta + softplus(a_n);
+    f(x) = alpha_p x^2 + beta x for x > 0, else alpha_n (expm1(min(x, eps)) - x) + beta x.
+    Both effective alphas start at ``alpha_init``.
+    """
+
+    alpha_init: float = 0.8
+    beta: float = 0.5
+    eps: float = -1e-6
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.alpha_init <= self.beta:
+            raise ValueError(
+                f"model.xielu_alpha_init={self.alpha_init} must exceed model.xielu_beta="
+                f"{self.beta} (alpha_n = beta + softplus(a_n) > beta)."
+            )
+        a_p = self.param(
+            "alpha_p_raw", nn.initializers.constant(_inverse_softplus(self.alpha_init)), ()
+        )
+        a_n = self.param(
+            "alpha_n_raw",
+            nn.initializers.constant(_inverse_softplus(self.alpha_init - self.beta)),
+            (),
+        )
+        alpha_p = jax.nn.softplus(a_p)
+        alpha_n = self.beta + jax.nn.softplus(a_n)
+        x32 = x.astype(jnp.float32)
+        positive = alpha_p * jnp.square(x32) + self.beta * x32
+        negative = alpha_n * (jnp.expm1(jnp.minimum(x32, self.eps)) - x32) + self.beta * x32
+        return jnp.where(x32 > 0, positive, negative).astype(x.dtype)
+
+
+def gelu(x: Array) -> Array:
+    """The exact (erf) GeLU, evaluated in float32."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+class MLP(nn.Module):
+    """FFN: x [B, T, D] -> [B, T, D] in the recipe's compute dtype.
+
+    Non-gated: act(x W_in) W_out with W_in [D, F]. Gated: silu(x W_g) * (x W_u) W_out with the
+    gate and up projections fused in one kernel [D, 2, F]. ``smooth_swiglu`` divides the input of
+    W_out by a stop-gradient per-token (or per-channel) max and multiplies it back after the GEMM:
+    exact in real arithmetic, it only changes what the FP8 cast of that input sees.
+    """
+
+    cfg: Any  # the `model` config section
+    recipe: Recipe
+    kurtosis_form: str = "token"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, recipe = self.cfg, self.recipe
+        dtype = recipe.compute_dtype
+        act = cfg.ffn_activation
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scale_out_init else None
+        gated = act in GATED
+        in_features = (2, cfg.ffn_dim) if gated else (cfg.ffn_dim,)
+        in_axes = ("embed", None, "mlp") if gated else ("embed", "mlp")
+        pre = Linear(in_features, in_axes, cfg.init_std, recipe, name="wi")(x)
+        probes.probe(self, "ffn_pre", pre, self.kurtosis_form)
+
+        down_scale = None
+        if gated:
+            gate, up = pre[..., 0, :], pre[..., 1, :]
+            h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+            if act == "smooth_swiglu":
+                h, down_scale = _smooth(gate, h, cfg.smooth_swiglu_per_channel)
+        elif act == "gelu":
+            h = gelu(pre)
+        else:
+            h = XIELU(cfg.xielu_alpha_init, cfg.xielu_beta, cfg.xielu_eps, name="xielu")(pre)
+        probes.probe(self, "ffn_act", h, self.kurtosis_form)
+
+        wo = Linear((cfg.d_model,), ("mlp", "embed"), out_std or cfg.init_std, recipe, name="wo")
+        if down_scale is not None and cfg.smooth_swiglu_per_channel:
+            # (h / s) @ (diag(s) W_out): the per-channel scale folds into the weight's rows.
+            y = wo(h, row_scale=down_scale)
+        else:
+            y = wo(h)
+            if down_scale is not None:
+                y = (y.astype(jnp.float32) * down_scale).astype(dtype)
+        probes.probe(self, "ffn_out", y, self.kurtosis_form)
+        return y
+
+
+def _smooth(gate: Array, h: Array, per_channel: bool) -> tuple[Array, Array]:
+    """Divides h by a stop-gradient max: per token of |gate| ([B, T, 1]) or per channel of |h|."""
+    if per_channel:
+        s = jnp.max(jnp.abs(h.astype(jnp.float32)), axis=(0, 1))  # [F]
+    else:
+        s = jnp.max(jnp.abs(gate.astype(jnp.float32)), axis=-1, keepdims=True)  # [B, T, 1]
+    s = jax.lax.stop_gradient(jnp.maximum(s, 1e-30))
+    return (h.astype(jnp.float32) / s).astype(h.dtype), s

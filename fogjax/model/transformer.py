@@ -1,0 +1,158 @@
+"""The decoder-only Transformer: embedding, input scaling, blocks (scanned), final norm, LM head.
+
+Collections: ``params`` (float32), ``fp8`` (FP8 scaling state, from FP8 recipes), ``probes``
+(activation statistics, only when mutable) and ``fp8_stats``. Under ``nn.scan`` every per-layer
+variable is stacked along a leading ``layers`` axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fogjax.model.attention import ATTENTION_IMPLS, QK_NORMS
+from fogjax.model.blocks import ARCHITECTURES, POST_NORMS, Block
+from fogjax.model.mlp import ACTIVATIONS
+from fogjax.model.probes import KURTOSIS_FORMS
+from fogjax.model.layers import RMSNorm
+from fogjax.precision.recipes import Recipe
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# Collections whose per-layer variables are stacked by nn.scan.
+SCANNED_COLLECTIONS = ("params", "fp8", "probes", "fp8_stats")
+
+
+def validate_model_config(cfg: Any) -> None:
+    """Raises ValueError naming the field and the fix for a model config that cannot work."""
+
+    def fail(msg: str) -> None:
+        raise ValueError(f"Invalid model config: {msg}")
+
+    if cfg.arch not in ARCHITECTURES:
+        fail(f"unknown model.arch={cfg.arch!r}; choose one of {sorted(ARCHITECTURES)}.")
+    if cfg.d_model % cfg.num_heads:
+        fail(
+            f"model.d_model={cfg.d_model} is not divisible by model.num_heads={cfg.num_heads}; "
+            "pick num_heads so that d_model / num_heads is the head dim (128 in the paper)."
+        )
+    if cfg.num_heads % cfg.num_kv_heads:
+        fail(
+            f"model.num_heads={cfg.num_heads} is not divisible by model.num_kv_heads="
+            f"{cfg.num_kv_heads}; GQA needs a whole number of query heads per key/value group."
+        )
+    if (cfg.d_model // cfg.num_heads) % 2:
+        fail(
+            f"head dim d_model/num_heads={cfg.d_model // cfg.num_heads} is odd; RoPE rotates "
+            "channel pairs, so choose d_model and num_heads that give an even head dim."
+        )
+    if cfg.ffn_activation not in ACTIVATIONS:
+        fail(f"unknown model.ffn_activation={cfg.ffn_activation!r}; choose one of {ACTIVATIONS}.")
+    if cfg.qk_norm not in QK_NORMS:
+        fail(f"unknown model.qk_norm={cfg.qk_norm!r}; choose one of {QK_NORMS}.")
+    if cfg.post_norm not in POST_NORMS:
+        fail(f"unknown model.post_norm={cfg.post_norm!r}; choose one of {POST_NORMS}.")
+    if cfg.remat not in REMAT_POLICIES:
+        fail(f"unknown model.remat={cfg.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        fail(f"unknown model.attention_impl={cfg.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+    if cfg.vocab_size < 1 or cfg.num_layers < 1 or cfg.ffn_dim < 1:
+        fail("model.vocab_size, model.num_layers and model.ffn_dim must be positive.")
+
+
+class Transformer(nn.Module):
+    """tokens [B, T] int32 -> logits [B, T, V] float32.
+
+    Attributes:
+      cfg: the `model` config section (validated at construction).
+      recipe: the precision recipe for every GEMM inside the blocks.
+      kurtosis_form: 'token' (paper) or 'sequence' (released code), for the probes.
+    """
+
+    cfg: Any
+    recipe: Recipe
+    kurtosis_form: str = "token"
+
+    def __post_init__(self) -> None:
+        validate_model_config(self.cfg)
+        if self.kurtosis_form not in KURTOSIS_FORMS:
+            raise ValueError(
+                f"log.kurtosis_form={self.kurtosis_form!r}; choose one of {KURTOSIS_FORMS}."
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
+        cfg, dtype = self.cfg, self.recipe.compute_dtype
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=cfg.init_std), ("vocab", "embed")
+            ),
+            (cfg.vocab_size, cfg.d_model),
+            jnp.float32,
+        )
+        x = jnp.take(embedding.astype(dtype), tokens, axis=0)
+        if cfg.input_scale != 1.0:
+            x = x * jnp.asarray(cfg.input_scale, dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        block = Block
+        if REMAT_POLICIES[cfg.remat] is not None:
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(cfg, self.recipe, self.kurtosis_form, name="layers")(x, positions)
+        else:
+            for i in range(cfg.num_layers):
+                x, _ = block(cfg, self.recipe, self.kurtosis_form, name=f"layers_{i}")(
+                    x, positions
+                )
+
+        if cfg.final_norm:
+            x = RMSNorm(cfg.norm_eps, learnable=True, dtype=dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            head = embedding.T
+        else:
+            head = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=cfg.init_std), ("embed", "vocab")
+                ),
+                (cfg.d_model, cfg.vocab_size),
+                jnp.float32,
+            )
+        # The LM head stays outside the recipe (BF16 GEMM, float32 logits), as in SPEC.md §3.
+        logits = jnp.einsum(
+            "btd,dv->btv", x.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32
+        )
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for matrices (every 'kernel', the embedding and the LM head), False for 1-D params.
+
+    Decided by name, not ndim: nn.scan stacks 1-D gains into [L, D] arrays.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding", "lm_head"),
+        params,
+    )
