@@ -86,7 +86,9 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.model = model_config(arch, size)
 
     c.precision = ml_collections.ConfigDict()
-    c.precision.recipe = "bf16"  # 'bf16' | 'fp8' (linears) | 'fp8dpa' (linears + attention).
+    # 'bf16' | 'fp8' (linears) | 'fp8dpa' (linears + attention). FOG models exist to train in
+    # FP8DPA, so that is their default; the baselines default to their BF16 reference.
+    c.precision.recipe = "fp8dpa" if arch.startswith("fog") else "bf16"
     c.precision.backend = "xla"  # 'xla' (flax fp8_ops style, runs on CPU too) | 'te' (GPU).
     c.precision.compute_dtype = "bfloat16"  # Activation dtype; parameters stay float32.
     c.precision.amax_history_len = 1024  # Delayed scaling window.

@@ -81,6 +81,7 @@ class MLP(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg, recipe = self.cfg, self.recipe
         dtype = recipe.compute_dtype
+        acc = jnp.promote_types(dtype, jnp.float32)  # elementwise math in >= float32
         act = cfg.ffn_activation
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scale_out_init else None
         gated = act in GATED
@@ -92,7 +93,7 @@ class MLP(nn.Module):
         down_scale = None
         if gated:
             gate, up = pre[..., 0, :], pre[..., 1, :]
-            h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+            h = (jax.nn.silu(gate.astype(acc)) * up.astype(acc)).astype(dtype)
             if act == "smooth_swiglu":
                 h, down_scale = _smooth(gate, h, cfg.smooth_swiglu_per_channel)
         elif act == "gelu":
@@ -108,16 +109,17 @@ class MLP(nn.Module):
         else:
             y = wo(h)
             if down_scale is not None:
-                y = (y.astype(jnp.float32) * down_scale).astype(dtype)
+                y = (y.astype(acc) * down_scale).astype(dtype)
         probes.probe(self, "ffn_out", y, self.kurtosis_form)
         return y
 
 
 def _smooth(gate: Array, h: Array, per_channel: bool) -> tuple[Array, Array]:
     """Divides h by a stop-gradient max: per token of |gate| ([B, T, 1]) or per channel of |h|."""
+    acc = jnp.promote_types(h.dtype, jnp.float32)
     if per_channel:
-        s = jnp.max(jnp.abs(h.astype(jnp.float32)), axis=(0, 1))  # [F]
+        s = jnp.max(jnp.abs(h.astype(acc)), axis=(0, 1))  # [F]
     else:
-        s = jnp.max(jnp.abs(gate.astype(jnp.float32)), axis=-1, keepdims=True)  # [B, T, 1]
+        s = jnp.max(jnp.abs(gate.astype(acc)), axis=-1, keepdims=True)  # [B, T, 1]
     s = jax.lax.stop_gradient(jnp.maximum(s, 1e-30))
-    return (h.astype(jnp.float32) / s).astype(h.dtype), s
+    return (h.astype(acc) / s).astype(h.dtype), s

@@ -25,7 +25,9 @@ def rope_frequencies(
     original_context / high_freq_factor are kept, and those in between are interpolated smoothly.
     """
     if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head dim, got {head_dim}; choose d_model and num_heads that give an even head dim.")
+        raise ValueError(
+            f"RoPE needs an even head dim, got {head_dim}; choose d_model and num_heads that give an even head dim."
+        )
     inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if not scaling:
         return inv_freq

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 
 from fogjax.model.attention import ATTENTION_IMPLS, QK_NORMS
 from fogjax.model.blocks import ARCHITECTURES, POST_NORMS, Block
+from fogjax.model.layers import RMSNorm
 from fogjax.model.mlp import ACTIVATIONS
 from fogjax.model.probes import KURTOSIS_FORMS
-from fogjax.model.layers import RMSNorm
 from fogjax.precision.recipes import Recipe
 
 Array = jax.Array
@@ -64,7 +64,9 @@ def validate_model_config(cfg: Any) -> None:
     if cfg.remat not in REMAT_POLICIES:
         fail(f"unknown model.remat={cfg.remat!r}; choose one of {sorted(REMAT_POLICIES)}.")
     if cfg.attention_impl not in ATTENTION_IMPLS:
-        fail(f"unknown model.attention_impl={cfg.attention_impl!r}; choose one of {ATTENTION_IMPLS}.")
+        fail(
+            f"unknown model.attention_impl={cfg.attention_impl!r}; choose one of {ATTENTION_IMPLS}."
+        )
     if cfg.vocab_size < 1 or cfg.num_layers < 1 or cfg.ffn_dim < 1:
         fail("model.vocab_size, model.num_layers and model.ffn_dim must be positive.")
 
@@ -123,9 +125,7 @@ class Transformer(nn.Module):
             x, _ = stack(cfg, self.recipe, self.kurtosis_form, name="layers")(x, positions)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, self.recipe, self.kurtosis_form, name=f"layers_{i}")(
-                    x, positions
-                )
+                x, _ = block(cfg, self.recipe, self.kurtosis_form, name=f"layers_{i}")(x, positions)
 
         if cfg.final_norm:
             x = RMSNorm(cfg.norm_eps, learnable=True, dtype=dtype, name="final_norm")(x)
