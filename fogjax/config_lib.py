@@ -1,8 +1,8 @@
 """The full default config of a run, per architecture and size (SPEC.md §1-§3).
 
 `configs/<arch>.py` files call :func:`get_config` with their architecture and the size given after
-the colon on the command line (``--config=configs/fog_flash.py:1.5b``). Every field carries a comment;
-the config is locked, so a typo in ``--config.x.y=...`` fails loudly.
+the colon on the command line (``--config=configs/fog_flash.py:1.5b``). Every field carries a
+comment; the config is locked, so a typo in ``--config.x.y=...`` fails loudly.
 """
 
 from __future__ import annotations

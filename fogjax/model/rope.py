@@ -26,7 +26,8 @@ def rope_frequencies(
     """
     if head_dim % 2:
         raise ValueError(
-            f"RoPE needs an even head dim, got {head_dim}; choose d_model and num_heads that give an even head dim."
+            f"RoPE needs an even head dim, got {head_dim}; choose d_model and num_heads so that "
+            "d_model / num_heads is even."
         )
     inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     if not scaling:
