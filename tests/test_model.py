@@ -288,3 +288,11 @@ def test_weight_decay_mask_by_role():
     _, params = _params_of("fog_max")
     mask = weight_decay_mask(params)
     assert not mask["layers"]["mlp"]["xielu"]["alpha_p_raw"]
+
+
+def test_weight_decay_mask_on_boxed_params():
+    cfg = config_lib.get_config("fog_flash", "tiny")
+    boxed = build_model(cfg, F32).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    mask = nn.unbox(weight_decay_mask(boxed))
+    assert mask["layers"]["attn"]["wqkv"]["kernel"] and mask["embedding"]
+    assert not mask["layers"]["attn_post_norm"]["scale"]

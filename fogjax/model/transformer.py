@@ -150,9 +150,12 @@ class Transformer(nn.Module):
 def weight_decay_mask(params: Any) -> Any:
     """True for matrices (every 'kernel', the embedding and the LM head), False for 1-D params.
 
-    Decided by name, not ndim: nn.scan stacks 1-D gains into [L, D] arrays.
+    Decided by name, not ndim: nn.scan stacks 1-D gains into [L, D] arrays. Works on boxed
+    (LogicallyPartitioned) trees too, where a leaf's path ends in the box's ``value`` attribute.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding", "lm_head"),
-        params,
-    )
+
+    def is_matrix(path: tuple[Any, ...], _: Any) -> bool:
+        names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        return bool(names) and names[-1] in ("kernel", "embedding", "lm_head")
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
