@@ -1,0 +1,205 @@
+"""Training and evaluation batches from token shards: grain over memory-mapped windows.
+
+A split is cut into windows of ``seq_len + 1`` tokens that start every ``seq_len`` tokens (so each
+token is predicted exactly once per epoch; inputs are ``w[:-1]``, targets ``w[1:]``). Windows stay
+inside one shard, losing at most ``seq_len`` tokens per shard.
+
+Multi-process: the global batch ``g`` is the same ``global_batch_size`` windows whatever the
+process count, and process ``p`` yields rows ``[p * B_local, (p + 1) * B_local)`` of it. So the
+batches of all processes, concatenated in process order, equal the batch of one process, and a
+run can change its process count and still see the same data.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grain
+import numpy as np
+from absl import flags
+
+from fogjax.data import shards
+
+# One background reader keeps a few batches ready. Reads are memory-mapped copies (cheap), so more
+# threads would only contend for the GIL with the training loop on small CPU hosts.
+_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+# Mixed into the seed so data order is not correlated with other uses of config.seed.
+_DATA_ORDER_TAG = 0x5EED_DA7A
+
+
+class TokenWindows:
+    """A random-access source of windows: element i is int32 [seq_len + 1].
+
+    Pickles by shard paths (the memory maps are reopened lazily), so grain worker processes
+    can use it without copying the data.
+    """
+
+    def __init__(self, paths: Sequence[Path], seq_len: int):
+        if seq_len < 1:
+            raise ValueError(f"train.seq_len must be positive, got {seq_len}.")
+        self._paths = tuple(Path(p) for p in paths)
+        self._seq_len = seq_len
+        lengths = [int(np.load(p, mmap_mode="r").shape[0]) for p in self._paths]
+        self.num_tokens = sum(lengths)
+        # starts[k]: index of shard k's first window; a shard of n tokens has (n - 1) // T windows.
+        self._starts = np.cumsum([0] + [max(n - 1, 0) // seq_len for n in lengths]).tolist()
+        self._arrays: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} out of range [0, {len(self)})")
+        if self._arrays is None:
+            self._arrays = [np.load(p, mmap_mode="r") for p in self._paths]
+        shard = bisect.bisect_right(self._starts, index) - 1
+        start = (index - self._starts[shard]) * self._seq_len
+        return self._arrays[shard][start : start + self._seq_len + 1].astype(np.int32)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenWindows({len(self._paths)} shards, seq_len={self._seq_len}, {len(self)} windows)"
+        )
+
+
+def _windows(info: shards.DatasetInfo, split: str, seq_len: int) -> TokenWindows:
+    windows = TokenWindows(info.shards(split), seq_len)
+    if len(windows) == 0:
+        raise ValueError(
+            f"The {split} split of {info.dir} has {windows.num_tokens} tokens, too few for one "
+            f"sequence of train.seq_len + 1 = {seq_len + 1} tokens. Lower train.seq_len or prepare "
+            "more text" + (" (or a larger --val-fraction)." if split == "val" else ".")
+        )
+    return windows
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if global_batch_size < 1:
+        raise ValueError(f"train.batch_size must be positive, got {global_batch_size}.")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"train.batch_size={global_batch_size} is not divisible by the process count "
+            f"{process_count}: each process loads an equal share. Set train.batch_size to a "
+            f"multiple of {process_count}."
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
+    return global_batch_size // process_count
+
+
+def _order_seed(seed: int) -> int:
+    # grain reshuffles epoch e with seed + e, so seeds s and s + 1 would share all but one epoch's
+    # order; hashing the seed keeps different seeds' orders unrelated.
+    return int(np.random.SeedSequence([seed, _DATA_ORDER_TAG]).generate_state(1)[0])
+
+
+def make_train_iterator(
+    data_dir: str | os.PathLike | shards.DatasetInfo,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+) -> grain.DatasetIterator:
+    """An endless iterator of this process's training batches, int32 [B_local, seq_len + 1].
+
+    ``B_local = global_batch_size // process_count``. Windows are shuffled by ``seed``, every epoch
+    in a different deterministic order; batches may span an epoch boundary. The iterator's
+    ``get_state()`` is a small JSON-able dict; ``set_state(state)`` on a fresh iterator built with
+    the same arguments (``num_workers`` included: the state's layout depends on it) resumes
+    exactly where the state was taken.
+
+    Args:
+      data_dir: a prepared dataset folder, 'embedded', or a :class:`DatasetInfo`.
+      seq_len: train.seq_len, tokens per input sequence (windows hold one more).
+      global_batch_size: train.batch_size, sequences per step over all processes.
+      seed: data-order seed (0 <= seed).
+      process_index, process_count: this process and the number of processes.
+      num_workers: grain worker processes (0 reads in this process).
+
+    Raises:
+      ValueError: the batch is not divisible by the process count, or seq_len exceeds the data.
+    """
+    local = _local_batch_size(global_batch_size, process_index, process_count)
+    info = shards.load_dataset_info(data_dir)
+    windows = _windows(info, "train", seq_len)
+    if len(windows) < global_batch_size:
+        logging.warning(
+            "The train split of %s has %d windows of %d tokens, fewer than one batch of %d: "
+            "batches will repeat windows.",
+            info.dir,
+            len(windows),
+            seq_len + 1,
+            global_batch_size,
+        )
+    ds = grain.MapDataset.source(windows).shuffle(seed=_order_seed(seed)).repeat()
+    # The shuffled stream is cut into local batches; batches p, p + P, p + 2P, ... go to process p,
+    # so global batch g (local batches gP .. gP + P - 1) holds the same windows whatever P is.
+    ds = ds.batch(local)[process_index::process_count]
+    it = ds.to_iter_dataset(_READ_OPTIONS)
+    if num_workers > 0:
+        # grain's workers read absl flags; outside absl.app (tests, notebooks) none were parsed,
+        # so take their defaults rather than fail in the worker.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it)
+
+
+def eval_batches(
+    data_dir: str | os.PathLike | shards.DatasetInfo,
+    *,
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[np.ndarray]:
+    """This process's validation batches, int32 [batch_size // process_count, seq_len + 1].
+
+    The first ``num_batches * batch_size`` validation windows in order, no shuffle: the same every
+    call. Global batch g holds windows [g * batch_size, (g + 1) * batch_size), split across
+    processes as in training. A split with fewer windows is cycled (with a warning) so every call
+    yields ``num_batches`` batches.
+
+    Raises:
+      ValueError: as :func:`make_train_iterator`, or the validation split is empty.
+    """
+    local = _local_batch_size(batch_size, process_index, process_count)
+    info = shards.load_dataset_info(data_dir)
+    if info.val_tokens == 0:
+        raise ValueError(
+            f"{info.dir} has no validation split (prepared with --val-fraction 0). Prepare it "
+            "again with --val-fraction > 0."
+        )
+    windows = _windows(info, "val", seq_len)
+    if len(windows) < num_batches * batch_size:
+        logging.warning(
+            "The validation split of %s has %d windows of %d tokens, fewer than %d batches of %d: "
+            "evaluation repeats windows.",
+            info.dir,
+            len(windows),
+            seq_len + 1,
+            num_batches,
+            batch_size,
+        )
+    # Checks above run at the call; only reading the windows is deferred to iteration.
+    return _eval_rows(windows, batch_size, local, process_index * local, num_batches)
+
+
+def _eval_rows(
+    windows: TokenWindows, batch_size: int, local: int, first: int, num_batches: int
+) -> Iterator[np.ndarray]:
+    for g in range(num_batches):
+        rows = [(g * batch_size + first + r) % len(windows) for r in range(local)]
+        yield np.stack([windows[i] for i in rows])

@@ -1,0 +1,267 @@
+"""Tokenise text files into train/validation token shards.
+
+    python -m fogjax.data.prepare --input data/*.jsonl.gz --output /data/mycorpus --tokenizer bytes
+    python -m fogjax.data.prepare --input books/ --output /data/books \\
+        --tokenizer path/to/tokenizer.json --val-fraction 0.01
+
+Reads .txt (one document per file), .jsonl / .jsonl.gz and .parquet (one document per line / row,
+in a ``text`` field), tokenises with a progress bar, ends every document with EOS, and writes the
+folder described in :mod:`fogjax.data.shards`. Train with ``--config.data.path=/data/mycorpus``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import tqdm
+
+from fogjax.data import documents, shards
+from fogjax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+
+DEFAULT_VAL_FRACTION = 0.05
+DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per shard: few files, each cheap to memory-map.
+_ENCODE_BATCH = 256  # Documents per encode_batch call (HF tokenizers parallelise within a batch).
+
+
+class ValidationSplit:
+    """Decides, one document at a time, whether it is held out for validation.
+
+    A document is held out when adding it keeps the held-out share of characters at or below
+    ``fraction``. Deterministic, needs no pass over the data first, spreads the held-out documents
+    through the corpus, and follows the fraction in characters even when document sizes are skewed
+    (a count of documents would not). The first document always trains.
+    """
+
+    def __init__(self, fraction: float):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(
+                f"--val-fraction must be in [0, 1), got {fraction}; 0 writes no validation split."
+            )
+        self.fraction = fraction
+        self._total = 0
+        self._held_out = 0
+
+    def is_validation(self, text: str) -> bool:
+        self._total += len(text)
+        if self._held_out + len(text) <= self.fraction * self._total:
+            self._held_out += len(text)
+            return True
+        return False
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(
+            f"Output {str(output)!r} exists and is not an empty folder. Choose a new --output, or "
+            "delete the old one to prepare it again."
+        )
+
+
+def prepare_documents(
+    docs: Iterable[str],
+    output: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    dtype: str = "auto",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: bool = True,
+    sources: Sequence[str] = (),
+) -> shards.DatasetInfo:
+    """Tokenises ``docs`` into a dataset folder at ``output`` (created; must be new or empty).
+
+    Args:
+      docs: document texts, in corpus order (empty ones are skipped).
+      output: the dataset folder.
+      tokenizer: the tokenizer; a Hugging Face one is saved as ``output/tokenizer.json``.
+      val_fraction: share of characters held out as whole documents (see :class:`ValidationSplit`).
+      dtype: 'auto' (uint16 when the vocabulary fits, else uint32), 'uint16' or 'uint32'.
+      shard_tokens: tokens per shard file.
+      progress: show a tqdm bar (only on a terminal).
+      sources: input names recorded in metadata.json.
+
+    Raises:
+      ValueError: the vocabulary does not fit ``dtype``; no document was given; or
+        ``val_fraction`` > 0 but the corpus is too small to hold out a whole document.
+    """
+    output = Path(output).expanduser()
+    np_dtype = shards.token_dtype(tokenizer.vocab_size, dtype)
+    split = ValidationSplit(val_fraction)
+    if shard_tokens < 1:
+        raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}.")
+    _check_output(output)
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_splits(docs, output, tokenizer, split, np_dtype, shard_tokens, progress, sources)
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)  # Never leave a half-written dataset behind.
+        raise
+    return shards.read_dataset_info(output)
+
+
+def _names(sources: Sequence[str]) -> str:
+    if not sources:
+        return "the documents"
+    more = f" and {len(sources) - 3} more" if len(sources) > 3 else ""
+    return ", ".join(sources[:3]) + more
+
+
+def _write_splits(
+    docs: Iterable[str],
+    output: Path,
+    tokenizer: Tokenizer,
+    split: ValidationSplit,
+    dtype: np.dtype,
+    shard_tokens: int,
+    progress: bool,
+    sources: Sequence[str],
+) -> None:
+    writers = {s: shards.ShardWriter(output, s, dtype, shard_tokens) for s in shards.SPLITS}
+    bar = tqdm.tqdm(
+        desc="tokenising", unit="doc", disable=None if progress else True, mininterval=1
+    )
+    docs = (d for d in docs if d)  # An empty document would only add a lone EOS.
+    with bar:
+        while batch := list(itertools.islice(docs, _ENCODE_BATCH)):
+            for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+                name = "val" if split.is_validation(text) else "train"
+                writers[name].add_document(ids, tokenizer.eos_id)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=writers["train"].tokens + writers["val"].tokens, refresh=False)
+    for w in writers.values():
+        w.close()
+    if writers["train"].documents == 0:
+        raise ValueError(
+            f"No text found in {_names(sources)}. Check the inputs hold text: "
+            "non-empty .txt files, or .jsonl lines / .parquet rows with a non-empty 'text' field."
+        )
+    if split.fraction > 0 and writers["val"].documents == 0:
+        raise ValueError(
+            f"--val-fraction {split.fraction} held out no document: the corpus has "
+            f"{writers['train'].documents} document(s) and none is small enough. Split the text "
+            "into more documents (one .txt per document, or .jsonl lines), raise --val-fraction, "
+            "or pass --val-fraction 0 for no validation split."
+        )
+    tokenizer_meta = {"source": tokenizer.spec, "file": None}
+    tokenizer_meta["eos_token"] = getattr(tokenizer, "eos_token", None)
+    if isinstance(tokenizer, HFTokenizer):
+        # A copy makes the folder self-contained: decoding never depends on the original file.
+        tokenizer.backend.save(str(output / shards.TOKENIZER_FILE))
+        tokenizer_meta["file"] = shards.TOKENIZER_FILE
+    shards.write_metadata(
+        output,
+        {
+            "tokenizer": tokenizer_meta,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "dtype": dtype.name,
+            "val_fraction": split.fraction,
+            "splits": {s: w.summary() for s, w in writers.items()},
+            "sources": list(sources),
+        },
+    )
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    tokenizer: str = "bytes",
+    *,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    dtype: str = "auto",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    eos_token: str | None = None,
+    progress: bool = True,
+) -> shards.DatasetInfo:
+    """Tokenises the text files ``inputs`` into a dataset folder at ``output``.
+
+    ``tokenizer`` is a spec of :func:`fogjax.data.tokenizer.load_tokenizer`; the other arguments
+    are those of :func:`prepare_documents`. Errors name the problem and the fix: FileNotFoundError
+    for a missing input or tokenizer, ValueError for an unsupported or empty input.
+    """
+    files = documents.expand_inputs(inputs)
+    tok = load_tokenizer(tokenizer, eos_token=eos_token)
+    return prepare_documents(
+        documents.read_documents(files),
+        output,
+        tok,
+        val_fraction=val_fraction,
+        dtype=dtype,
+        shard_tokens=shard_tokens,
+        progress=progress,
+        sources=[str(f) for f in files],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fogjax.data.prepare", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="text files (.txt, .jsonl, .jsonl.gz, .parquet) or folders of them",
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="new dataset folder")
+    parser.add_argument(
+        "--tokenizer",
+        default="bytes",
+        metavar="T",
+        help="'bytes', a tokenizer.json path, or PACKAGE:RESOURCE (default: bytes)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help=f"share of text held out for validation (default: {DEFAULT_VAL_FRACTION})",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=shards.DTYPES,
+        default="auto",
+        help="token dtype on disk (default: uint16 if the vocabulary fits)",
+    )
+    parser.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS})",
+    )
+    parser.add_argument(
+        "--eos-token",
+        default=None,
+        help="end-of-document token of a tokenizer.json (default: found by name)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        info = prepare(
+            args.input,
+            args.output,
+            args.tokenizer,
+            val_fraction=args.val_fraction,
+            dtype=args.dtype,
+            shard_tokens=args.shard_tokens,
+            eos_token=args.eos_token,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(
+        f"wrote {info.dir}: {info.train_tokens:,} train tokens "
+        f"({info.train_documents:,} documents, {len(info.train_shards)} shards), "
+        f"{info.val_tokens:,} validation tokens "
+        f"({info.val_documents:,} documents); vocab_size {info.vocab_size}, eos_id {info.eos_id}, "
+        f"{info.dtype}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""`python -m fogjax.data.prepare`: readers, tokenizers, round trip, dtype choice, clear errors."""
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fogjax.data import prepare, shards
+from fogjax.data.tokenizer import load_tokenizer, train_byte_level_bpe
+
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.\n",
+    "Ünïcödé — snow ☃ and emoji 🦊 survive the round trip.",
+    "def f(x):\n    return x + 1\n",
+    "A fourth document, in a .jsonl.gz file.",
+    "Fifth: a parquet row.",
+    "Sixth: another parquet row, a little longer than the fifth one.",
+]
+
+
+def _write_inputs(d):
+    """DOCS spread over the four input formats, in the order `expand_inputs` sorts them."""
+    d.mkdir()
+    (d / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    (d / "b.jsonl").write_text(
+        json.dumps({"text": DOCS[1]}) + "\n\n" + json.dumps({"text": DOCS[2], "id": 7}) + "\n"
+    )
+    with gzip.open(d / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": DOCS[3]}) + "\n" + json.dumps({"text": ""}) + "\n")
+    pq.write_table(pa.table({"text": DOCS[4:], "n": [1, 2]}), d / "d.parquet")
+    return d
+
+
+def _documents(info, split, tok):
+    """The documents of a split: its token stream cut after each EOS, decoded."""
+    stream = np.concatenate([np.load(p) for p in info.shards(split)])
+    assert stream[-1] == info.eos_id, "every document ends with EOS"
+    pieces = np.split(stream, np.flatnonzero(stream == info.eos_id) + 1)[:-1]
+    return [tok.decode(p[:-1]) for p in pieces]
+
+
+class RangeTokenizer:
+    """'a b' encodes to arange(a, b): a stand-in with a vocabulary too large for uint16."""
+
+    spec, eos_token, eos_id = "range", "<eos>", 0
+
+    def __init__(self, vocab_size=2**20):
+        self.vocab_size = vocab_size
+
+    def encode_batch(self, texts):
+        return [np.arange(*map(int, t.split())) for t in texts]
+
+
+def test_round_trip_all_formats_bytes(tmp_path):
+    inputs = _write_inputs(tmp_path / "in")
+    info = prepare.prepare([inputs], tmp_path / "out", "bytes", val_fraction=0, shard_tokens=50)
+    tok = info.load_tokenizer()
+    assert _documents(info, "train", tok) == DOCS  # The empty jsonl document is skipped.
+    assert info.train_documents == len(DOCS) and info.val_tokens == 0
+    assert info.train_tokens == sum(len(d.encode()) + 1 for d in DOCS)
+    assert len(info.train_shards) == -(-info.train_tokens // 50)  # Cut into 50-token shards.
+    assert (info.vocab_size, info.eos_id, info.dtype) == (257, 256, "uint16")
+    meta = json.loads((info.dir / shards.METADATA).read_text())
+    assert meta["splits"]["train"]["tokens"] == info.train_tokens and len(meta["sources"]) == 4
+
+
+def test_round_trip_tokenizer_json_with_validation_split(tmp_path):
+    bpe = train_byte_level_bpe(DOCS * 3, vocab_size=300, eos_token="<|endoftext|>")
+    bpe.backend.save(str(tmp_path / "tokenizer.json"))
+    inputs = _write_inputs(tmp_path / "in")
+    info = prepare.prepare(
+        [inputs], tmp_path / "out", str(tmp_path / "tokenizer.json"), val_fraction=0.3
+    )
+    assert (info.dir / "tokenizer.json").is_file()  # The folder carries its own copy.
+    tok = info.load_tokenizer()
+    train, val = _documents(info, "train", tok), _documents(info, "val", tok)
+    assert val and train[0] == DOCS[0]  # The first document always trains.
+    assert sorted(train + val) == sorted(DOCS)
+    held_out = sum(map(len, val)) / sum(map(len, DOCS))
+    assert 0 < held_out <= 0.3
+    assert (info.vocab_size, info.eos_id) == (tok.vocab_size, tok.eos_id) == (300, 0)
+
+
+def test_tokenizer_shipped_in_installed_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "site" / "fogjax_test_tokpkg"
+    (pkg / "assets").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    train_byte_level_bpe(DOCS, 280, "</s>").backend.save(str(pkg / "assets" / "tokenizer.json"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    tok = load_tokenizer("fogjax_test_tokpkg:assets/tokenizer.json")
+    assert tok.decode(tok.encode(DOCS[1])) == DOCS[1] and tok.eos_token == "</s>"
+    assert load_tokenizer("fogjax_test_tokpkg:assets").vocab_size == tok.vocab_size
+    with pytest.raises(FileNotFoundError, match="PACKAGE:RESOURCE"):
+        load_tokenizer("fogjax_test_tokpkg:assets/missing.json")
+
+
+def test_bytes_tokenizer_round_trip():
+    tok = load_tokenizer("bytes")
+    ids = np.concatenate([tok.encode(DOCS[1]), [tok.eos_id], tok.encode(DOCS[2])])
+    assert tok.decode(ids) == DOCS[1] + "<|endoftext|>" + DOCS[2]
+
+
+def test_dtype_choice(tmp_path):
+    assert shards.token_dtype(257) == np.uint16
+    assert shards.token_dtype(2**16) == np.uint16  # Ids 0..65535 all fit.
+    assert shards.token_dtype(2**16 + 1) == np.uint32
+    assert shards.token_dtype(100, "uint32") == np.uint32
+    small = prepare.prepare_documents(
+        ["1 9"], tmp_path / "a", RangeTokenizer(2**16), val_fraction=0
+    )
+    large = prepare.prepare_documents(
+        ["1 9"], tmp_path / "b", RangeTokenizer(2**20), val_fraction=0
+    )
+    assert np.load(small.train_shards[0]).dtype == np.uint16 and small.dtype == "uint16"
+    assert np.load(large.train_shards[0]).dtype == np.uint32 and large.dtype == "uint32"
+    assert np.load(large.train_shards[0]).tolist() == list(range(1, 9)) + [0]
+
+
+def test_error_vocabulary_too_large_for_dtype(tmp_path):
+    with pytest.raises(ValueError, match=r"1048576 tokens does not fit uint16.*--dtype uint32"):
+        prepare.prepare_documents(["1 9"], tmp_path / "o", RangeTokenizer(), dtype="uint16")
+    with pytest.raises(ValueError, match="does not fit uint32.*smaller vocabulary"):
+        shards.token_dtype(2**32 + 1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_error_missing_input(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl.*does not exist.*--input"):
+        prepare.prepare([missing], tmp_path / "out")
+
+
+def test_error_empty_input(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"No text found.*empty\.txt.*non-empty 'text' field"):
+        prepare.prepare([tmp_path / "empty.txt", tmp_path / "blank.jsonl"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # No half-written dataset is left behind.
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("x.csv", "a,b", r"unsupported format.*\.jsonl"),
+        ("x.jsonl", '{"body": "hi"}\n', r"x\.jsonl:1 has no string 'text' field.*rename"),
+        ("x.jsonl", "not json\n", r"x\.jsonl:1 is not valid JSON"),
+    ],
+)
+def test_error_malformed_input(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        prepare.prepare([tmp_path / name], tmp_path / "out")
+
+
+def test_error_no_validation_document_and_used_output(tmp_path):
+    (tmp_path / "one.txt").write_text("a single document")
+    with pytest.raises(ValueError, match="held out no document.*--val-fraction 0"):
+        prepare.prepare([tmp_path / "one.txt"], tmp_path / "out")
+    prepare.prepare([tmp_path / "one.txt"], tmp_path / "out", val_fraction=0)
+    with pytest.raises(ValueError, match="not an empty folder.*new --output"):
+        prepare.prepare([tmp_path / "one.txt"], tmp_path / "out", val_fraction=0)
+    with pytest.raises(FileNotFoundError, match="'bytes', a path to a tokenizer.json"):
+        prepare.prepare([tmp_path / "one.txt"], tmp_path / "o2", "no/such/tokenizer.json")
+
+
+def test_validation_split_follows_character_fraction():
+    split = prepare.ValidationSplit(0.1)
+    lengths = [(7 * i) % 23 + 1 for i in range(2000)]
+    held = [n for n in lengths if split.is_validation("x" * n)]
+    assert held and abs(sum(held) / sum(lengths) - 0.1) < 0.01
+
+
+def test_cli(tmp_path, capsys):
+    inputs = _write_inputs(tmp_path / "in")
+    prepare.main(["--input", str(inputs), "--output", str(tmp_path / "o"), "--val-fraction", "0.2"])
+    assert "train tokens" in capsys.readouterr().out
+    info = shards.read_dataset_info(tmp_path / "o")
+    assert info.val_documents > 0 and info.tokenizer == "bytes"
+    with pytest.raises(SystemExit, match="error: .*does not exist"):
+        prepare.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o3")])
