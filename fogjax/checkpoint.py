@@ -1,0 +1,339 @@
+"""Checkpoints of a run: train state + data-iterator state + metadata, with orbax.
+
+One step directory holds three items:
+
+- ``state``: the train state pytree (params, opt_state, fp8 state, step) as sharded arrays;
+- ``data``: each process's data-iterator state, one JSON file per process (hosts read different
+  shards, so their iterator states differ);
+- ``meta``: a small JSON dict (tokens seen, elapsed time, config, model signature).
+
+Saves are asynchronous and atomic: orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it
+when complete, so a crash mid-save leaves the previous checkpoint as the latest. Restore checks
+the saved tree against the expected one before reading any array, and falls back from an
+unreadable latest checkpoint to the one before it.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+_BYTES_KEY = "__base64__"
+
+
+class CheckpointMismatchError(ValueError):
+    """The saved train state has another structure or shape than the model being restored."""
+
+
+def _encode(obj: Any) -> Any:
+    """JSON-ready copy of ``obj``: bytes become {'__base64__': str}, numpy values plain Python."""
+    if isinstance(obj, bytes):
+        return {_BYTES_KEY: base64.b64encode(obj).decode("ascii")}
+    if isinstance(obj, dict):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, np.ndarray | np.generic | jax.Array):
+        return np.asarray(obj).tolist()
+    if hasattr(obj, "to_dict"):  # ml_collections.ConfigDict
+        return _encode(obj.to_dict())
+    return obj
+
+
+def _decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_BYTES_KEY}:
+            return base64.b64decode(obj[_BYTES_KEY])
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
+
+
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class _PerProcessJsonHandler(ocp.CheckpointHandler):
+    """Writes ``process_<i>-of-<n>.json`` per process, as grain's own orbax handler does."""
+
+    @staticmethod
+    def _file(directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: _DataSave) -> None:
+        self._file(directory).write_text(json.dumps(_encode(args.state)))
+
+    def restore(self, directory: epath.Path, args: _DataRestore | None = None) -> Any:
+        path = self._file(directory)
+        if not path.exists():
+            written = sorted(p.name for p in directory.iterdir())
+            # A different process count cannot map one host's data position onto another's.
+            log.warning(
+                "No data-iterator state for this process in %s (found %s): the data pipeline "
+                "restarts from its beginning instead of resuming exactly.",
+                directory,
+                written,
+            )
+            return None
+        return _decode(json.loads(path.read_text()))
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _path_str(path: tuple) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'params/w': shape} over the leaves of ``tree`` (arrays, structs or orbax metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_str(p): tuple(x.shape) for p, x in leaves if x is not None}
+
+
+def _abstract(tree: Any) -> Any:
+    """``tree`` with arrays replaced by structs; every leaf must say where it lands."""
+    tree = jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            if isinstance(x, jax.Array)
+            else x
+        ),
+        tree,
+    )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if getattr(leaf, "sharding", None) is None:
+            # Caught here: inside the restore loop it would read as a corrupt checkpoint.
+            raise ValueError(
+                f"abstract_state leaf {_path_str(path)!r} has no sharding; build the target with "
+                "jax.eval_shape and attach the state shardings (ShapeDtypeStruct(sharding=...))."
+            )
+    return tree
+
+
+class Checkpointer:
+    """Save and restore (train state, data state, metadata) under ``directory``.
+
+    Args:
+      directory: where step directories live (created if missing), e.g. ``<workdir>/checkpoints``.
+      keep: how many of the latest checkpoints to keep.
+      async_save: write in a background thread; :meth:`save` returns once arrays are on host.
+      save_every: :meth:`save` writes only on multiples of this, unless ``force=True``.
+
+    Every process must call :meth:`save` and :meth:`restore` (orbax synchronises them).
+    """
+
+    def __init__(self, directory: str, keep: int, async_save: bool = True, save_every: int = 1):
+        if "://" not in str(directory):
+            directory = os.path.abspath(directory)
+        self.directory = epath.Path(directory)
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add("state", ocp.args.StandardSave)
+        registry.add("state", ocp.args.StandardRestore)
+        data_handler = _PerProcessJsonHandler()
+        registry.add("data", _DataSave, data_handler)
+        registry.add("data", _DataRestore, data_handler)
+        registry.add("meta", ocp.args.JsonSave)
+        registry.add("meta", ocp.args.JsonRestore)
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            enable_async_checkpointing=async_save,
+            # Leftovers of a save that crashed midway: never steps, so safe to remove.
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, handler_registry=registry
+        )
+        # Unreadable steps skipped by restore(): training continues from an older step, so the
+        # next save deletes them (else retention would keep them and drop good ones).
+        self._stale: list[int] = []
+
+    def latest_step(self) -> int | None:
+        """The newest step (saved, or being saved by this instance; it may prove unreadable)."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every step kept, oldest first, including one still being written asynchronously."""
+        return sorted(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: Any,
+        metadata: dict[str, Any],
+        force: bool = False,
+    ) -> bool:
+        """Start saving checkpoint ``step``; True if a save was started.
+
+        ``state`` is a pytree of jax arrays; ``data_state`` this process's iterator state (JSON
+        types or bytes); ``metadata`` a JSON-able dict written once, by process 0. Returns False
+        when the step is not a multiple of ``save_every`` (unless ``force``) or already saved.
+        Blocks only for the device-to-host copy, so ``state`` may be donated right after.
+        """
+        for stale in [s for s in self._stale if s in self.all_steps()]:
+            log.warning(
+                "Deleting unreadable checkpoint step %d in %s: training resumed from an older "
+                "step, so this step is about to be written again.",
+                stale,
+                self.directory,
+            )
+            self._manager.delete(stale)
+        self._stale = []
+        existing = self.all_steps()
+        if step in existing:
+            return False
+        if existing and existing[-1] > step:
+            raise ValueError(
+                f"Cannot save step {step} in {self.directory}: it already holds the newer step "
+                f"{existing[-1]}. Restore from it first, or use another --workdir."
+            )
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=_DataSave(data_state),
+                meta=ocp.args.JsonSave(_encode(metadata)),
+            ),
+            force=force,
+        )
+
+    def _check_structure(self, step: int, abstract_state: Any) -> None:
+        """Raise CheckpointMismatchError unless step's saved tree has abstract_state's shapes.
+
+        Reads only orbax's tree metadata, never arrays. Other errors (unreadable metadata)
+        propagate, so the caller can treat the step as corrupt.
+        """
+        item = self._manager.item_metadata(step)["state"]
+        if item is None:
+            raise FileNotFoundError(f"no tree metadata for 'state' in step {step}")
+        saved = _shapes(getattr(item, "tree", item))
+        expected = _shapes(abstract_state)
+        problems = []
+        for path, shape in expected.items():
+            if path not in saved:
+                problems.append(f"{path!r} (expected shape {shape}) is not in the checkpoint")
+            elif saved[path] != shape:
+                problems.append(f"{path!r} has saved shape {saved[path]}, expected {shape}")
+        problems += [
+            f"{path!r} (saved shape {shape}) is not in this model"
+            for path, shape in saved.items()
+            if path not in expected
+        ]
+        if problems:
+            more = f" (and {len(problems) - 1} more leaves differ)" if len(problems) > 1 else ""
+            raise CheckpointMismatchError(
+                f"Checkpoint step {step} in {self.directory} was written by a different model: "
+                f"{problems[0]}{more}. Resume it with the config it was written with (its "
+                f"metadata is in "
+                f"{self.directory / str(step) / 'meta'}), or start this run in another --workdir. "
+                "Nothing was changed on disk."
+            )
+
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=_DataRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"], restored["data"], _decode(restored["meta"])
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
+        """(state, data_state, metadata) of ``step``, or of the newest readable step if None.
+
+        ``abstract_state`` is a pytree of jax.ShapeDtypeStruct (or arrays) whose ``.sharding``
+        is where each leaf lands, so a checkpoint restores onto any mesh. Saved dtypes are cast
+        to the abstract ones. A newest step that cannot be read is skipped with a warning (an
+        explicit ``step`` is not), and the next :meth:`save` deletes such skipped steps so the
+        run's history stays linear. Raises CheckpointMismatchError before reading any array if
+        the saved shapes differ, and FileNotFoundError if no step can be read.
+        """
+        abstract_state = _abstract(abstract_state)
+        # Pending saves first; then re-list the directory (orbax caches it), which must never
+        # happen while a save is in flight or orbax loses track of that step.
+        self._manager.wait_until_finished()
+        self._manager.reload()
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"No checkpoint step {step} in {self.directory} {steps}.")
+            self._check_structure(step, abstract_state)
+            return self._restore_step(step, abstract_state)
+        errors = []
+        for candidate in reversed(steps):
+            try:
+                self._check_structure(candidate, abstract_state)
+                result = self._restore_step(candidate, abstract_state)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # Any read failure means: try the previous step.
+                log.warning(
+                    "Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
+                    "previous one.",
+                    candidate,
+                    self.directory,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:300] if str(e) else "",
+                )
+                errors.append((candidate, e))
+                continue
+            self._stale = [s for s in steps if s > candidate]
+            return result
+        if errors:
+            raise FileNotFoundError(
+                f"No readable checkpoint in {self.directory}: steps "
+                f"{[s for s, _ in errors]} all failed (see the warnings above). Move them aside "
+                "to start afresh, or point --workdir elsewhere."
+            ) from errors[0][1]
+        raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+
+    def wait(self) -> None:
+        """Block until the pending asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release orbax's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

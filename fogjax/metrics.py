@@ -1,0 +1,258 @@
+"""Metrics out of the device and into TensorBoard and the console.
+
+- :class:`MetricWriter`: tensorboardX events, written by process 0 only (tensorboardX, never
+  TensorFlow: clu and flax.metrics.tensorboard import it).
+- :func:`peak_flops` / :func:`mfu`: an explicit peak table keyed by ``jax.Device.device_kind``;
+  an unknown device (CPU) has no peak and no MFU rather than a made-up one.
+- :class:`Throughput`: step time, tokens/s, TFLOP/s per device, MFU and ETA between host ticks.
+- :func:`metrics_to_host`: one device-to-host transfer of a metrics pytree, flattened to tags.
+- :func:`console_line` and :class:`Console`: the one-line log and a tqdm bar on a TTY.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+
+
+class MetricWriter:
+    """Scalars and text to TensorBoard event files in ``logdir``; a no-op on processes != 0."""
+
+    def __init__(self, logdir: str, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._writer = tensorboardX.SummaryWriter(logdir) if self.enabled else None
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
+        """One value per tag at ``step``; None values (e.g. MFU on CPU) are skipped."""
+        if self._writer is None:
+            return
+        for tag, value in scalars.items():
+            if value is not None:
+                self._writer.add_scalar(tag, float(value), global_step=int(step))
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """Markdown ``text`` under ``tag`` (TensorBoard's Text tab)."""
+        if self._writer is not None:
+            self._writer.add_text(tag, text, global_step=int(step))
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+# Dense (no 2:4 sparsity) peak tensor-core FLOP/s per device, from NVIDIA's datasheets.
+# Matched as substrings of device_kind in this order: the specific H100 variants come before
+# "H100" since their clocks and peaks are lower than the SXM part's.
+PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756e12, "fp8": 1513e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp8": 1670e12}),
+    ("GH200", {"bf16": 989e12, "fp8": 1979e12}),
+    ("H200", {"bf16": 989e12, "fp8": 1979e12}),
+    ("H100", {"bf16": 989e12, "fp8": 1979e12}),
+    ("A100", {"bf16": 312e12}),  # Ampere has no FP8 tensor cores.
+)
+
+
+def peak_flops(device_kind: str, dtype: str = "bf16") -> float | None:
+    """Peak FLOP/s of one ``device_kind`` device for ``dtype`` ('bf16' | 'fp8'); None if unknown."""
+    for key, peaks in PEAK_FLOPS:
+        if key.lower() in device_kind.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def mfu(
+    flops_per_step_per_device: float,
+    step_seconds: float,
+    device_kind: str,
+    dtype: str = "bf16",
+) -> float | None:
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak; None without a peak."""
+    peak = peak_flops(device_kind, dtype)
+    if peak is None or step_seconds <= 0:
+        return None
+    return flops_per_step_per_device / step_seconds / peak
+
+
+class Throughput:
+    """Speed between host ticks. Call :meth:`tick` when step ``step`` is known to be finished.
+
+    The first tick only starts the clock, so compilation never counts as a step. Returned tags:
+    perf/step_time_s, perf/tokens_per_s, perf/tokens_per_s_per_device,
+    perf/tflops_per_device, perf/mfu (only with a known peak), perf/eta_s.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        tokens_per_step: int,
+        flops_per_step: float,
+        num_devices: int,
+        device_kind: str,
+        peak_dtype: str = "bf16",
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.num_devices = num_devices
+        self.device_kind = device_kind
+        self.peak_dtype = peak_dtype
+        self._clock = clock
+        self._last: tuple[int, float] | None = None
+
+    def tick(self, step: int) -> dict[str, float]:
+        """Perf metrics averaged since the previous tick; {} on the first tick or no progress."""
+        now = self._clock()
+        last, self._last = self._last, (step, now)
+        if last is None or step <= last[0]:
+            return {}
+        step_time = (now - last[1]) / (step - last[0])
+        flops_per_device = self.flops_per_step / self.num_devices
+        out = {
+            "perf/step_time_s": step_time,
+            "perf/tokens_per_s": self.tokens_per_step / step_time,
+            "perf/tokens_per_s_per_device": self.tokens_per_step / step_time / self.num_devices,
+            "perf/tflops_per_device": flops_per_device / step_time / 1e12,
+            "perf/eta_s": max(self.total_steps - step, 0) * step_time,
+        }
+        u = mfu(flops_per_device, step_time, self.device_kind, self.peak_dtype)
+        if u is not None:
+            out["perf/mfu"] = u
+        return out
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def metrics_to_host(tree: Any, prefix: str = "") -> dict[str, float]:
+    """Flat {'prefix/a/b': float} from a pytree of scalars and per-layer [L] arrays.
+
+    A [L] array becomes ``.../layer_00`` ... ``.../layer_{L-1}`` plus their mean ``.../avg``.
+    Everything is fetched in one ``jax.device_get`` (one sync with the device). Arrays of
+    rank >= 2 are refused: they are not metrics, and a silent reduction would hide that.
+    """
+    host = jax.device_get(tree)
+    flat: dict[str, float] = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(host)[0]:
+        name = "/".join(([prefix] if prefix else []) + [_key_name(k) for k in path])
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.ndim == 0:
+            flat[name] = float(arr)
+        elif arr.ndim == 1:
+            width = max(2, len(str(arr.size - 1)))
+            for i, v in enumerate(arr):
+                flat[f"{name}/layer_{i:0{width}d}"] = float(v)
+            flat[f"{name}/avg"] = float(arr.mean())
+        else:
+            raise ValueError(
+                f"Metric {name!r} has shape {arr.shape}; metrics must be scalars or per-layer "
+                "[L] arrays. Reduce it in the train step before returning it."
+            )
+    return flat
+
+
+def format_duration(seconds: float) -> str:
+    """'5m12s', '2h03m', '45s', '3d04h': the two leading units."""
+    s = int(round(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{s:02d}s"
+    return f"{s}s"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def console_line(
+    step: int,
+    total_steps: int,
+    loss: float | None = None,
+    lr: float | None = None,
+    tokens_per_s: float | None = None,
+    mfu: float | None = None,
+    eta_s: float | None = None,
+) -> str:
+    """``step 120/2000 | loss 3.412 | lr 1.0e-03 | 12.3k tok/s | mfu 41.2% | eta 5m12s``.
+
+    Fields that are None are left out (MFU on CPU; speed before the second tick).
+    """
+    parts = [f"step {step}/{total_steps}"]
+    if loss is not None:
+        parts.append(f"loss {loss:.3f}" if math.isfinite(loss) else f"loss {loss}")
+    if lr is not None:
+        parts.append(f"lr {lr:.1e}")
+    if tokens_per_s is not None:
+        parts.append(f"{_si(tokens_per_s)} tok/s")
+    if mfu is not None:
+        parts.append(f"mfu {100 * mfu:.1f}%")
+    if eta_s is not None:
+        parts.append(f"eta {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+class Console:
+    """Progress on the terminal, from process 0 only.
+
+    On a TTY a tqdm bar tracks the step and lines are printed above it; redirected to a file
+    (SLURM logs), there is no bar, only the lines, so logs stay free of carriage returns.
+    """
+
+    def __init__(
+        self, total_steps: int, initial_step: int = 0, *, enabled: bool | None = None, stream=None
+    ):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._stream = stream or sys.stdout
+        self._bar = None
+        if self.enabled and self._stream.isatty():
+            self._bar = tqdm.tqdm(
+                total=total_steps, initial=initial_step, file=self._stream, dynamic_ncols=True
+            )
+        self._step = initial_step
+
+    def update(self, step: int) -> None:
+        """Move the bar to ``step``."""
+        if self._bar is not None and step > self._step:
+            self._bar.update(step - self._step)
+        self._step = max(self._step, step)
+
+    def print(self, line: str) -> None:
+        """Print one line (above the bar when there is one)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(line, file=self._stream)
+        else:
+            print(line, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
