@@ -120,6 +120,8 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.eval_every = 100 if size == "tiny" else 1000
     c.train.eval_batches = 4 if size == "tiny" else 20
+    c.train.log_every = 10 if size == "tiny" else 50  # Console line and TensorBoard scalars.
+    c.train.stats_every = 50 if size == "tiny" else 250  # Kurtosis and FP8 statistics.
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes.
@@ -127,8 +129,6 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
 
     c.log = ml_collections.ConfigDict()
-    c.log.log_every = 10 if size == "tiny" else 50  # Console and TensorBoard scalars.
-    c.log.stats_every = 50 if size == "tiny" else 250  # Kurtosis and FP8 statistics.
     c.log.kurtosis_form = "token"  # 'token' (paper) or 'sequence' (released code).
     c.lock()
     return c

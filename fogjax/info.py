@@ -14,15 +14,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from fogjax.model import build_model
 from fogjax.precision.recipes import Recipe
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/fog_flash.py:1.5b."
-)
 
 
 def abstract_params(config: Any) -> Any:
@@ -73,10 +69,13 @@ def model_info(config: Any) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
+    config = flags.FLAGS.config
+    if config is None:
         raise app.UsageError("Give a config: --config=configs/fog_flash.py:1.5b")
-    print(json.dumps(model_info(_CONFIG.value), indent=2))
+    print(json.dumps(model_info(config), indent=2))
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so importing model_info defines none.
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fog_flash.py:1.5b.")
     app.run(main)

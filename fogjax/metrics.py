@@ -91,7 +91,7 @@ class Throughput:
     """Speed between host ticks. Call :meth:`tick` when step ``step`` is known to be finished.
 
     The first tick only starts the clock, so compilation never counts as a step. Returned tags:
-    perf/step_time_s, perf/tokens_per_s, perf/tokens_per_s_per_device,
+    perf/step_time, perf/tokens_per_sec, perf/tokens_per_sec_per_device,
     perf/tflops_per_device, perf/mfu (only with a known peak), perf/eta_s.
     """
 
@@ -123,9 +123,9 @@ class Throughput:
         step_time = (now - last[1]) / (step - last[0])
         flops_per_device = self.flops_per_step / self.num_devices
         out = {
-            "perf/step_time_s": step_time,
-            "perf/tokens_per_s": self.tokens_per_step / step_time,
-            "perf/tokens_per_s_per_device": self.tokens_per_step / step_time / self.num_devices,
+            "perf/step_time": step_time,
+            "perf/tokens_per_sec": self.tokens_per_step / step_time,
+            "perf/tokens_per_sec_per_device": self.tokens_per_step / step_time / self.num_devices,
             "perf/tflops_per_device": flops_per_device / step_time / 1e12,
             "perf/eta_s": max(self.total_steps - step, 0) * step_time,
         }

@@ -76,9 +76,9 @@ def test_throughput_between_ticks():
     )
     assert t.tick(10) == {}  # The first tick starts the clock (compilation excluded).
     perf = t.tick(14)  # 4 steps in 2 s.
-    assert perf["perf/step_time_s"] == pytest.approx(0.5)
-    assert perf["perf/tokens_per_s"] == pytest.approx(16384)
-    assert perf["perf/tokens_per_s_per_device"] == pytest.approx(2048)
+    assert perf["perf/step_time"] == pytest.approx(0.5)
+    assert perf["perf/tokens_per_sec"] == pytest.approx(16384)
+    assert perf["perf/tokens_per_sec_per_device"] == pytest.approx(2048)
     assert perf["perf/tflops_per_device"] == pytest.approx(1978)
     assert perf["perf/mfu"] == pytest.approx(2.0)
     assert perf["perf/eta_s"] == pytest.approx(86 * 0.5)

@@ -1,0 +1,179 @@
+"""Pure train and eval steps.
+
+The train state is a dict ``{step, params, fp8, opt_state}``. ``fp8`` holds the delayed-scaling
+state of every FP8 GEMM (empty under bf16). The loss is differentiated with respect to ``params``
+and ``fp8`` together; by construction of the FP8 ops (fogjax/precision/fp8_dot.py) the "gradient"
+of the FP8 state is its new value, which replaces it. It never enters the optimizer, weight decay,
+clipping or the gradient norm, and across micro-batches it is combined by elementwise max (every
+FP8 state entry grows with the amax it saw, so max is the exact combination), never summed.
+
+On statistics steps (``with_stats=True``, a separate compilation) the step also returns the
+per-layer activation probes (kurtosis, rms, amax) and FP8 statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fogjax.model.probes import PROBES_COLLECTION
+
+State = dict[str, Any]
+Metrics = dict[str, Any]
+
+FP8_STATS_COLLECTION = "fp8_stats"
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean token cross-entropy; logits [B, T, V] float32, targets [B, T] int32 -> scalar."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def _loss_fn(model: nn.Module, with_stats: bool) -> Callable[..., Any]:
+    def loss_fn(params: Any, fp8: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        variables = {"params": params}
+        if fp8:
+            variables["fp8"] = fp8
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if with_stats:
+            logits, aux = model.apply(
+                variables, inputs, mutable=[PROBES_COLLECTION, FP8_STATS_COLLECTION]
+            )
+            aux = dict(aux)
+        else:
+            logits, aux = model.apply(variables, inputs), {}
+        return cross_entropy(logits, targets), aux
+
+    return loss_fn
+
+
+def _combine_microbatch(acc: Any, new: Any) -> Any:
+    """Accumulates (loss, grads, fp8, aux): sums except the FP8 state, which takes the max."""
+    loss, grads, fp8, aux = acc
+    n_loss, n_grads, n_fp8, n_aux = new
+    return (
+        loss + n_loss,
+        jax.tree.map(jnp.add, grads, n_grads),
+        jax.tree.map(jnp.maximum, fp8, n_fp8),
+        jax.tree.map(jnp.add, aux, n_aux),
+    )
+
+
+def compute_grads(
+    model: nn.Module, params: Any, fp8: Any, tokens: jax.Array, micro_batches: int, with_stats: bool
+) -> tuple[jax.Array, Any, Any, Any]:
+    """Loss, parameter gradients, new FP8 state and probe outputs for a batch [B, T+1].
+
+    With ``micro_batches`` k > 1 the batch is split into k equal parts processed sequentially
+    (``lax.scan``): loss, gradients and statistics are averaged, the FP8 state is max-combined.
+    """
+    grad_fn = jax.value_and_grad(_loss_fn(model, with_stats), argnums=(0, 1), has_aux=True)
+
+    def one(chunk: jax.Array) -> tuple[jax.Array, Any, Any, Any]:
+        (loss, aux), (grads, new_fp8) = grad_fn(params, fp8, chunk)
+        return loss, grads, new_fp8, aux
+
+    if micro_batches == 1:
+        return one(tokens)
+    b = tokens.shape[0]
+    if b % micro_batches:
+        raise ValueError(
+            f"train.batch_size per step ({b}) is not divisible by train.micro_batches "
+            f"({micro_batches}); choose a micro_batches that divides it."
+        )
+    chunks = tokens.reshape(micro_batches, b // micro_batches, *tokens.shape[1:])
+    first = one(chunks[0])
+
+    def body(acc: Any, chunk: jax.Array) -> tuple[Any, None]:
+        return _combine_microbatch(acc, one(chunk)), None
+
+    (loss, grads, new_fp8, aux), _ = jax.lax.scan(body, first, chunks[1:])
+    scale = 1.0 / micro_batches
+    mean = lambda t: jax.tree.map(lambda x: x * scale, t)  # noqa: E731
+    return loss * scale, mean(grads), new_fp8, mean(aux)
+
+
+def kurtosis_metrics(probes: Any) -> Metrics:
+    """{'<tensor>': {'kurtosis': [L], 'rms': [L], 'amax': [L]}} from the sown probe tree."""
+    out: Metrics = {}
+
+    def visit(tree: Any) -> None:
+        for name, value in tree.items():
+            if isinstance(value, dict) and "kurtosis" in value:
+                out[name] = dict(value)
+            elif isinstance(value, dict):
+                visit(value)
+
+    visit(probes)
+    return out
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    micro_batches: int = 1,
+    fp8_stats_fn: Callable[[Any, Any], Metrics] | None = None,
+) -> Callable[..., tuple[State, Metrics]]:
+    """Builds ``train_step(state, batch, with_stats=False) -> (state, metrics)``; jit it outside.
+
+    Args:
+      model: the Transformer.
+      tx: optimizer over parameters only.
+      schedule: learning-rate schedule, reported as ``lr``.
+      micro_batches: gradient accumulation steps per optimizer step.
+      fp8_stats_fn: ``(fp8_state, fp8_stats) -> metrics`` for statistics steps.
+    Metrics (float32 scalars unless noted): loss, grad_norm, param_norm, update_norm, lr,
+      finite (bool); with stats also ``kurtosis`` (per tensor per layer) and ``fp8``.
+    """
+
+    def train_step(
+        state: State, batch: jax.Array, with_stats: bool = False
+    ) -> tuple[State, Metrics]:
+        params, fp8 = state["params"], state["fp8"]
+        loss, grads, new_fp8, aux = compute_grads(
+            model, params, fp8, batch, micro_batches, with_stats
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.global_norm(grads)
+        metrics: Metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "param_norm": optax.global_norm(new_params),
+            "update_norm": optax.global_norm(updates),
+            "lr": schedule(state["step"]),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+        }
+        if with_stats:
+            metrics["kurtosis"] = kurtosis_metrics(aux.get(PROBES_COLLECTION, {}))
+            if fp8_stats_fn is not None and new_fp8:
+                metrics["fp8"] = fp8_stats_fn(new_fp8, aux.get(FP8_STATS_COLLECTION, {}))
+        new_state = {
+            "step": state["step"] + 1,
+            "params": new_params,
+            "fp8": new_fp8,
+            "opt_state": opt_state,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[State, jax.Array], Metrics]:
+    """``eval_step(state, batch [B, T+1]) -> {'loss_sum', 'tokens'}`` (no state change)."""
+
+    def eval_step(state: State, batch: jax.Array) -> Metrics:
+        variables = {"params": state["params"]}
+        if state["fp8"]:
+            variables["fp8"] = state["fp8"]
+        logits = model.apply(variables, batch[:, :-1])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+        return {"loss_sum": losses.sum(), "tokens": jnp.asarray(losses.size, jnp.float32)}
+
+    return eval_step

@@ -1,0 +1,321 @@
+"""train_and_evaluate(config, workdir): restore-or-init, the training loop, eval, checkpoints.
+
+The workdir is the unit of a run: config, TensorBoard events and checkpoints live there, and a run
+started on a workdir that holds a checkpoint resumes from it, batches included. SIGTERM / SIGINT
+save a checkpoint at the next step boundary and exit cleanly. Metrics of step k are fetched after
+step k+1 is dispatched, so logging never stalls the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fogjax import checkpoint, data, metrics, optim, provenance, sharding
+from fogjax import state as state_lib
+from fogjax.info import model_info
+from fogjax.model import build_model, weight_decay_mask
+from fogjax.precision import stats as fp8_stats
+from fogjax.precision.recipes import make_recipe
+from fogjax.step import make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became NaN or inf."""
+
+
+def validate_train_config(config: Any) -> None:
+    """Raises ValueError naming the field and the fix for train settings that cannot work."""
+    t = config.train
+    for field in ("steps", "batch_size", "micro_batches", "log_every", "stats_every", "ckpt_every"):
+        if getattr(t, field) < 1:
+            raise ValueError(f"train.{field}={getattr(t, field)} must be >= 1.")
+    if t.seq_len < 2:
+        raise ValueError(f"train.seq_len={t.seq_len} must be >= 2.")
+    if t.batch_size % t.micro_batches:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} is not divisible by train.micro_batches="
+            f"{t.micro_batches}; choose micro_batches that divides the batch."
+        )
+    n = jax.device_count()
+    mesh_batch = sharding.resolve_mesh_shape(config.mesh, n)
+    shards = mesh_batch[0] * mesh_batch[1]
+    if (t.batch_size // t.micro_batches) % shards:
+        raise ValueError(
+            f"train.batch_size / train.micro_batches = {t.batch_size // t.micro_batches} "
+            f"sequences cannot be split over mesh data x fsdp = {shards} devices; make the batch a "
+            f"multiple of {shards * t.micro_batches}."
+        )
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGINT; the loop checks it at step boundaries."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread)
+                pass
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        flag = self.signal is not None
+        if jax.process_count() > 1:  # all processes must agree, or a save would deadlock
+            flag = bool(multihost_utils.process_allgather(np.array(flag)).any())
+        return flag
+
+
+def _host_metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """One step's device metrics -> flat TensorBoard tags."""
+    host = jax.device_get(raw)
+    out = {
+        f"train/{k}": float(host[k])
+        for k in ("loss", "lr", "grad_norm", "param_norm", "update_norm")
+    }
+    out["train/finite"] = float(bool(host["finite"]))
+    for tensor, stats in host.get("kurtosis", {}).items():
+        for stat, values in stats.items():
+            prefix = "kurtosis" if stat == "kurtosis" else f"act_{stat}"
+            values = np.asarray(values).reshape(-1)
+            for i, v in enumerate(values):
+                out[f"{prefix}/{tensor}/layer_{i:02d}"] = float(v)
+            out[f"{prefix}/{tensor}/avg"] = float(values.mean())
+    out.update({k: float(v) for k, v in host.get("fp8", {}).items()})
+    return out
+
+
+def _evaluate(eval_fn: Any, state: Any, info: data.DatasetInfo, config: Any, mesh: Any) -> dict:
+    t = config.train
+    index, count = sharding.process_batch_shard(mesh)
+    loss_sum, tokens = 0.0, 0.0
+    for batch in data.eval_batches(
+        info,
+        seq_len=t.seq_len,
+        batch_size=t.batch_size // t.micro_batches,
+        num_batches=t.eval_batches,
+        process_index=index,
+        process_count=count,
+    ):
+        out = jax.device_get(eval_fn(state, sharding.global_batch_from_local(batch, mesh)))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)), "eval/tokens": tokens}
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
+    t0 = time.time()
+    validate_train_config(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    info = data.load_dataset_info(config.data.path)
+    if info.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"The data's tokenizer has {info.vocab_size} tokens but model.vocab_size="
+            f"{config.model.vocab_size}; set --config.model.vocab_size={info.vocab_size} (or more)."
+        )
+    t = config.train
+    recipe = make_recipe(config.precision)
+    model = build_model(config, recipe)
+    schedule = optim.make_schedule(config.optim, t.steps)
+    tx = optim.make_optimizer(config.optim, t.steps, weight_decay_mask)
+    init = state_lib.make_init_fn(model, tx, t.seq_len)
+    with sharding.sharding_context(mesh):
+        abstract, shardings = state_lib.abstract_state(init, mesh)
+    n_params = state_lib.count_params(abstract)
+    flops_per_token = model_info(config)["flops_per_token"]
+
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, save_every=t.ckpt_every
+    )
+    batch_index, batch_count = sharding.process_batch_shard(mesh)
+    train_iter = data.make_train_iterator(
+        info,
+        seq_len=t.seq_len,
+        global_batch_size=t.batch_size,
+        seed=config.seed,
+        process_index=batch_index,
+        process_count=batch_count,
+        num_workers=config.data.num_workers,
+    )
+    elapsed_before = 0.0
+    with sharding.sharding_context(mesh):
+        if ckpt.latest_step() is not None:
+            state, data_state, meta = ckpt.restore(abstract)
+            if data_state is not None:  # None: saved by another process layout (warned)
+                train_iter.set_state(data_state)
+            elapsed_before = float(meta.get("elapsed_s", 0.0))
+            log.info("Resumed from %s at step %d.", ckpt.directory, int(state["step"]))
+        else:
+            state = state_lib.create_state(init, shardings, config.seed)
+    start_step = int(state["step"])
+
+    writer = metrics.MetricWriter(os.path.join(workdir, "tb"))
+    record = provenance.provenance(config, n_params)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        writer.write_text(start_step, "run/provenance", provenance.to_markdown(record))
+        writer.write_text(start_step, "run/config", "```\n" + str(config) + "\n```")
+
+    stats_fn = fp8_stats.fp8_metrics if recipe.quantizes_linears else None
+    train_step = make_train_step(model, tx, schedule, t.micro_batches, stats_fn)
+    batch_sharding = sharding.batch_sharding(mesh)
+    jit_kwargs = dict(
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0
+    )
+    step_fn = jax.jit(lambda s, b: train_step(s, b, False), **jit_kwargs)
+    stats_step_fn = jax.jit(lambda s, b: train_step(s, b, True), **jit_kwargs)
+    eval_fn = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
+
+    tokens_per_step = t.batch_size * t.seq_len
+    throughput = metrics.Throughput(
+        t.steps,
+        tokens_per_step,
+        flops_per_token * tokens_per_step,
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+        "fp8" if recipe.quantizes_linears else "bf16",
+    )
+    console = metrics.Console(t.steps, start_step)
+    console.print(
+        f"fogjax: {config.model.arch} {n_params / 1e6:.1f}M params, recipe "
+        f"{config.precision.recipe}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"mesh {dict(mesh.shape)}, steps {start_step}->{t.steps}, workdir {workdir}"
+    )
+    stop = _StopRequest()
+    stop.install()
+    pending: tuple[int, Any] | None = None
+    last: dict[str, float] = {}
+    last_kurtosis: dict[str, float] = {}
+    summary: dict[str, Any] = {"start_step": start_step}
+
+    def metadata(step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "tokens_seen": step * tokens_per_step,
+            "elapsed_s": elapsed_before + time.time() - t0,
+            "model": {k: v for k, v in config.model.items()},
+            "recipe": config.precision.recipe,
+            "config": json.loads(config.to_json_best_effort()),
+        }
+
+    def save(step: int, force: bool = False) -> None:
+        ckpt.save(step, state, train_iter.get_state(), metadata(step), force=force)
+
+    def flush(entry: tuple[int, Any]) -> None:
+        nonlocal last, last_kurtosis
+        step, raw = entry
+        scalars = _host_metrics(raw)
+        if not scalars["train/finite"]:
+            good = ckpt.latest_step()
+            raise TrainingDiverged(
+                f"Loss or gradients became NaN/inf at step {step} "
+                f"(loss={scalars['train/loss']}, grad_norm={scalars['train/grad_norm']}). "
+                f"Last good checkpoint: {'step ' + str(good) if good is not None else 'none'} in "
+                f"{ckpt.directory}. Latest kurtosis (layer average): "
+                f"{json.dumps(last_kurtosis) if last_kurtosis else 'not yet measured'}. "
+                "Rerun on this workdir to resume from that checkpoint with a lower optim.peak_lr, "
+                "or compare the kurtosis trend in TensorBoard to find the layer that diverged."
+            )
+        scalars.update(throughput.tick(step))
+        writer.write_scalars(step, scalars)
+        kurt = {
+            k: round(v, 3)
+            for k, v in scalars.items()
+            if k.startswith("kurtosis/") and k.endswith("/avg")
+        }
+        if kurt:
+            last_kurtosis = kurt
+        last = scalars
+        if step % config.train.log_every == 0 or step == t.steps:
+            console.print(
+                metrics.console_line(
+                    step,
+                    t.steps,
+                    scalars["train/loss"],
+                    scalars["train/lr"],
+                    scalars.get("perf/tokens_per_sec"),
+                    scalars.get("perf/mfu"),
+                    scalars.get("perf/eta_s"),
+                )
+            )
+        console.update(step)
+
+    try:
+        compile_start = time.time()
+        with sharding.sharding_context(mesh):
+            for step in range(start_step, t.steps):
+                local = next(train_iter)
+                batch = sharding.global_batch_from_local(local, mesh)
+                with_stats = (step + 1) % config.train.stats_every == 0 or step == start_step
+                fn = stats_step_fn if with_stats else step_fn
+                state, raw = fn(state, batch)
+                if step == start_step:
+                    jax.block_until_ready(raw)
+                    console.print(
+                        f"First step compiled and ran in {time.time() - compile_start:.1f}s"
+                    )
+                if pending is not None:
+                    flush(pending)
+                pending = (step + 1, raw)
+                done = step + 1
+                if done % t.ckpt_every == 0 or done == t.steps:
+                    flush(pending)
+                    pending = None
+                    save(done, force=done == t.steps)
+                if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+                    ev = _evaluate(eval_fn, state, info, config, mesh)
+                    writer.write_scalars(done, ev)
+                    console.print(
+                        f"eval step {done}: loss {ev['eval/loss']:.4f} "
+                        f"perplexity {ev['eval/perplexity']:.2f}"
+                    )
+                    summary["eval_loss"] = ev["eval/loss"]
+                if stop.requested() and done < t.steps:
+                    if pending is not None:
+                        flush(pending)
+                        pending = None
+                    save(done, force=True)
+                    ckpt.wait()
+                    console.print(
+                        f"Stopped by signal at step {done}: checkpoint saved in {ckpt.directory}. "
+                        "Run the same command again to resume."
+                    )
+                    summary["stopped_at"] = done
+                    break
+            if pending is not None:
+                flush(pending)
+    finally:
+        stop.restore()
+        ckpt.wait()
+        ckpt.close()
+        writer.flush()
+        writer.close()
+        console.close()
+    summary.update({"final_step": int(jax.device_get(state["step"])), "last_metrics": last})
+    return summary
