@@ -130,5 +130,8 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
 
     c.log = ml_collections.ConfigDict()
     c.log.kurtosis_form = "token"  # 'token' (paper) or 'sequence' (released code).
+    # MFU is always against the device's dense BF16 peak (so FP8's speed-up shows as higher MFU).
+    # Devices missing from fogjax.metrics.PEAK_FLOPS report no MFU unless a peak is declared here.
+    c.log.peak_tflops = 0.0
     c.lock()
     return c

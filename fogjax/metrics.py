@@ -79,9 +79,13 @@ def mfu(
     step_seconds: float,
     device_kind: str,
     dtype: str = "bf16",
+    peak_override: float | None = None,
 ) -> float | None:
-    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak; None without a peak."""
-    peak = peak_flops(device_kind, dtype)
+    """Model FLOPs utilisation in [0, 1]: achieved FLOP/s over the peak; None without a peak.
+
+    ``peak_override`` (FLOP/s) is a user-declared peak for a device the table does not know.
+    """
+    peak = peak_override or peak_flops(device_kind, dtype)
     if peak is None or step_seconds <= 0:
         return None
     return flops_per_step_per_device / step_seconds / peak
@@ -104,6 +108,7 @@ class Throughput:
         device_kind: str,
         peak_dtype: str = "bf16",
         clock: Callable[[], float] = time.perf_counter,
+        peak_override: float | None = None,
     ):
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
@@ -111,6 +116,7 @@ class Throughput:
         self.num_devices = num_devices
         self.device_kind = device_kind
         self.peak_dtype = peak_dtype
+        self.peak_override = peak_override
         self._clock = clock
         self._last: tuple[int, float] | None = None
 
@@ -129,7 +135,7 @@ class Throughput:
             "perf/tflops_per_device": flops_per_device / step_time / 1e12,
             "perf/eta_s": max(self.total_steps - step, 0) * step_time,
         }
-        u = mfu(flops_per_device, step_time, self.device_kind, self.peak_dtype)
+        u = mfu(flops_per_device, step_time, self.device_kind, self.peak_dtype, self.peak_override)
         if u is not None:
             out["perf/mfu"] = u
         return out

@@ -8,6 +8,7 @@ shardings) is the restore target for checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fogjax import sharding
+from fogjax import optim, sharding
+from fogjax.model import build_model, weight_decay_mask
+from fogjax.precision.recipes import Recipe, make_recipe
 
 State = dict[str, Any]
 
@@ -71,3 +74,36 @@ def create_state(init: Callable[[jax.Array], State], shardings: Any, seed: int) 
 
 def count_params(abstract: State) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(abstract["params"]))
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a config defines before any array exists: mesh, model, optimizer, shapes."""
+
+    config: Any
+    mesh: jax.sharding.Mesh
+    recipe: Recipe
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init: Callable[[jax.Array], State]
+    abstract: State  # unboxed ShapeDtypeStructs carrying their shardings
+    shardings: Any
+
+    @property
+    def num_params(self) -> int:
+        return count_params(self.abstract)
+
+
+def build_run(config: Any, mesh: jax.sharding.Mesh | None = None) -> Run:
+    """Builds the :class:`Run` of ``config`` (mesh from ``config.mesh`` unless given)."""
+    mesh = mesh or sharding.make_mesh(config.mesh)
+    recipe = make_recipe(config.precision)
+    model = build_model(config, recipe)
+    steps = config.train.steps
+    schedule = optim.make_schedule(config.optim, steps)
+    tx = optim.make_optimizer(config.optim, steps, weight_decay_mask)
+    init = make_init_fn(model, tx, config.train.seq_len)
+    with sharding.sharding_context(mesh):
+        abstract, shardings = abstract_state(init, mesh)
+    return Run(config, mesh, recipe, model, tx, schedule, init, abstract, shardings)

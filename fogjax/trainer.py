@@ -8,9 +8,9 @@ step k+1 is dispatched, so logging never stalls the device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -20,12 +20,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fogjax import checkpoint, data, metrics, optim, provenance, sharding
+from fogjax import checkpoint, data, metrics, provenance, sharding
 from fogjax import state as state_lib
+from fogjax.evaluate import validation_loss
 from fogjax.info import model_info
-from fogjax.model import build_model, weight_decay_mask
 from fogjax.precision import stats as fp8_stats
-from fogjax.precision.recipes import make_recipe
 from fogjax.step import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -68,10 +67,9 @@ class _StopRequest:
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            # signal.signal raises ValueError off the main thread (e.g. a test's thread).
+            with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test thread)
-                pass
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signal = signum
@@ -106,32 +104,12 @@ def _host_metrics(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _evaluate(eval_fn: Any, state: Any, info: data.DatasetInfo, config: Any, mesh: Any) -> dict:
-    t = config.train
-    index, count = sharding.process_batch_shard(mesh)
-    loss_sum, tokens = 0.0, 0.0
-    for batch in data.eval_batches(
-        info,
-        seq_len=t.seq_len,
-        batch_size=t.batch_size // t.micro_batches,
-        num_batches=t.eval_batches,
-        process_index=index,
-        process_count=count,
-    ):
-        out = jax.device_get(eval_fn(state, sharding.global_batch_from_local(batch, mesh)))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = loss_sum / max(tokens, 1.0)
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)), "eval/tokens": tokens}
-
-
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
     t0 = time.time()
     validate_train_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(config.mesh)
     info = data.load_dataset_info(config.data.path)
     if info.vocab_size > config.model.vocab_size:
         raise ValueError(
@@ -139,14 +117,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             f"{config.model.vocab_size}; set --config.model.vocab_size={info.vocab_size} (or more)."
         )
     t = config.train
-    recipe = make_recipe(config.precision)
-    model = build_model(config, recipe)
-    schedule = optim.make_schedule(config.optim, t.steps)
-    tx = optim.make_optimizer(config.optim, t.steps, weight_decay_mask)
-    init = state_lib.make_init_fn(model, tx, t.seq_len)
-    with sharding.sharding_context(mesh):
-        abstract, shardings = state_lib.abstract_state(init, mesh)
-    n_params = state_lib.count_params(abstract)
+    run = state_lib.build_run(config)
+    mesh, recipe, model, shardings = run.mesh, run.recipe, run.model, run.shardings
+    n_params = run.num_params
     flops_per_token = model_info(config)["flops_per_token"]
 
     ckpt = checkpoint.Checkpointer(
@@ -165,13 +138,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     elapsed_before = 0.0
     with sharding.sharding_context(mesh):
         if ckpt.latest_step() is not None:
-            state, data_state, meta = ckpt.restore(abstract)
+            state, data_state, meta = ckpt.restore(run.abstract)
             if data_state is not None:  # None: saved by another process layout (warned)
                 train_iter.set_state(data_state)
             elapsed_before = float(meta.get("elapsed_s", 0.0))
             log.info("Resumed from %s at step %d.", ckpt.directory, int(state["step"]))
         else:
-            state = state_lib.create_state(init, shardings, config.seed)
+            state = state_lib.create_state(run.init, shardings, config.seed)
     start_step = int(state["step"])
 
     writer = metrics.MetricWriter(os.path.join(workdir, "tb"))
@@ -183,7 +156,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         writer.write_text(start_step, "run/config", "```\n" + str(config) + "\n```")
 
     stats_fn = fp8_stats.fp8_metrics if recipe.quantizes_linears else None
-    train_step = make_train_step(model, tx, schedule, t.micro_batches, stats_fn)
+    train_step = make_train_step(model, run.tx, run.schedule, t.micro_batches, stats_fn)
     batch_sharding = sharding.batch_sharding(mesh)
     jit_kwargs = dict(
         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0
@@ -199,7 +172,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         flops_per_token * tokens_per_step,
         jax.device_count(),
         jax.devices()[0].device_kind,
-        "fp8" if recipe.quantizes_linears else "bf16",
+        "bf16",
+        peak_override=config.log.peak_tflops * 1e12 or None,
     )
     console = metrics.Console(t.steps, start_step)
     console.print(
@@ -289,7 +263,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     pending = None
                     save(done, force=done == t.steps)
                 if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-                    ev = _evaluate(eval_fn, state, info, config, mesh)
+                    result = validation_loss(eval_fn, state, info, config, mesh, t.eval_batches)
+                    ev = {f"eval/{k}": v for k, v in result.items()}
                     writer.write_scalars(done, ev)
                     console.print(
                         f"eval step {done}: loss {ev['eval/loss']:.4f} "
