@@ -1,0 +1,214 @@
+"""An FP8 ``dot_general`` with delayed scaling: all three GEMMs of a product run on FP8 operands.
+
+Forward:         out  = (q4(lhs) . q4(rhs)) * s_lhs * s_rhs
+Data gradient:   dlhs = (q5(g) . q4(rhs)^T) * s_g * s_rhs
+Weight gradient: drhs = (q4(lhs)^T . q5(g)) * s_g * s_lhs
+
+q4 / q5 are saturating casts to E4M3 / E5M2 after dividing by the tensor's delayed ``scale_inv``
+``s`` (see scaling.py). The FP8 arrays go straight into ``lax.dot_general`` and the dequantisation
+is one multiply of the result; on GPU, XLA folds that pattern into cuBLASLt's
+``__cublas$lt$matmul$f8`` (flax's ``fp8_scaled_dot_general`` relies on the same rewrite). On CPU
+XLA emulates the FP8 dot (convert, then an f32 GEMM): the same numbers, no speed-up.
+
+State: the delayed-scaling states of lhs, rhs and the output gradient are inputs of a custom VJP
+whose "gradient" for each is its NEW value (flax's overwrite-with-gradient trick). The train step
+differentiates the loss with respect to params and the ``fp8`` collection together and replaces
+the ``fp8`` collection with its gradient; nothing is written in the forward pass.
+
+The numerics are those of flax's ``Fp8DirectDotGeneralOp`` (tested bit for bit), with two
+differences that do not change any number: the stored scale is one step fresher (scaling.py), and
+only the FP8 operands are saved for the backward pass, not their high-precision originals.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import fp8_ops
+from jax import lax
+
+from fogjax.precision import scaling
+from fogjax.precision.formats import E4M3, E4M3_MAX, E5M2, E5M2_MAX
+from fogjax.precision.scaling import ScalingState
+
+# Forward-operand statistics (saturation and flush-to-zero fractions) are sown here, and only when
+# the collection is mutable.
+FP8_STATS_COLLECTION = "fp8_stats"
+
+DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
+
+
+def canonical_dimension_numbers(dimension_numbers: Any) -> DimensionNumbers:
+    """``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))`` as hashable tuples of ints."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    return ((tuple(map(int, lc)), tuple(map(int, rc))), (tuple(map(int, lb)), tuple(map(int, rb))))
+
+
+def _scaled_dot(q_lhs, q_rhs, dims, scale_inv, out_dtype, precision):
+    """``dot_general(q_lhs, q_rhs) * scale_inv``, the dot accumulating straight into out_dtype."""
+    out = lax.dot_general(q_lhs, q_rhs, dims, precision=precision, preferred_element_type=out_dtype)
+    return scaling.dequantize(out, scale_inv, out_dtype)
+
+
+def fp8_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    lhs_state: ScalingState,
+    rhs_state: ScalingState,
+    grad_state: ScalingState,
+    dimension_numbers: Any,
+    out_dtype: Any = None,
+    amax_reduction: str = "max",
+    margin: float = 0,
+) -> jax.Array:
+    """``lax.dot_general(lhs, rhs, dimension_numbers)`` with E4M3 operands and E5M2 gradients.
+
+    Args:
+      lhs, rhs: operands; promoted to a common compute dtype (bf16 in training).
+      lhs_state, rhs_state, grad_state: delayed-scaling states (float32 [H] history, [1] scale_inv)
+        of lhs, rhs and the output's cotangent.
+      dimension_numbers: as ``lax.dot_general``.
+      out_dtype: dtype of the result (the dot accumulates into it and dequantises in it); default
+        the compute dtype.
+      amax_reduction, margin: the scale update rule (scaling.py).
+    Returns:
+      ``lax.dot_general``'s output shape in ``out_dtype``. Under ``jax.grad`` lhs and rhs get their
+      FP8 gradients (in the compute dtype) and the three states get their updated values.
+    """
+    compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+    out_dtype = jnp.dtype(out_dtype or compute_dtype)
+    return _fp8_dot_general(
+        lhs.astype(compute_dtype),
+        rhs.astype(compute_dtype),
+        lhs_state,
+        rhs_state,
+        grad_state,
+        canonical_dimension_numbers(dimension_numbers),
+        (out_dtype, compute_dtype),
+        amax_reduction,
+        margin,
+    )
+
+
+# ``dtypes`` = (out_dtype, compute_dtype); static, like the dimension numbers and the update rule.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _fp8_dot_general(lhs, rhs, lhs_state, rhs_state, grad_state, dims, dtypes, reduction, margin):
+    return _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])[0]
+
+
+def _forward(lhs, rhs, lhs_state, rhs_state, dims, out_dtype):
+    q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3)
+    q_rhs = scaling.quantize(rhs, rhs_state.scale_inv, E4M3)
+    scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
+    out = _scaled_dot(q_lhs, q_rhs, dims, scale_inv, out_dtype, lax.Precision.DEFAULT)
+    return out, q_lhs, q_rhs
+
+
+def _fwd(lhs, rhs, lhs_state, rhs_state, grad_state, dims, dtypes, reduction, margin):
+    out, q_lhs, q_rhs = _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])
+    new_lhs = scaling.update(lhs_state, lhs, E4M3_MAX, reduction, margin)
+    new_rhs = scaling.update(rhs_state, rhs, E4M3_MAX, reduction, margin)
+    # Only the FP8 operands are saved (a quarter of an f32 pair's memory, half of bf16's).
+    residuals = (q_lhs, q_rhs, lhs_state.scale_inv, rhs_state.scale_inv, new_lhs, new_rhs)
+    return out, residuals + (grad_state,)
+
+
+def _bwd(dims, dtypes, reduction, margin, residuals, g):
+    out_dtype, compute_dtype = dtypes
+    q_lhs, q_rhs, lhs_scale_inv, rhs_scale_inv, new_lhs, new_rhs, grad_state = residuals
+    q_g = scaling.quantize(g, grad_state.scale_inv, E5M2)
+    new_grad = scaling.update(grad_state, g, E5M2_MAX, reduction, margin)
+    # flax's transposes emit dot_general(q_g, operand): E5M2 x E4M3 in both backward GEMMs. Their
+    # middle argument only lends its rank, so the FP8 copy stands in for the unsaved original.
+    transpose = dict(
+        dimension_numbers=dims, precision=lax.Precision.HIGHEST, preferred_element_type=out_dtype
+    )
+    dlhs = fp8_ops.dot_general_transpose_lhs(q_g, q_lhs, q_rhs, **transpose)
+    dlhs = scaling.dequantize(dlhs, rhs_scale_inv * grad_state.scale_inv, out_dtype)
+    drhs = fp8_ops.dot_general_transpose_rhs(q_g, q_lhs, q_rhs, **transpose)
+    drhs = scaling.dequantize(drhs, lhs_scale_inv * grad_state.scale_inv, out_dtype)
+    return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), new_lhs, new_rhs, new_grad
+
+
+_fp8_dot_general.defvjp(_fwd, _bwd)
+
+
+def operand_stats(x: jax.Array, scale_inv: jax.Array, dtype: Any) -> dict[str, jax.Array]:
+    """Fractions (float32 scalars) of ``x``'s elements that the FP8 cast clips or flushes to zero.
+
+    ``saturation``: |x / scale_inv| > fp8_max (the cast clips them); ``underflow``: x != 0 but
+    its cast is 0. Both computed in ``x``'s dtype, exactly as ``scaling.quantize`` sees them.
+    """
+    scaled = x / jnp.reshape(scale_inv, ()).astype(x.dtype)
+    q = scaling.quantize(x, scale_inv, dtype)
+    bound = jnp.finfo(dtype).max.astype(jnp.float32)
+    return {
+        "saturation": jnp.mean(jnp.abs(scaled.astype(jnp.float32)) > bound, dtype=jnp.float32),
+        "underflow": jnp.mean((x != 0) & (q.astype(jnp.float32) == 0), dtype=jnp.float32),
+    }
+
+
+class Fp8DotGeneral(nn.Module):
+    """A drop-in ``dot_general`` whose three GEMMs run in FP8 with delayed per-tensor scaling.
+
+    Variables (collection ``fp8``, all float32): ``{lhs,rhs,grad}_amax_history`` [H] and
+    ``{lhs,rhs,grad}_scale_inv`` [1]; stacked [L, ...] under nn.scan.
+
+    When the ``fp8_stats`` collection is mutable (decided at trace time, so ordinary steps compile
+    without it), sows ``lhs`` and ``rhs`` dicts ``{'saturation', 'underflow'}`` (operand_stats).
+
+    Attributes:
+      amax_history_len: H, the delayed-scaling window (precision.amax_history_len).
+      amax_reduction: 'max' | 'most_recent' (precision.amax_reduction).
+      margin: scale = fp8_max / amax / 2**margin (precision.margin).
+    """
+
+    amax_history_len: int = 1024
+    amax_reduction: str = "max"
+    margin: float = 0
+
+    @nn.compact
+    def __call__(
+        self,
+        lhs: jax.Array,
+        rhs: jax.Array,
+        dimension_numbers: Sequence[Any],
+        precision: Any = None,
+        preferred_element_type: Any = None,
+    ) -> jax.Array:
+        """``lax.dot_general``'s contract. Operands are promoted to a common compute dtype; the
+        result has ``preferred_element_type`` if given, else the compute dtype. ``precision`` is
+        accepted for signature compatibility and ignored: an FP8 GEMM has no precision choice.
+        """
+        del precision
+        compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+        lhs, rhs = lhs.astype(compute_dtype), rhs.astype(compute_dtype)
+        h = self.amax_history_len
+        lhs_state = scaling.declare_state(self, "lhs", h)
+        rhs_state = scaling.declare_state(self, "rhs", h)
+        grad_state = scaling.declare_state(self, "grad", h)
+        if self.is_mutable_collection(FP8_STATS_COLLECTION):
+            for name, x, state in (("lhs", lhs, lhs_state), ("rhs", rhs, rhs_state)):
+                self.sow(
+                    FP8_STATS_COLLECTION,
+                    name,
+                    operand_stats(x, state.scale_inv, E4M3),
+                    init_fn=lambda: {},
+                    reduce_fn=lambda _, new: new,
+                )
+        return fp8_dot_general(
+            lhs,
+            rhs,
+            lhs_state,
+            rhs_state,
+            grad_state,
+            dimension_numbers,
+            preferred_element_type,
+            self.amax_reduction,
+            self.margin,
+        )

@@ -1,0 +1,130 @@
+"""Delayed per-tensor scaling: the amax history, ``scale_inv`` and their update rule (SPEC.md §3).
+
+Every FP8-quantised tensor keeps two float32 arrays:
+
+- ``amax_history`` [H]: max|x| of the last H steps, index 0 the most recent (flax's ring layout:
+  each step rolls the window left by one and overwrites index 0);
+- ``scale_inv`` [1]: the DEquantisation multiplier, ``amax * 2**margin / fp8_max``.
+
+``scale_inv`` is the reciprocal of SPEC.md's ``scale = fp8_max / amax / 2**margin`` (it is what flax
+and Transformer Engine call the scale of their FP8 metas). We store the reciprocal because then both
+arrays grow with amax, so the states that k micro-batches produce from one starting state combine
+exactly by an elementwise max.
+
+Step t quantises with the stored ``scale_inv`` (computed from steps < t) and records its own amax:
+
+    q_t          = saturating_cast(x_t / scale_inv_{t-1})
+    history_t    = roll(history_{t-1}) with history_t[0] = max|x_t|
+    reduced_t    = max(history_t)   ('max')   or   history_t[0]   ('most_recent')
+    scale_inv_t  = 1 / ((fp8_max / reduced_t) / 2**margin)   if 0 < reduced_t < inf
+                 = scale_inv_{t-1}                            otherwise
+
+flax's ``Fp8DirectDotGeneralOp`` quantises step t with the same number but stores it one step later
+(it derives the scale from the old history at the start of each step), so its stored scale after
+step t+1 equals ours after step t; quantised values, outputs and gradients are bit-identical.
+The arithmetic is flax's own ``compute_scale`` / ``compute_amax_history`` / ``quantize`` so that
+this holds to the last bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import fp8_ops
+
+from fogjax.precision.formats import saturating_cast
+from fogjax.precision.recipes import FP8_COLLECTION
+
+AMAX_REDUCTIONS = ("max", "most_recent")
+
+
+class ScalingState(NamedTuple):
+    """Delayed-scaling state of one tensor (a pytree; stacked [L, ...] under nn.scan)."""
+
+    amax_history: jax.Array  # float32[H], index 0 = most recent step.
+    scale_inv: jax.Array  # float32[1], dequantisation multiplier = amax * 2**margin / fp8_max.
+
+
+def init_state(history_len: int) -> ScalingState:
+    """Zeros history, ``scale_inv = 1``: the first step quantises with scale 1 (a plain clip)."""
+    return ScalingState(jnp.zeros((history_len,), jnp.float32), jnp.ones((1,), jnp.float32))
+
+
+def quantize(x: jax.Array, scale_inv: jax.Array, dtype: Any) -> jax.Array:
+    """``saturating_cast(x / scale_inv, dtype)``; the division runs in ``x``'s dtype, as in flax.
+
+    Args:
+      x: any shape, float (bf16 in training).
+      scale_inv: float32 [1] (or any size-1 array).
+      dtype: ``float8_e4m3fn`` or ``float8_e5m2``.
+    Returns:
+      ``x.shape`` in ``dtype``.
+    """
+    return saturating_cast(x / jnp.reshape(scale_inv, ()).astype(x.dtype), dtype)
+
+
+def dequantize(y: jax.Array, scale_inv: jax.Array, dtype: Any) -> jax.Array:
+    """``y.astype(dtype) * scale_inv`` with ``scale_inv`` (size 1) rounded to ``dtype`` first."""
+    return y.astype(dtype) * jnp.reshape(scale_inv, ()).astype(dtype)
+
+
+def amax(x: jax.Array) -> jax.Array:
+    """max|x| over every element as a float32 scalar (a global max under sharding)."""
+    return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def record_amax(amax_history: jax.Array, x: jax.Array) -> jax.Array:
+    """The window after a step that saw ``x``: flax's roll-left-then-set-index-0, float32 [H]."""
+    return fp8_ops.compute_amax_history(x, amax_history)
+
+
+def reduce_history(amax_history: jax.Array, reduction: str) -> jax.Array:
+    """The amax that sets the next scale: max over the window, or the most recent entry."""
+    if reduction == "max":
+        return jnp.max(amax_history, axis=-1)
+    if reduction == "most_recent":
+        return amax_history[..., 0]
+    raise ValueError(
+        f"precision.amax_reduction={reduction!r} is not supported; use one of {AMAX_REDUCTIONS}."
+    )
+
+
+def next_scale_inv(
+    reduced_amax: jax.Array, scale_inv: jax.Array, fp8_max: float, margin: float = 0
+) -> jax.Array:
+    """``1 / ((fp8_max / reduced_amax) / 2**margin)``, or the old ``scale_inv`` when the reduced
+    amax is 0 (nothing seen yet) or not finite (an inf/NaN step must not destroy the scale).
+
+    Shapes: ``reduced_amax`` scalar, ``scale_inv`` float32 [1] -> float32 [1].
+    """
+    fresh = fp8_ops.compute_scale(reduced_amax, scale_inv, fp8_max, margin)
+    # compute_scale's own fallback returns 1/(1/old), which can differ from old in the last bit.
+    valid = (reduced_amax > 0.0) & jnp.isfinite(reduced_amax)
+    return jnp.where(valid, fresh, scale_inv).astype(jnp.float32)
+
+
+def update(
+    state: ScalingState, x: jax.Array, fp8_max: float, reduction: str = "max", margin: float = 0
+) -> ScalingState:
+    """The state after a step whose tensor was ``x`` (records max|x|, then recomputes the scale)."""
+    history = record_amax(state.amax_history, x)
+    scale_inv = next_scale_inv(reduce_history(history, reduction), state.scale_inv, fp8_max, margin)
+    return ScalingState(history, scale_inv)
+
+
+def declare_state(module: nn.Module, prefix: str, history_len: int) -> ScalingState:
+    """Declares ``{prefix}_amax_history`` and ``{prefix}_scale_inv`` in the ``fp8`` collection of
+    ``module`` (call from a compact method) and returns their current values.
+
+    The variables are never written in the forward pass: the train step differentiates with respect
+    to the ``fp8`` collection and replaces it with its "gradient", which the FP8 GEMMs define as the
+    new state.
+    """
+    history = module.variable(
+        FP8_COLLECTION, f"{prefix}_amax_history", jnp.zeros, (history_len,), jnp.float32
+    )
+    scale_inv = module.variable(FP8_COLLECTION, f"{prefix}_scale_inv", jnp.ones, (1,), jnp.float32)
+    return ScalingState(history.value, scale_inv.value)
