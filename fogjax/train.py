@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     except TrainingDiverged as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(3)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"Done: step {summary['final_step']}, workdir {os.path.abspath(_WORKDIR.value)}")

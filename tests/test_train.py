@@ -1,0 +1,224 @@
+"""End to end: the real CLI in subprocesses — events, checkpoints, resume after SIGTERM, NaN stop,
+evaluation, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One CPU device per run (the test process itself uses 8 fake devices).
+ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+SHORT = [
+    "--config=configs/default.py",
+    "--config.train.batch_size=8",
+    "--config.train.seq_len=64",
+    "--config.train.log_every=1",
+    "--config.train.stats_every=2",
+    "--config.train.eval_batches=2",
+    "--config.optim.warmup_steps=2",
+    "--config.optim.cooldown_steps=2",
+]
+
+
+def train_cmd(workdir, *overrides):
+    return [sys.executable, "-m", "fogjax.train", f"--workdir={workdir}", *SHORT, *overrides]
+
+
+def run(cmd, timeout=400):
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def scalars(workdir):
+    acc = EventAccumulator(os.path.join(workdir, "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc, {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("entry") / "run")
+    out = run(
+        train_cmd(
+            workdir,
+            "--config.train.steps=6",
+            "--config.train.ckpt_every=3",
+            "--config.train.eval_every=6",
+            "--config.log.peak_tflops=1.0",
+        )
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, out
+
+
+def test_entry_writes_every_tag_and_a_checkpoint(trained):
+    workdir, out = trained
+    acc, values = scalars(workdir)
+    tags = set(values)
+    for tag in [
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/param_norm",
+        "train/update_norm",
+        "perf/step_time",
+        "perf/tokens_per_sec_per_device",
+        "perf/mfu",
+        "eval/loss",
+        "eval/perplexity",
+        "kurtosis/qkv/avg",
+        "kurtosis/qkv/layer_00",
+        "kurtosis/ffn_act/layer_03",
+        "kurtosis/block_out/avg",
+    ]:
+        assert tag in tags, tag
+    fp8 = [t for t in tags if t.startswith("fp8/")]
+    assert any("scale" in t for t in fp8) and any("amax" in t for t in fp8), fp8[:10]
+    assert sorted(values["train/loss"]) == [1, 2, 3, 4, 5, 6]
+    assert set(values["kurtosis/qkv/avg"]) <= {1, 2, 4, 6}  # first step and every stats_every
+    assert all(np.isfinite(v) for v in values["train/loss"].values())
+    text_tags = acc.Tags()["tensors"]
+    assert any("provenance" in t for t in text_tags) and any("config" in t for t in text_tags)
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps == [3, 6]
+    assert "step 6/6 | loss" in out.stdout
+    assert json.load(open(os.path.join(workdir, "config.json")))["precision"]["recipe"] == "fp8dpa"
+
+
+def test_evaluate_prints_json_for_a_checkpoint(trained):
+    workdir, _ = trained
+    out = run([sys.executable, "-m", "fogjax.evaluate", f"--workdir={workdir}", "--step=3"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result) == {"step", "loss", "perplexity", "tokens"}
+    assert result["step"] == 3
+    assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-6)
+    assert result["tokens"] == 2 * 8 * 64
+    _, values = scalars(workdir)
+    latest = run([sys.executable, "-m", "fogjax.evaluate", f"--workdir={workdir}"])
+    final = json.loads(latest.stdout.strip().splitlines()[-1])
+    assert final["step"] == 6
+    # The trainer's own eval at step 6 used the same batches.
+    assert final["loss"] == pytest.approx(values["eval/loss"][6], rel=1e-6)
+
+
+def test_resume_after_sigterm_matches_straight_run_bitwise(tmp_path):
+    total = [
+        "--config.train.steps=10",
+        "--config.train.ckpt_every=100",
+        "--config.train.eval_every=0",
+    ]
+    straight = str(tmp_path / "straight")
+    out = run(train_cmd(straight, *total))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    resumed = str(tmp_path / "resumed")
+    proc = subprocess.Popen(
+        train_cmd(resumed, *total), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/10"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, rest[-3000:]
+    assert "Stopped by signal at step" in rest
+    stopped = int(rest.split("Stopped by signal at step ")[1].split(":")[0])
+    assert 3 <= stopped < 10
+    out = run(train_cmd(resumed, *total))
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    _, a = scalars(straight)
+    _, b = scalars(resumed)
+    assert sorted(b["train/loss"]) == list(range(1, 11))
+    for step in range(1, 11):
+        assert a["train/loss"][step] == b["train/loss"][step], step  # bitwise (float32 events)
+        assert a["train/grad_norm"][step] == b["train/grad_norm"][step], step
+    # Same batches consumed: identical iterator states at the end, identical parameters.
+    data_a = open(os.path.join(straight, "checkpoints", "10", "data", "process_0-of-1.json")).read()
+    data_b = open(os.path.join(resumed, "checkpoints", "10", "data", "process_0-of-1.json")).read()
+    assert data_a == data_b
+
+
+def test_nan_stops_with_step_checkpoint_and_kurtosis(tmp_path):
+    workdir = str(tmp_path / "nan")
+    out = run(
+        train_cmd(
+            workdir,
+            "--config.train.steps=12",
+            "--config.train.ckpt_every=2",
+            "--config.train.eval_every=0",
+            "--config.precision.recipe=bf16",
+            "--config.optim.peak_lr=1e30",
+        )
+    )
+    assert out.returncode == 3, out.stdout[-2000:] + out.stderr[-2000:]
+    err = out.stderr
+    assert "NaN/inf at step" in err and "Last good checkpoint: step" in err
+    assert "kurtosis/qkv/avg" in err
+    bad_step = int(err.split("NaN/inf at step ")[1].split(" ")[0])
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert all(s < bad_step for s in saved)  # nothing after the divergence was saved
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_on_embedded_corpus(tmp_path):
+    workdir = str(tmp_path / "learn")
+    out = run(
+        train_cmd(
+            workdir,
+            "--config.train.steps=100",
+            "--config.train.batch_size=16",
+            "--config.train.seq_len=128",
+            "--config.train.stats_every=50",
+            "--config.train.ckpt_every=100",
+            "--config.train.eval_every=100",
+            "--config.train.log_every=10",
+            "--config.optim.warmup_steps=10",
+            "--config.optim.cooldown_steps=20",
+        ),
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, v = scalars(workdir)
+    first = np.mean([v["train/loss"][s] for s in (1, 2, 3)])
+    last = np.mean([v["train/loss"][s] for s in (98, 99, 100)])
+    assert first > 7.5  # ~ln(4096) = 8.3 at initialisation
+    assert last < first - 2.5, (first, last)
+    assert v["eval/loss"][100] < first - 2.0
+
+
+def test_bad_config_fails_clearly_and_writes_nothing(tmp_path):
+    workdir = str(tmp_path / "bad")
+    out = run(train_cmd(workdir, "--config.train.micro_batches=3"))
+    assert out.returncode == 2
+    assert "train.batch_size=8 is not divisible by train.micro_batches=3" in out.stderr
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+    out = run(train_cmd(workdir, "--config.data.path=/nonexistent/shards"))
+    assert out.returncode != 0 and "/nonexistent/shards" in out.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "other")
+    shutil.copytree(trained[0], workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    out = run(train_cmd(workdir, "--config.train.steps=8", "--config.model.d_model=512",
+                        "--config.model.num_heads=4"))  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "different model" in out.stderr and "--workdir" in out.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
