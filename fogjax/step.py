@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fogjax import optim
 from fogjax.model.probes import PROBES_COLLECTION
 
 State = dict[str, Any]
@@ -70,9 +71,18 @@ def compute_grads(
     """Loss, parameter gradients, new FP8 state and probe outputs for a batch [B, T+1].
 
     With ``micro_batches`` k > 1 the batch is split into k equal parts processed sequentially
-    (``lax.scan``): loss, gradients and statistics are averaged, the FP8 state is max-combined.
+    (``lax.scan``). Each part's loss is scaled by 1/k *before* differentiation, so every gradient
+    tensor an FP8 cast sees has the magnitude it has in the full batch (its E5M2 scale stays
+    right); gradients then sum to the full-batch gradient. Statistics are averaged and the FP8
+    state is max-combined, which gives exactly the full batch's amaxes.
     """
-    grad_fn = jax.value_and_grad(_loss_fn(model, with_stats), argnums=(0, 1), has_aux=True)
+    loss_fn = _loss_fn(model, with_stats)
+
+    def scaled_loss(params: Any, fp8: Any, chunk: jax.Array) -> tuple[jax.Array, Any]:
+        loss, aux = loss_fn(params, fp8, chunk)
+        return loss / micro_batches, aux
+
+    grad_fn = jax.value_and_grad(scaled_loss, argnums=(0, 1), has_aux=True)
 
     def one(chunk: jax.Array) -> tuple[jax.Array, Any, Any, Any]:
         (loss, aux), (grads, new_fp8) = grad_fn(params, fp8, chunk)
@@ -93,9 +103,8 @@ def compute_grads(
         return _combine_microbatch(acc, one(chunk)), None
 
     (loss, grads, new_fp8, aux), _ = jax.lax.scan(body, first, chunks[1:])
-    scale = 1.0 / micro_batches
-    mean = lambda t: jax.tree.map(lambda x: x * scale, t)  # noqa: E731
-    return loss * scale, mean(grads), new_fp8, mean(aux)
+    aux = jax.tree.map(lambda x: x / micro_batches, aux)
+    return loss, grads, new_fp8, aux
 
 
 def kurtosis_metrics(probes: Any) -> Metrics:
@@ -141,15 +150,12 @@ def make_train_step(
         )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        grad_norm = optax.global_norm(grads)
         metrics: Metrics = {
             "loss": loss,
-            "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(new_params),
-            "update_norm": optax.global_norm(updates),
+            **optim.norm_metrics(grads, new_params, updates),
             "lr": schedule(state["step"]),
-            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         }
+        metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
         if with_stats:
             metrics["kurtosis"] = kurtosis_metrics(aux.get(PROBES_COLLECTION, {}))
             if fp8_stats_fn is not None and new_fp8:

@@ -186,8 +186,8 @@ def test_tiny_model_learns_on_embedded_corpus(tmp_path):
         train_cmd(
             workdir,
             "--config.train.steps=100",
-            "--config.train.batch_size=16",
-            "--config.train.seq_len=128",
+            "--config.train.batch_size=8",
+            "--config.train.seq_len=64",
             "--config.train.stats_every=50",
             "--config.train.ckpt_every=100",
             "--config.train.eval_every=100",

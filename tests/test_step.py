@@ -1,0 +1,189 @@
+"""The full train step under each recipe: FP8 GEMM counts, FP8 state semantics, learning."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.extend import core as jex_core
+
+from fogjax import config_lib, optim
+from fogjax.model import build_model, weight_decay_mask
+from fogjax.step import compute_grads, make_train_step
+
+E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
+E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
+
+
+def tiny_config(recipe: str, **train):
+    cfg = config_lib.get_config("fog_flash", "tiny")
+    with cfg.unlocked():
+        cfg.precision.recipe = recipe
+        cfg.model.num_layers = 2
+        cfg.model.d_model, cfg.model.num_heads, cfg.model.num_kv_heads = 256, 2, 1
+        cfg.model.ffn_dim = 384
+        cfg.train.steps = 60
+        cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 5, 5
+        for k, v in train.items():
+            setattr(cfg.train, k, v)
+    return cfg
+
+
+def setup(cfg, micro_batches=1, **optim_overrides):
+    with cfg.unlocked():
+        for k, v in optim_overrides.items():
+            setattr(cfg.optim, k, v)
+    model = build_model(cfg)
+    schedule = optim.make_schedule(cfg.optim, cfg.train.steps)
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps, weight_decay_mask)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    params = jax.tree.map(lambda x: x, jax.tree.map(jnp.asarray, _unbox(variables["params"])))
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "fp8": variables.get("fp8", {}),
+        "opt_state": tx.init(params),
+    }
+    step = make_train_step(model, tx, schedule, micro_batches)
+    return model, state, step
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return nn.unbox(tree)
+
+
+def batch(seed=0, b=8, t=32, vocab=4096):
+    return jax.random.randint(jax.random.key(seed), (b, t + 1), 0, vocab)
+
+
+def fp8_dot_counts(jaxpr) -> dict[tuple[str, str], int]:
+    """Counts dot_general equations by (lhs dtype, rhs dtype) with an FP8 operand, recursively."""
+    counts: dict[tuple[str, str], int] = {}
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "dot_general":
+                dts = tuple(str(v.aval.dtype) for v in eqn.invars[:2])
+                if any("float8" in d for d in dts):
+                    counts[dts] = counts.get(dts, 0) + 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if isinstance(sub, jex_core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jex_core.Jaxpr):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return counts
+
+
+@pytest.mark.parametrize(
+    "recipe,fwd,bwd",
+    [
+        ("bf16", 0, 0),
+        ("fp8", 4, 8),  # 4 block linears: forward E4M3xE4M3, dgrad and wgrad E5M2xE4M3
+        ("fp8dpa", 6, 12),  # + QK^T and PV
+    ],
+)
+def test_train_step_fp8_gemm_counts(recipe, fwd, bwd):
+    _, state, step = setup(tiny_config(recipe))
+    jaxpr = jax.make_jaxpr(functools.partial(step, with_stats=False))(state, batch())
+    counts = fp8_dot_counts(jaxpr)
+    # The scanned layer body appears once in the jaxpr: counts are per layer.
+    assert counts.get(("float8_e4m3fn", "float8_e4m3fn"), 0) == fwd
+    assert (
+        counts.get(("float8_e5m2", "float8_e4m3fn"), 0)
+        + counts.get(("float8_e4m3fn", "float8_e5m2"), 0)
+        == bwd
+    )
+    assert sum(counts.values()) == fwd + bwd
+
+
+def test_scales_after_one_step_equal_fp8_max_over_amax_seen():
+    _, state, step = setup(tiny_config("fp8dpa"))
+    new_state, metrics = jax.jit(functools.partial(step, with_stats=True))(state, batch())
+    fp8 = new_state["fp8"]["layers"]
+    wqkv = fp8["attn"]["wqkv"]["dot"]
+    # Weights: amax of the bf16 kernel the GEMM saw, per layer.
+    kernel = state["params"]["layers"]["attn"]["wqkv"]["kernel"].astype(jnp.bfloat16)
+    w_amax = np.abs(np.asarray(kernel, np.float32)).reshape(kernel.shape[0], -1).max(-1)
+    np.testing.assert_array_equal(wqkv["rhs_amax_history"][:, 0], w_amax)
+    np.testing.assert_allclose(1 / wqkv["rhs_scale_inv"][:, 0], E4M3_MAX / w_amax, rtol=1e-6)
+    # Activations: the QKV input's amax, measured independently by the probes.
+    x_amax = metrics["kurtosis"]["qkv_in"]["amax"]
+    np.testing.assert_array_equal(wqkv["lhs_amax_history"][:, 0], x_amax)
+    np.testing.assert_allclose(1 / wqkv["lhs_scale_inv"][:, 0], E4M3_MAX / x_amax, rtol=1e-6)
+    # Every tensor's scale follows its own amax; gradients use E5M2's max.
+    for op in (fp8["attn"]["qk"], fp8["attn"]["pv"], fp8["mlp"]["wo"]["dot"]):
+        amax = np.asarray(op["grad_amax_history"][:, 0])
+        assert np.all(amax > 0)
+        np.testing.assert_allclose(1 / op["grad_scale_inv"][:, 0], 57344.0 / amax, rtol=1e-6)
+    assert np.all(np.asarray(fp8["attn"]["wqkv"]["dot"]["lhs_amax_history"][:, 1:]) == 0)
+
+
+def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
+    cfg = tiny_config("fp8dpa")
+    model, state, _ = setup(cfg)
+    tokens = batch(b=8)
+    _, grads1, fp8_one, _ = compute_grads(model, state["params"], state["fp8"], tokens, 1, False)
+    _, grads4, fp8_four, _ = compute_grads(model, state["params"], state["fp8"], tokens, 4, False)
+    flat_one = jax.tree_util.tree_leaves_with_path(fp8_one)
+    flat_four = dict(jax.tree_util.tree_leaves_with_path(fp8_four))
+    for path, a in flat_one:
+        b = flat_four[path]
+        name = jax.tree_util.keystr(path)
+        if "grad_" in name:  # backward amaxes: same values up to the loss's summation order
+            np.testing.assert_allclose(b, a, rtol=1e-5, err_msg=name)
+        else:  # forward amaxes and scales: exactly the full batch's
+            np.testing.assert_array_equal(b, a, err_msg=name)
+    # And the gradients accumulate to the full-batch gradient (up to where the bf16 partial sums
+    # round: per-element noise is large where terms cancel, so compare whole tensors).
+    for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads4), strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(b - a) <= 0.02 * np.linalg.norm(a) + 1e-12
+
+
+def test_clipping_and_weight_decay_leave_fp8_state_alone():
+    tokens = batch()
+    # warmup 0 so that step 0 already has a learning rate.
+    _, state_a, step_a = setup(tiny_config("fp8"), weight_decay=0.0, grad_clip=1.0, warmup_steps=0)
+    _, state_b, step_b = setup(
+        tiny_config("fp8"), weight_decay=50.0, grad_clip=1e-6, warmup_steps=0
+    )
+    new_a, m_a = jax.jit(step_a)(state_a, tokens)
+    new_b, m_b = jax.jit(step_b)(state_b, tokens)
+    for a, b in zip(jax.tree.leaves(new_a["fp8"]), jax.tree.leaves(new_b["fp8"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The optimizer did see different settings: the parameters moved differently.
+    assert not np.allclose(m_a["update_norm"], m_b["update_norm"])
+    # grad_norm is over parameters only (the FP8 state's "gradient" is its new value).
+    model, _, _ = setup(tiny_config("fp8"))
+    _, grads, new_fp8, _ = compute_grads(model, state_a["params"], state_a["fp8"], tokens, 1, False)
+    expected = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads)))
+    assert float(m_a["grad_norm"]) == pytest.approx(expected, rel=1e-5)
+    fp8_norm = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(new_fp8)))
+    assert np.hypot(expected, fp8_norm) > 1.4 * expected  # including it would show clearly
+
+
+def test_fp8_recipes_start_close_to_bf16_and_all_learn():
+    tokens = [batch(seed=s) for s in range(4)]
+    curves = {}
+    for recipe in ("bf16", "fp8", "fp8dpa"):
+        _, state, step = setup(tiny_config(recipe))
+        step = jax.jit(step)
+        losses = []
+        for i in range(50):
+            state, m = step(state, tokens[i % 4])
+            losses.append(float(m["loss"]))
+        curves[recipe] = losses
+    for recipe in ("fp8", "fp8dpa"):
+        assert curves[recipe][0] == pytest.approx(curves["bf16"][0], rel=0.03)
+    for recipe, losses in curves.items():
+        assert np.all(np.isfinite(losses)), recipe
+        assert np.mean(losses[-4:]) < losses[0] - 1.0, (recipe, losses[0], losses[-4:])
