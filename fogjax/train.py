@@ -9,11 +9,11 @@ command on the same workdir resumes. Multi-host: see launch/README.md.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    # Library INFO chatter (e.g. "Unable to initialize backend 'tpu'") hides the progress lines;
+    # --verbosity=0 brings it back.
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
     from fogjax import distributed
 
     # Join the multi-controller runtime before anything touches a device.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import time
@@ -26,8 +25,6 @@ from fogjax.evaluate import validation_loss
 from fogjax.info import model_info
 from fogjax.precision import stats as fp8_stats
 from fogjax.step import make_eval_step, make_train_step
-
-log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -142,7 +139,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             if data_state is not None:  # None: saved by another process layout (warned)
                 train_iter.set_state(data_state)
             elapsed_before = float(meta.get("elapsed_s", 0.0))
-            log.info("Resumed from %s at step %d.", ckpt.directory, int(state["step"]))
         else:
             state = state_lib.create_state(run.init, shardings, config.seed)
     start_step = int(state["step"])
@@ -179,8 +175,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     console.print(
         f"fogjax: {config.model.arch} {n_params / 1e6:.1f}M params, recipe "
         f"{config.precision.recipe}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"mesh {dict(mesh.shape)}, steps {start_step}->{t.steps}, workdir {workdir}"
+        f"mesh {dict(mesh.shape)}, process {jax.process_index()}/{jax.process_count()}, "
+        f"steps {start_step}->{t.steps}, workdir {workdir}"
     )
+    if start_step:
+        console.print(f"Resumed from {ckpt.directory} at step {start_step}.")
     stop = _StopRequest()
     stop.install()
     pending: tuple[int, Any] | None = None
