@@ -180,6 +180,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     )
     if start_step:
         console.print(f"Resumed from {ckpt.directory} at step {start_step}.")
+    if start_step >= t.steps:
+        console.print(
+            f"Nothing to do: the run already reached train.steps={t.steps}. To train further, "
+            f"raise it (e.g. --config.train.steps={2 * t.steps}) or use another --workdir."
+        )
     stop = _StopRequest()
     stop.install()
     pending: tuple[int, Any] | None = None
