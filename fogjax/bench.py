@@ -115,14 +115,17 @@ def recipe_entries(config: ml_collections.ConfigDict, names: Sequence[str]) -> l
 
 
 def compare_entries(spec: str, size: str, overrides: dict[str, Any]) -> list[Entry]:
-    """Entries from ``'arch:recipe,arch:recipe'``: ``get_config(arch, size)`` + ``overrides``.
+    """Entries from ``'arch:recipe[:field=value...],...'``: ``get_config(arch, size)`` + overrides.
 
-    ``overrides`` is the flat ``{'model.num_layers': 4}`` dict of the ``--config.*`` flags; the
-    entry's recipe wins over an overridden ``precision.recipe``.
+    ``overrides`` is the flat ``{'model.num_layers': 4}`` dict of the ``--config.*`` flags, applied
+    to every entry; ``field=value`` items after an entry's recipe apply to that entry alone (e.g.
+    ``llama3:bf16:model.attention_impl=cudnn`` for a cuDNN-attention baseline). The entry's recipe
+    wins over an overridden ``precision.recipe``.
     """
     entries = []
     for item in _split(spec):
-        arch, _, name = item.partition(":")
+        arch, _, rest = item.partition(":")
+        name, *own = rest.split(":")
         if not name:
             raise ValueError(f"--compare entry {item!r} must be arch:recipe, e.g. llama3:bf16.")
         if arch not in config_lib.ARCHS:
@@ -132,9 +135,31 @@ def compare_entries(spec: str, size: str, overrides: dict[str, Any]) -> list[Ent
         _check_recipe(name)
         c = config_lib.get_config(arch, size)
         c.update_from_flattened_dict(dict(overrides))
+        for assignment in own:
+            field, eq, value = assignment.partition("=")
+            if not eq:
+                raise ValueError(
+                    f"--compare entry {item!r}: {assignment!r} must be field=value, e.g. "
+                    "model.attention_impl=cudnn."
+                )
+            current = _lookup(c, field, item)
+            if isinstance(current, bool):
+                parsed: Any = value.lower() in ("1", "true", "yes")
+            else:
+                parsed = type(current)(value)
+            c.update_from_flattened_dict({field: parsed})
         c.precision.recipe = name
-        entries.append(Entry(f"{arch}:{name}", c))
+        entries.append(Entry(item, c))
     return entries
+
+
+def _lookup(config: Any, field: str, item: str) -> Any:
+    node = config
+    for part in field.split("."):
+        if part not in node:
+            raise ValueError(f"--compare entry {item!r}: unknown config field {field!r}.")
+        node = node[part]
+    return node
 
 
 def size_of_config_arg(filename: str) -> str:

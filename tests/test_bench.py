@@ -105,6 +105,18 @@ def test_compare_entries_share_size_and_overrides():
         bench.size_of_config_arg("configs/fog_flash.py:huge")
 
 
+def test_compare_entries_take_their_own_overrides():
+    spec = "llama3:bf16:model.attention_impl=cudnn:model.scan_layers=false,fog_flash:fp8dpa"
+    llama, fog = bench.compare_entries(spec, "tiny", {"model.num_layers": 2})
+    assert llama.config.model.attention_impl == "cudnn" and llama.config.model.scan_layers is False
+    assert fog.config.model.attention_impl == "xla" and fog.config.model.scan_layers is True
+    assert llama.config.model.num_layers == fog.config.model.num_layers == 2
+    with pytest.raises(ValueError, match="unknown config field 'model.heads'"):
+        bench.compare_entries("llama3:bf16:model.heads=4", "tiny", {})
+    with pytest.raises(ValueError, match="field=value"):
+        bench.compare_entries("llama3:bf16:cudnn", "tiny", {})
+
+
 def test_recipe_entries_copy_the_config():
     config = config_lib.get_config("fog_flash", "tiny")
     entries = bench.recipe_entries(config, ["bf16", "fp8"])
