@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything fogjax checks on one Hopper GPU, in one go: the GPU-marked tests (cuBLASLt FP8 GEMM
+# counts, Transformer Engine), then the benchmarks whose JSON goes to benchmarks/results/.
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]
+#
+# OUTDIR (default benchmarks/results) receives one JSON per benchmark and the logs. Missing pure-
+# Python packages can be provided as wheels in .whl/ (installed into /tmp/site first).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-benchmarks/results}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+
+echo "== GPU-marked tests"
+FOGJAX_TEST_GPU=1 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
+
+stamp=$(date -u +%Y%m%d-%H%M%S)
+echo "== Headline: Llama3 BF16 (XLA and cuDNN attention) vs FOG-flash FP8DPA at 1.5B width"
+python3 -m fogjax.bench --config=configs/fog_flash.py:1.5b \
+  --compare=llama3:bf16,llama3:bf16:model.attention_impl=cudnn,fog_flash:fp8,fog_flash:fp8dpa \
+  --config.train.batch_size=1 --config.model.num_layers=8 --steps=10 --warmup=2 \
+  --output="$out/compare-1.5b-width-$stamp.json" 2>&1 | tee "$out/bench_compare.log"
+
+echo "== FP8 GEMM counts of a 390M FOG-flash step (expect 12 cuBLASLt FP8 calls per layer body)"
+python3 -m fogjax.bench --config=configs/fog_flash.py:390m --recipes=bf16,fp8,fp8dpa \
+  --config.train.batch_size=2 --steps=10 --warmup=2 \
+  --output="$out/fog_flash-390m-$stamp.json" 2>&1 | tee "$out/bench_390m.log"
