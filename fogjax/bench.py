@@ -19,7 +19,6 @@ benchmarks/README.md explains every column and gives the paper's reference numbe
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import gc
 import json
@@ -39,10 +38,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import config_lib, hlo_stats, metrics, provenance, sharding
+from fogjax import hlo_stats, metrics, provenance, sharding
 from fogjax import state as state_lib
+from fogjax.bench_entries import (
+    Entry,
+    compare_entries,
+    recipe_entries,
+    size_of_config_arg,
+    split_list,
+)
 from fogjax.info import model_info
-from fogjax.precision import recipes
 from fogjax.step import make_train_step
 from fogjax.trainer import validate_train_config
 
@@ -82,95 +87,6 @@ ROW_FIELDS = (
     "fp8_dots_left_in_optimized_hlo",  # GPU: FP8 dots not rewritten to cuBLASLt; CPU: always 0
     "config",  # resolved summary of the entry's config
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One row of the benchmark: a label ('arch:recipe') and its complete config."""
-
-    label: str
-    config: ml_collections.ConfigDict
-
-
-def _split(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _check_recipe(name: str) -> None:
-    from fogjax.precision import fp8_recipes  # noqa: F401  (registers fp8 and fp8dpa)
-
-    if name not in recipes.available():
-        raise ValueError(f"Unknown recipe {name!r}; choose from {recipes.available()}.")
-
-
-def recipe_entries(config: ml_collections.ConfigDict, names: Sequence[str]) -> list[Entry]:
-    """One entry per recipe name, each a copy of ``config`` with ``precision.recipe`` set."""
-    entries = []
-    for name in names:
-        _check_recipe(name)
-        c = config.copy_and_resolve_references()
-        c.precision.recipe = name
-        entries.append(Entry(f"{c.model.arch}:{name}", c))
-    return entries
-
-
-def compare_entries(spec: str, size: str, overrides: dict[str, Any]) -> list[Entry]:
-    """Entries from ``'arch:recipe[:field=value...],...'``: ``get_config(arch, size)`` + overrides.
-
-    ``overrides`` is the flat ``{'model.num_layers': 4}`` dict of the ``--config.*`` flags, applied
-    to every entry; ``field=value`` items after an entry's recipe apply to that entry alone (e.g.
-    ``llama3:bf16:model.attention_impl=cudnn`` for a cuDNN-attention baseline). The entry's recipe
-    wins over an overridden ``precision.recipe``.
-    """
-    entries = []
-    for item in _split(spec):
-        arch, _, rest = item.partition(":")
-        name, *own = rest.split(":")
-        if not name:
-            raise ValueError(f"--compare entry {item!r} must be arch:recipe, e.g. llama3:bf16.")
-        if arch not in config_lib.ARCHS:
-            raise ValueError(
-                f"Unknown architecture {arch!r} in --compare; choose from {config_lib.ARCHS}."
-            )
-        _check_recipe(name)
-        c = config_lib.get_config(arch, size)
-        c.update_from_flattened_dict(dict(overrides))
-        for assignment in own:
-            field, eq, value = assignment.partition("=")
-            if not eq:
-                raise ValueError(
-                    f"--compare entry {item!r}: {assignment!r} must be field=value, e.g. "
-                    "model.attention_impl=cudnn."
-                )
-            current = _lookup(c, field, item)
-            if isinstance(current, bool):
-                parsed: Any = value.lower() in ("1", "true", "yes")
-            else:
-                parsed = type(current)(value)
-            c.update_from_flattened_dict({field: parsed})
-        c.precision.recipe = name
-        entries.append(Entry(item, c))
-    return entries
-
-
-def _lookup(config: Any, field: str, item: str) -> Any:
-    node = config
-    for part in field.split("."):
-        if part not in node:
-            raise ValueError(f"--compare entry {item!r}: unknown config field {field!r}.")
-        node = node[part]
-    return node
-
-
-def size_of_config_arg(filename: str) -> str:
-    """The size after the colon of ``configs/x.py:1.5b`` ('tiny' when there is none)."""
-    size = filename.partition(":")[2] or "tiny"
-    if size not in config_lib.SIZES:
-        raise ValueError(
-            f"--compare needs the size from --config=FILE:SIZE with SIZE in {config_lib.SIZES}; "
-            f"got {filename!r}."
-        )
-    return size
 
 
 _SUMMARY_MODEL_FIELDS = (
@@ -479,7 +395,7 @@ def main(argv: list[str]) -> None:
             size = size_of_config_arg(config_flags.get_config_filename(flag))
             entries = compare_entries(FLAGS.compare, size, config_flags.get_override_values(flag))
         else:
-            names = _split(FLAGS.recipes) if FLAGS.recipes else [FLAGS.config.precision.recipe]
+            names = split_list(FLAGS.recipes) if FLAGS.recipes else [FLAGS.config.precision.recipe]
             entries = recipe_entries(FLAGS.config, names)
     except ValueError as e:
         raise app.UsageError(str(e)) from e

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from fogjax import bench, config_lib, hlo_stats
+from fogjax import bench, bench_entries, config_lib, hlo_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device for the CLI run (this test process has 8 fake devices).
@@ -85,51 +85,51 @@ def test_cli_benchmarks_every_recipe_on_cpu(tmp_path):
 
 def test_compare_entries_share_size_and_overrides():
     overrides = {"model.num_layers": 2, "train.seq_len": 16}
-    size = bench.size_of_config_arg("configs/fog_flash.py:tiny")
-    llama, fog = bench.compare_entries("llama3:bf16, fog_flash:fp8dpa", size, overrides)
+    size = bench_entries.size_of_config_arg("configs/fog_flash.py:tiny")
+    llama, fog = bench_entries.compare_entries("llama3:bf16, fog_flash:fp8dpa", size, overrides)
     assert (llama.label, fog.label) == ("llama3:bf16", "fog_flash:fp8dpa")
     assert llama.config.precision.recipe == "bf16" and fog.config.precision.recipe == "fp8dpa"
     for entry in (llama, fog):
         assert entry.config.model.num_layers == 2 and entry.config.train.seq_len == 16
     assert llama.config.model.ffn_activation == "swiglu"
     assert fog.config.model.ffn_activation == "gelu"
-    assert bench.size_of_config_arg("configs/llama3.py") == "tiny"
+    assert bench_entries.size_of_config_arg("configs/llama3.py") == "tiny"
     for spec, message in (
         ("llama3", "arch:recipe"),
         ("gpt2:bf16", "gpt2"),
         ("llama3:int4", "int4"),
     ):
         with pytest.raises(ValueError, match=message):
-            bench.compare_entries(spec, "tiny", {})
+            bench_entries.compare_entries(spec, "tiny", {})
     with pytest.raises(ValueError, match="SIZE"):
-        bench.size_of_config_arg("configs/fog_flash.py:huge")
+        bench_entries.size_of_config_arg("configs/fog_flash.py:huge")
 
 
 def test_compare_entries_take_their_own_overrides():
     spec = "llama3:bf16:model.attention_impl=cudnn:model.scan_layers=false,fog_flash:fp8dpa"
-    llama, fog = bench.compare_entries(spec, "tiny", {"model.num_layers": 2})
+    llama, fog = bench_entries.compare_entries(spec, "tiny", {"model.num_layers": 2})
     assert llama.config.model.attention_impl == "cudnn" and llama.config.model.scan_layers is False
     assert fog.config.model.attention_impl == "xla" and fog.config.model.scan_layers is True
     assert llama.config.model.num_layers == fog.config.model.num_layers == 2
     with pytest.raises(ValueError, match="unknown config field 'model.heads'"):
-        bench.compare_entries("llama3:bf16:model.heads=4", "tiny", {})
+        bench_entries.compare_entries("llama3:bf16:model.heads=4", "tiny", {})
     with pytest.raises(ValueError, match="field=value"):
-        bench.compare_entries("llama3:bf16:cudnn", "tiny", {})
+        bench_entries.compare_entries("llama3:bf16:cudnn", "tiny", {})
 
 
 def test_recipe_entries_copy_the_config():
     config = config_lib.get_config("fog_flash", "tiny")
-    entries = bench.recipe_entries(config, ["bf16", "fp8"])
+    entries = bench_entries.recipe_entries(config, ["bf16", "fp8"])
     assert [e.label for e in entries] == ["fog_flash:bf16", "fog_flash:fp8"]
     assert config.precision.recipe == "fp8dpa"  # the original is untouched
     with pytest.raises(ValueError, match="fp9"):
-        bench.recipe_entries(config, ["fp9"])
+        bench_entries.recipe_entries(config, ["fp9"])
 
 
 def test_failing_entry_becomes_an_error_row():
     config = config_lib.get_config("fog_flash", "tiny")
     config.precision.backend = "te"  # no Transformer Engine on CPU: fails while building the run
-    (entry,) = bench.recipe_entries(config, ["fp8"])
+    (entry,) = bench_entries.recipe_entries(config, ["fp8"])
     row = bench.bench_entry(entry, steps=1, warmup=0)
     assert row["status"] == "error" and "TransformerEngine" in row["error"]
     assert row["num_params"] > 0 and row["step_ms"] is None  # measured fields up to the failure
