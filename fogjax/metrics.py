@@ -120,6 +120,11 @@ class Throughput:
         self._clock = clock
         self._last: tuple[int, float] | None = None
 
+    def reset(self) -> None:
+        """Forget the last tick: the next tick restarts the clock (after eval or a checkpoint,
+        whose time is not training time)."""
+        self._last = None
+
     def tick(self, step: int) -> dict[str, float]:
         """Perf metrics averaged since the previous tick; {} on the first tick or no progress."""
         now = self._clock()

@@ -266,6 +266,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     flush(pending)
                     pending = None
                     save(done, force=done == t.steps)
+                    throughput.reset()
                 if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
                     result = validation_loss(eval_fn, state, info, config, mesh, t.eval_batches)
                     ev = {f"eval/{k}": v for k, v in result.items()}
@@ -275,6 +276,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                         f"perplexity {ev['eval/perplexity']:.2f}"
                     )
                     summary["eval_loss"] = ev["eval/loss"]
+                    throughput.reset()
                 if stop.requested() and done < t.steps:
                     if pending is not None:
                         flush(pending)

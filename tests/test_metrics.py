@@ -85,6 +85,16 @@ def test_throughput_between_ticks():
     assert t.tick(14) == {}  # No progress, no numbers.
 
 
+def test_throughput_reset_excludes_eval_time():
+    clock = iter([0.0, 1.0, 50.0, 51.0, 52.0]).__next__
+    t = metrics.Throughput(100, 100, 1e9, 1, "cpu", clock=clock)
+    t.tick(0)
+    assert t.tick(1)["perf/step_time"] == pytest.approx(1.0)
+    t.reset()  # 48 s of evaluation happen here
+    assert t.tick(2) == {}
+    assert t.tick(3)["perf/step_time"] == pytest.approx(1.0)
+
+
 def test_throughput_has_no_mfu_on_unknown_devices():
     clock = iter([0.0, 1.0]).__next__
     t = metrics.Throughput(10, 100, 1e9, 1, "cpu", clock=clock)
