@@ -130,6 +130,10 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
 
     c.log = ml_collections.ConfigDict()
     c.log.kurtosis_form = "token"  # 'token' (paper) or 'sequence' (released code).
+    # Early warning (fogjax/monitor.py): a layer's kurtosis above this multiple of its own
+    # log-trend on `kurtosis_alarm_patience` consecutive statistics steps prints a warning.
+    c.log.kurtosis_alarm_ratio = 1.5
+    c.log.kurtosis_alarm_patience = 2
     # MFU is always against the device's dense BF16 peak (so FP8's speed-up shows as higher MFU).
     # Devices missing from fogjax.metrics.PEAK_FLOPS report no MFU unless a peak is declared here.
     c.log.peak_tflops = 0.0

@@ -23,6 +23,7 @@ from fogjax import checkpoint, data, metrics, provenance, sharding
 from fogjax import state as state_lib
 from fogjax.evaluate import validation_loss
 from fogjax.info import model_info
+from fogjax.monitor import KurtosisMonitor
 from fogjax.precision import stats as fp8_stats
 from fogjax.step import make_eval_step, make_train_step
 
@@ -185,6 +186,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             f"Nothing to do: the run already reached train.steps={t.steps}. To train further, "
             f"raise it (e.g. --config.train.steps={2 * t.steps}) or use another --workdir."
         )
+    kurtosis_monitor = KurtosisMonitor(
+        config.log.kurtosis_alarm_ratio, config.log.kurtosis_alarm_patience
+    )
     stop = _StopRequest()
     stop.install()
     pending: tuple[int, Any] | None = None
@@ -221,6 +225,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 "or compare the kurtosis trend in TensorBoard to find the layer that diverged."
             )
         scalars.update(throughput.tick(step))
+        trend, warnings = kurtosis_monitor.update(step, scalars)
+        scalars.update(trend)
+        for line in warnings:
+            console.print(line)
         writer.write_scalars(step, scalars)
         kurt = {
             k: round(v, 3)
