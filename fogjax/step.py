@@ -107,14 +107,19 @@ def compute_grads(
     return loss, grads, new_fp8, aux
 
 
-def kurtosis_metrics(probes: Any) -> Metrics:
-    """{'<tensor>': {'kurtosis': [L], 'rms': [L], 'amax': [L]}} from the sown probe tree."""
-    out: Metrics = {}
+# Statistic sown by the probes -> the metric group it is reported under.
+ACTIVATION_GROUPS = {"kurtosis": "kurtosis", "rms": "act_rms", "amax": "act_amax"}
+
+
+def activation_metrics(probes: Any) -> Metrics:
+    """{'kurtosis': {tensor: [L]}, 'act_rms': {...}, 'act_amax': {...}} from the sown probes."""
+    out: Metrics = {group: {} for group in ACTIVATION_GROUPS.values()}
 
     def visit(tree: Any) -> None:
         for name, value in tree.items():
             if isinstance(value, dict) and "kurtosis" in value:
-                out[name] = dict(value)
+                for stat, group in ACTIVATION_GROUPS.items():
+                    out[group][name] = value[stat]
             elif isinstance(value, dict):
                 visit(value)
 
@@ -138,7 +143,8 @@ def make_train_step(
       micro_batches: gradient accumulation steps per optimizer step.
       fp8_stats_fn: ``(fp8_state, fp8_stats) -> metrics`` for statistics steps.
     Metrics (float32 scalars unless noted): loss, grad_norm, param_norm, update_norm, lr,
-      finite (bool); with stats also ``kurtosis`` (per tensor per layer) and ``fp8``.
+      finite (bool); with stats also ``kurtosis``, ``act_rms`` and ``act_amax`` ({tensor: [L]})
+      and ``fp8`` (flat ``fp8/...`` tags).
     """
 
     def train_step(
@@ -157,7 +163,7 @@ def make_train_step(
         }
         metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
         if with_stats:
-            metrics["kurtosis"] = kurtosis_metrics(aux.get(PROBES_COLLECTION, {}))
+            metrics.update(activation_metrics(aux.get(PROBES_COLLECTION, {})))
             if fp8_stats_fn is not None and new_fp8:
                 metrics["fp8"] = fp8_stats_fn(new_fp8, aux.get(FP8_STATS_COLLECTION, {}))
         new_state = {

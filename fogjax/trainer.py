@@ -25,7 +25,7 @@ from fogjax.evaluate import validation_loss
 from fogjax.info import model_info
 from fogjax.monitor import KurtosisMonitor
 from fogjax.precision import stats as fp8_stats
-from fogjax.step import make_eval_step, make_train_step
+from fogjax.step import ACTIVATION_GROUPS, make_eval_step, make_train_step
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,23 +83,16 @@ class _StopRequest:
         return flag
 
 
+TRAIN_METRICS = ("loss", "lr", "grad_norm", "param_norm", "update_norm", "finite")
+
+
 def _host_metrics(raw: dict[str, Any]) -> dict[str, float]:
-    """One step's device metrics -> flat TensorBoard tags."""
+    """One step's device metrics -> flat TensorBoard tags (one device-to-host transfer)."""
     host = jax.device_get(raw)
-    out = {
-        f"train/{k}": float(host[k])
-        for k in ("loss", "lr", "grad_norm", "param_norm", "update_norm")
-    }
-    out["train/finite"] = float(bool(host["finite"]))
-    for tensor, stats in host.get("kurtosis", {}).items():
-        for stat, values in stats.items():
-            prefix = "kurtosis" if stat == "kurtosis" else f"act_{stat}"
-            values = np.asarray(values).reshape(-1)
-            for i, v in enumerate(values):
-                out[f"{prefix}/{tensor}/layer_{i:02d}"] = float(v)
-            out[f"{prefix}/{tensor}/avg"] = float(values.mean())
-    out.update({k: float(v) for k, v in host.get("fp8", {}).items()})
-    return out
+    tree = {"train": {k: host[k] for k in TRAIN_METRICS}}
+    tree.update({k: host[k] for k in ACTIVATION_GROUPS.values() if k in host})
+    tree.update(host.get("fp8", {}))  # already 'fp8/...' tags
+    return metrics.metrics_to_host(tree)
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
