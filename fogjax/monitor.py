@@ -6,7 +6,8 @@ exists: the signal is a departure from the tensor's own trend. For every probed 
 this monitor fits kurtosis = a + b log(step) to the history seen so far (excluding the newest
 point) and reports the newest value's ratio to that fit. A ratio above ``threshold`` on
 ``patience`` consecutive statistics steps raises a warning, once per (tensor, layer) until it
-returns under the threshold.
+returns under the threshold; the warnings of one step are reported as one line, worst first.
+Points before ``start_step`` (the LR warmup, where kurtosis moves fast anyway) are ignored.
 """
 
 from __future__ import annotations
@@ -35,9 +36,16 @@ class KurtosisMonitor:
       threshold: ratio of the newest value to the trend's prediction that counts as a departure.
       patience: consecutive departures before a warning.
       min_history: points needed before a trend is fitted (early training moves a lot).
+      start_step: statistics before this step are ignored (pass the LR warmup length).
     """
 
-    def __init__(self, threshold: float = 1.5, patience: int = 2, min_history: int = 6):
+    def __init__(
+        self,
+        threshold: float = 1.5,
+        patience: int = 2,
+        min_history: int = 6,
+        start_step: int = 0,
+    ):
         if threshold <= 1.0 or patience < 1 or min_history < 3:
             raise ValueError(
                 "log.kurtosis_alarm_ratio must be > 1, and patience >= 1, min_history >= 3."
@@ -45,6 +53,7 @@ class KurtosisMonitor:
         self.threshold = threshold
         self.patience = patience
         self.min_history = min_history
+        self.start_step = start_step
         self._series: dict[tuple[str, str], _Series] = {}
 
     @staticmethod
@@ -59,11 +68,11 @@ class KurtosisMonitor:
     def update(self, step: int, scalars: dict[str, float]) -> tuple[dict[str, float], list[str]]:
         """Feeds one statistics step; returns (TensorBoard scalars, warning lines)."""
         out: dict[str, float] = {}
-        warnings: list[str] = []
+        alarms: list[tuple[float, str, float, int]] = []  # (ratio, where, value, steps above)
         worst: dict[str, float] = {}
         for tag, value in scalars.items():
             match = _TAG.match(tag)
-            if match is None or not math.isfinite(value) or step < 1:
+            if match is None or not math.isfinite(value) or step < max(1, self.start_step):
                 continue
             key = (match["tensor"], match["layer"])
             series = self._series.setdefault(key, _Series())
@@ -75,14 +84,20 @@ class KurtosisMonitor:
                     series.warned = False
                 elif series.above >= self.patience and not series.warned:
                     series.warned = True
-                    warnings.append(
-                        f"WARNING step {step}: kurtosis of {key[0]} in {key[1]} is {value:.2f}, "
-                        f"{ratio:.2f}x its log-trend for {series.above} statistics steps. In the "
-                        "paper such a departure preceded FP8 divergence by billions of tokens; "
-                        "watch grad_norm, and consider a FOG block, a lower LR or BF16 attention."
-                    )
+                    alarms.append((ratio, f"{key[0]}/{key[1]}", value, series.above))
             series.steps.append(float(step))
             series.values.append(float(value))
         for tensor, ratio in worst.items():
             out[f"monitor/kurtosis_trend_ratio/{tensor}"] = ratio
-        return out, warnings
+        if not alarms:
+            return out, []
+        alarms.sort(reverse=True)
+        shown = ", ".join(f"{w} {v:.2f} ({r:.2f}x)" for r, w, v, _ in alarms[:4])
+        more = f" and {len(alarms) - 4} more" if len(alarms) > 4 else ""
+        line = (
+            f"WARNING step {step}: kurtosis left its log-trend (> {self.threshold}x for "
+            f"{self.patience}+ statistics steps) in {shown}{more}. In the paper such a departure "
+            "preceded FP8 divergence by billions of tokens: watch train/grad_norm; a FOG block, a "
+            "lower LR or BF16 attention are the remedies."
+        )
+        return out, [line]

@@ -180,7 +180,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             f"raise it (e.g. --config.train.steps={2 * t.steps}) or use another --workdir."
         )
     kurtosis_monitor = KurtosisMonitor(
-        config.log.kurtosis_alarm_ratio, config.log.kurtosis_alarm_patience
+        config.log.kurtosis_alarm_ratio,
+        config.log.kurtosis_alarm_patience,
+        start_step=config.optim.warmup_steps,
     )
     stop = _StopRequest()
     stop.install()

@@ -47,8 +47,29 @@ def test_warns_once_when_one_layer_leaves_its_trend():
         monitor, steps, {"kurtosis/qkv/layer_00": calm, "kurtosis/qkv/layer_03": breaking}
     )
     assert len(lines) == 1
-    assert "qkv in layer_03" in lines[0] and "step 2100" in lines[0]
+    assert "qkv/layer_03" in lines[0] and "step 2100" in lines[0]
+    assert "layer_00" not in lines[0]
     assert scalars[-1]["monitor/kurtosis_trend_ratio/qkv"] > 3
+
+
+def test_one_line_per_step_worst_first_and_warmup_ignored():
+    steps = list(range(10, 301, 10))
+    tags = {}
+    for layer in range(6):
+        base = [3 + 0.3 * math.log(s) for s in steps]
+        # Every layer departs at step 200, layer 5 the most; a wild warmup before step 50.
+        tags[f"kurtosis/ffn_out/layer_{layer:02d}"] = [
+            v * (5.0 if s < 50 else 1.0) * (1.0 if s < 200 else 2.0 + layer)
+            for s, v in zip(steps, base, strict=True)
+        ]
+    _, lines = feed(KurtosisMonitor(start_step=50), steps, tags)
+    assert len(lines) == 1 and "step 210" in lines[0]
+    assert lines[0].index("layer_05") < lines[0].index("layer_04")  # worst first
+    assert "and 2 more" in lines[0]
+    # Fitted through the warmup, the trend slopes down and undershoots: a false alarm at step 120,
+    # after which the real departure at step 200 raises no new line.
+    _, lines = feed(KurtosisMonitor(), steps, tags)
+    assert len(lines) == 1 and "step 120" in lines[0]
 
 
 def test_ignores_non_kurtosis_tags_and_bad_settings():
