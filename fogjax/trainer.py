@@ -90,7 +90,7 @@ def _host_metrics(raw: dict[str, Any]) -> dict[str, float]:
     """One step's device metrics -> flat TensorBoard tags (one device-to-host transfer)."""
     host = jax.device_get(raw)
     tree = {"train": {k: host[k] for k in TRAIN_METRICS}}
-    tree.update({k: host[k] for k in ACTIVATION_GROUPS.values() if k in host})
+    tree.update({k: host[k] for k in ACTIVATION_GROUPS if k in host})
     tree.update(host.get("fp8", {}))  # already 'fp8/...' tags
     return metrics.metrics_to_host(tree)
 
@@ -108,6 +108,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             f"{config.model.vocab_size}; set --config.model.vocab_size={info.vocab_size} (or more)."
         )
     t = config.train
+    if t.eval_every and info.val_tokens <= t.seq_len:
+        raise ValueError(
+            f"{info.dir} has no usable validation split ({info.val_tokens} tokens) but "
+            f"train.eval_every={t.eval_every}; prepare it with --val-fraction > 0, or set "
+            "--config.train.eval_every=0."
+        )
     run = state_lib.build_run(config)
     mesh, recipe, model, shardings = run.mesh, run.recipe, run.model, run.shardings
     n_params = run.num_params
@@ -130,8 +136,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     with sharding.sharding_context(mesh):
         if ckpt.latest_step() is not None:
             state, data_state, meta = ckpt.restore(run.abstract)
-            if data_state is not None:  # None: saved by another process layout (warned)
-                train_iter.set_state(data_state)
+            if data_state is None:
+                # Written by another process layout: one batch per step, and global batch n is
+                # the same windows on any layout, so the step gives the exact position.
+                data_state = {"batches_consumed": int(state["step"])}
+            train_iter.set_state(data_state)
             elapsed_before = float(meta.get("elapsed_s", 0.0))
         else:
             state = state_lib.create_state(run.init, shardings, config.seed)
@@ -140,8 +149,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     writer = metrics.MetricWriter(os.path.join(workdir, "tb"))
     record = provenance.provenance(config, n_params)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        # Atomic: a crash mid-write must not leave a truncated config.json behind.
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(tmp, os.path.join(workdir, "config.json"))
         writer.write_text(start_step, "run/provenance", provenance.to_markdown(record))
         writer.write_text(start_step, "run/config", "```\n" + str(config) + "\n```")
 
@@ -253,7 +265,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             for step in range(start_step, t.steps):
                 local = next(train_iter)
                 batch = sharding.global_batch_from_local(local, mesh)
-                with_stats = (step + 1) % config.train.stats_every == 0 or step == start_step
+                # Statistics at the very first step and every stats_every steps; not forced on a
+                # resumed run's first step, so it runs the same compiled step a straight run does.
+                with_stats = (step + 1) % config.train.stats_every == 0 or step == 0
                 fn = stats_step_fn if with_stats else step_fn
                 state, raw = fn(state, batch)
                 if step == start_step:

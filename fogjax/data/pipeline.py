@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grain
 import numpy as np
@@ -110,14 +111,14 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int = 0,
-) -> grain.DatasetIterator:
+) -> TrainBatches:
     """An endless iterator of this process's training batches, int32 [B_local, seq_len + 1].
 
     ``B_local = global_batch_size // process_count``. Windows are shuffled by ``seed``, every epoch
     in a different deterministic order; batches may span an epoch boundary. The iterator's
-    ``get_state()`` is a small JSON-able dict; ``set_state(state)`` on a fresh iterator built with
-    the same arguments (``num_workers`` included: the state's layout depends on it) resumes
-    exactly where the state was taken.
+    ``get_state()`` is ``{"batches_consumed": n}``; ``set_state`` on an iterator built with the
+    same data, seq_len, batch size and seed resumes exactly there, on any process count and any
+    ``num_workers`` (:class:`TrainBatches`).
 
     Args:
       data_dir: a prepared dataset folder, 'embedded', or a :class:`DatasetInfo`.
@@ -145,15 +146,65 @@ def make_train_iterator(
     ds = grain.MapDataset.source(windows).shuffle(seed=_order_seed(seed)).repeat()
     # The shuffled stream is cut into local batches; batches p, p + P, p + 2P, ... go to process p,
     # so global batch g (local batches gP .. gP + P - 1) holds the same windows whatever P is.
-    ds = ds.batch(local)[process_index::process_count]
-    it = ds.to_iter_dataset(_READ_OPTIONS)
-    if num_workers > 0:
-        # grain's workers read absl flags; outside absl.app (tests, notebooks) none were parsed,
-        # so take their defaults rather than fail in the worker.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return iter(it)
+    return TrainBatches(ds.batch(local)[process_index::process_count], num_workers)
+
+
+class TrainBatches:
+    """This process's endless training batches with a position-only state.
+
+    ``get_state()`` is ``{"batches_consumed": n}``: global batch n comes next. Because global
+    batch n is the same windows whatever the process count (see the module docstring) and
+    whatever the number of reader workers, a state restores exactly on any process layout and
+    any ``num_workers``. ``set_state`` rebuilds the reader from that batch on (random access).
+    """
+
+    def __init__(self, batches: grain.MapDataset, num_workers: int = 0, start: int = 0):
+        self._batches = batches
+        self._num_workers = num_workers
+        self._consumed = start
+        self._it = self._reader(start)
+
+    def _reader(self, start: int) -> Iterator[np.ndarray]:
+        it = self._batches[start:].to_iter_dataset(_READ_OPTIONS)
+        if self._num_workers > 0:
+            # grain's workers read absl flags; outside absl.app (tests, notebooks) none were
+            # parsed, so take their defaults rather than fail in the worker.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._num_workers))
+        return iter(it)
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        batch = next(self._it)
+        self._consumed += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"batches_consumed": self._consumed}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        try:
+            start = int(state["batches_consumed"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"Unrecognised data-iterator state {state!r}: expected {{'batches_consumed': n}}. "
+                "It was written by another version of fogjax.data; resume with that version or "
+                "start a new --workdir."
+            ) from None
+        if start < 0:
+            raise ValueError(f"Data-iterator state {state!r} has a negative position.")
+        self.close()
+        self._consumed = start
+        self._it = self._reader(start)
+
+    def close(self) -> None:
+        """Stops reader worker processes, if any (a no-op for in-process reading)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
 def eval_batches(
