@@ -20,12 +20,14 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +87,10 @@ class _PerProcessJsonHandler(ocp.CheckpointHandler):
         path = self._file(directory)
         if not path.exists():
             written = sorted(p.name for p in directory.iterdir())
-            # A different process count cannot map one host's data position onto another's.
+            # Written with another process count: the caller derives the position another way.
             log.warning(
-                "No data-iterator state for this process in %s (found %s): the data pipeline "
-                "restarts from its beginning instead of resuming exactly.",
+                "No data-iterator state for this process in %s (found %s); the trainer derives "
+                "the data position from the restored step.",
                 directory,
                 written,
             )
@@ -141,6 +143,18 @@ def _abstract(tree: Any) -> Any:
                 "jax.eval_shape and attach the state shardings (ShapeDtypeStruct(sharding=...))."
             )
     return tree
+
+
+def _all_processes(flag: bool) -> bool:
+    """True iff ``flag`` is true on every process (a host collective when multi-process)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.array(flag)).all())
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
@@ -204,15 +218,7 @@ class Checkpointer:
         when the step is not a multiple of ``save_every`` (unless ``force``) or already saved.
         Blocks only for the device-to-host copy, so ``state`` may be donated right after.
         """
-        for stale in [s for s in self._stale if s in self.all_steps()]:
-            log.warning(
-                "Deleting unreadable checkpoint step %d in %s: training resumed from an older "
-                "step, so this step is about to be written again.",
-                stale,
-                self.directory,
-            )
-            self._manager.delete(stale)
-        self._stale = []
+        self._move_stale_aside()
         existing = self.all_steps()
         if step in existing:
             return False
@@ -300,9 +306,14 @@ class Checkpointer:
             try:
                 self._check_structure(candidate, abstract_state)
                 result = self._restore_step(candidate, abstract_state)
+                failure = None
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # Any read failure means: try the previous step.
+                failure = e
+            # Every process must resume from the same step: one failure is everyone's failure.
+            if not _all_processes(failure is None):
+                e = failure or RuntimeError("unreadable on another process")
                 log.warning(
                     "Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "
                     "previous one.",
@@ -322,6 +333,28 @@ class Checkpointer:
                 "to start afresh, or point --workdir elsewhere."
             ) from errors[0][1]
         raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+
+    def _move_stale_aside(self) -> None:
+        """Moves the steps skipped at restore to ``<directory>.unreadable/`` (never deletes them:
+        a transient read error must not cost good checkpoints), so the run's history is linear."""
+        stale = [s for s in self._stale if s in self.all_steps()]
+        self._stale = []
+        if not stale:
+            return
+        aside = epath.Path(str(self.directory) + ".unreadable")
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in stale:
+                target = aside / f"{step}-{int(time.time())}"
+                log.warning(
+                    "Moving checkpoint step %d, skipped as unreadable at restore, to %s: training "
+                    "continued from an older step. Inspect or delete it by hand.",
+                    step,
+                    target,
+                )
+                (self.directory / str(step)).rename(target)
+        _barrier("fogjax_checkpoint_stale_moved")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Block until the pending asynchronous save is on disk."""

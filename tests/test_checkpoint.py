@@ -142,11 +142,14 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
         assert "step 2" in caplog.text and "unreadable" in caplog.text
         _assert_bitwise_equal(restored, _state(1))
         assert (data, meta) == ({"pos": 1}, {"tokens_seen": 100})
-        # Training goes on from step 1; the broken step 2 is replaced by the next save of it.
+        # Training goes on from step 1; the broken step 2 is moved aside (never deleted: the read
+        # error may have been transient) and replaced by the next save of it.
         _save(ckpt, 2, seed=5)
         ckpt.wait()
         restored, _, _ = ckpt.restore(_abstract(_state()))
     _assert_bitwise_equal(restored, _state(5))
+    (kept,) = list((tmp_path.parent / (tmp_path.name + ".unreadable")).iterdir())
+    assert kept.name.startswith("2-") and (kept / "state").is_dir()
 
 
 def test_abstract_state_without_sharding_is_refused(tmp_path):
