@@ -53,15 +53,21 @@ def _loss_fn(model: nn.Module, with_stats: bool) -> Callable[..., Any]:
     return loss_fn
 
 
+def _is_max_statistic(path: tuple[Any, ...]) -> bool:
+    return bool(path) and getattr(path[-1], "key", None) == "amax"
+
+
 def _combine_microbatch(acc: Any, new: Any) -> Any:
-    """Accumulates (loss, grads, fp8, aux): sums except the FP8 state, which takes the max."""
+    """Accumulates (loss, grads, fp8, aux): sums, except the FP8 state and amax statistics,
+    which take the max (the full batch's amax is the max of its parts' amaxes)."""
     loss, grads, fp8, aux = acc
     n_loss, n_grads, n_fp8, n_aux = new
+    combine_aux = lambda path, a, b: jnp.maximum(a, b) if _is_max_statistic(path) else a + b  # noqa: E731
     return (
         loss + n_loss,
         jax.tree.map(jnp.add, grads, n_grads),
         jax.tree.map(jnp.maximum, fp8, n_fp8),
-        jax.tree.map(jnp.add, aux, n_aux),
+        jax.tree_util.tree_map_with_path(combine_aux, aux, n_aux),
     )
 
 
@@ -96,30 +102,38 @@ def compute_grads(
             f"train.batch_size per step ({b}) is not divisible by train.micro_batches "
             f"({micro_batches}); choose a micro_batches that divides it."
         )
-    chunks = tokens.reshape(micro_batches, b // micro_batches, *tokens.shape[1:])
+    # Chunk j takes rows j, j + k, j + 2k, ...: every device keeps a share of every chunk, so the
+    # split needs no data movement across the batch-sharded devices.
+    chunks = tokens.reshape(b // micro_batches, micro_batches, *tokens.shape[1:]).swapaxes(0, 1)
     first = one(chunks[0])
 
     def body(acc: Any, chunk: jax.Array) -> tuple[Any, None]:
         return _combine_microbatch(acc, one(chunk)), None
 
     (loss, grads, new_fp8, aux), _ = jax.lax.scan(body, first, chunks[1:])
-    aux = jax.tree.map(lambda x: x / micro_batches, aux)
+    aux = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if _is_max_statistic(path) else x / micro_batches, aux
+    )
     return loss, grads, new_fp8, aux
 
 
-# Statistic sown by the probes -> the metric group it is reported under.
-ACTIVATION_GROUPS = {"kurtosis": "kurtosis", "rms": "act_rms", "amax": "act_amax"}
+# Metric group -> how it is read off the sown probe statistics.
+ACTIVATION_GROUPS = {
+    "kurtosis": lambda stats: stats["kurtosis"],
+    "act_rms": lambda stats: jnp.sqrt(stats["mean_square"]),
+    "act_amax": lambda stats: stats["amax"],
+}
 
 
 def activation_metrics(probes: Any) -> Metrics:
     """{'kurtosis': {tensor: [L]}, 'act_rms': {...}, 'act_amax': {...}} from the sown probes."""
-    out: Metrics = {group: {} for group in ACTIVATION_GROUPS.values()}
+    out: Metrics = {group: {} for group in ACTIVATION_GROUPS}
 
     def visit(tree: Any) -> None:
         for name, value in tree.items():
             if isinstance(value, dict) and "kurtosis" in value:
-                for stat, group in ACTIVATION_GROUPS.items():
-                    out[group][name] = value[stat]
+                for group, read in ACTIVATION_GROUPS.items():
+                    out[group][name] = read(value)
             elif isinstance(value, dict):
                 visit(value)
 

@@ -142,6 +142,14 @@ def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
             np.testing.assert_allclose(b, a, rtol=1e-5, err_msg=name)
         else:  # forward amaxes and scales: exactly the full batch's
             np.testing.assert_array_equal(b, a, err_msg=name)
+    # Activation statistics combine exactly: amax by max, mean square and kurtosis by mean.
+    _, _, _, aux1 = compute_grads(model, state["params"], state["fp8"], tokens, 1, True)
+    _, _, _, aux4 = compute_grads(model, state["params"], state["fp8"], tokens, 4, True)
+    qkv1 = aux1["probes"]["layers"]["attn"]["qkv"]
+    qkv4 = aux4["probes"]["layers"]["attn"]["qkv"]
+    np.testing.assert_array_equal(qkv4["amax"], qkv1["amax"])
+    np.testing.assert_allclose(qkv4["mean_square"], qkv1["mean_square"], rtol=1e-5)
+    np.testing.assert_allclose(qkv4["kurtosis"], qkv1["kurtosis"], rtol=1e-5)
     # And the gradients accumulate to the full-batch gradient (up to where the bf16 partial sums
     # round: per-element noise is large where terms cancel, so compare whole tensors).
     for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads4), strict=True):

@@ -49,11 +49,15 @@ def kurtosis(x: jax.Array, form: str = "token") -> jax.Array:
 
 
 def tensor_stats(x: jax.Array, form: str) -> dict[str, jax.Array]:
-    """{'kurtosis', 'rms', 'amax'} of ``x`` as float32 scalars."""
+    """{'kurtosis', 'mean_square', 'amax'} of ``x`` as float32 scalars.
+
+    The mean square (not the RMS) is sown so that equal micro-batches combine it exactly by
+    averaging; amax combines by max.
+    """
     x32 = x.astype(jnp.float32)
     return {
         "kurtosis": kurtosis(x32, form),
-        "rms": jnp.sqrt(jnp.mean(jnp.square(x32))),
+        "mean_square": jnp.mean(jnp.square(x32)),
         "amax": jnp.max(jnp.abs(x32)),
     }
 
