@@ -181,3 +181,12 @@ def test_cli(tmp_path, capsys):
     assert info.val_documents > 0 and info.tokenizer == "bytes"
     with pytest.raises(SystemExit, match="error: .*does not exist"):
         prepare.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o3")])
+
+
+def test_token_ids_beyond_the_shard_dtype_are_refused(tmp_path):
+    from fogjax.data.shards import ShardWriter
+
+    writer = ShardWriter(tmp_path, "train", np.uint16, shard_tokens=100)
+    writer.add_document(np.array([1, 2, 65535]), eos_id=0)
+    with pytest.raises(ValueError, match="Token id 70000 does not fit the uint16 shards"):
+        writer.add_document(np.array([5, 70000]), eos_id=0)

@@ -214,6 +214,14 @@ def test_bad_config_fails_clearly_and_writes_nothing(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
     out = run(train_cmd(workdir, "--config.data.path=/nonexistent/shards"))
     assert out.returncode != 0 and "/nonexistent/shards" in out.stderr
+    # A dataset without a validation split, with evaluation on: refused before training.
+    from fogjax.data import load_tokenizer, prepare
+
+    no_val = str(tmp_path / "no_val")
+    docs = ["a first document. " * 80, "a second one. " * 80]
+    prepare.prepare_documents(docs, no_val, load_tokenizer("bytes"), val_fraction=0.0)
+    out = run(train_cmd(workdir, f"--config.data.path={no_val}", "--config.train.eval_every=2"))
+    assert out.returncode == 2 and "--config.train.eval_every=0" in out.stderr
 
 
 def test_checkpoint_of_another_model_is_refused(trained, tmp_path):

@@ -67,7 +67,15 @@ class ShardWriter:
 
     def add_document(self, ids: np.ndarray, eos_id: int) -> None:
         """Appends one document's ids [n] followed by ``eos_id``."""
-        self._pending.append(np.append(ids, eos_id).astype(self._dtype))
+        doc = np.append(ids, eos_id)
+        limit = np.iinfo(self._dtype).max
+        if doc.size and (doc.max() > limit or doc.min() < 0):
+            raise ValueError(
+                f"Token id {int(doc.max())} does not fit the {np.dtype(self._dtype).name} shards "
+                f"(max {limit}): the tokenizer reports a vocabulary smaller than its largest id. "
+                "Pass --dtype uint32 to fogjax.data.prepare."
+            )
+        self._pending.append(doc.astype(self._dtype))
         self._pending_len += len(ids) + 1
         self.tokens += len(ids) + 1
         self.documents += 1
