@@ -161,12 +161,7 @@ def compile_train_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
     run = state_lib.build_run(config)
     train_step = make_train_step(run.model, run.tx, run.schedule, t.micro_batches)
     batch_sharding = sharding.batch_sharding(run.mesh)
-    jitted = jax.jit(
-        lambda s, b: train_step(s, b, False),
-        in_shardings=(run.shardings, batch_sharding),
-        out_shardings=(run.shardings, None),
-        donate_argnums=0,
-    )
+    jitted = state_lib.jit_train_step(run, train_step, with_stats=False)
     batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=batch_sharding)
     with sharding.sharding_context(run.mesh):
         start = time.perf_counter()

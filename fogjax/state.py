@@ -107,3 +107,16 @@ def build_run(config: Any, mesh: jax.sharding.Mesh | None = None) -> Run:
     with sharding.sharding_context(mesh):
         abstract, shardings = abstract_state(init, mesh)
     return Run(config, mesh, recipe, model, tx, schedule, init, abstract, shardings)
+
+
+def jit_train_step(
+    run: Run, train_step: Callable[..., Any], with_stats: bool
+) -> Callable[..., Any]:
+    """``train_step`` compiled as the trainer runs it (and the bench measures it): the state's
+    shardings in and out, the batch sharded over (data, fsdp), the input state donated."""
+    return jax.jit(
+        lambda state, batch: train_step(state, batch, with_stats),
+        in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
+        out_shardings=(run.shardings, None),
+        donate_argnums=0,
+    )

@@ -159,13 +159,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
     stats_fn = fp8_stats.fp8_metrics if recipe.quantizes_linears else None
     train_step = make_train_step(model, run.tx, run.schedule, t.micro_batches, stats_fn)
-    batch_sharding = sharding.batch_sharding(mesh)
-    jit_kwargs = dict(
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0
+    step_fn = state_lib.jit_train_step(run, train_step, with_stats=False)
+    stats_step_fn = state_lib.jit_train_step(run, train_step, with_stats=True)
+    eval_fn = jax.jit(
+        make_eval_step(model), in_shardings=(shardings, sharding.batch_sharding(mesh))
     )
-    step_fn = jax.jit(lambda s, b: train_step(s, b, False), **jit_kwargs)
-    stats_step_fn = jax.jit(lambda s, b: train_step(s, b, True), **jit_kwargs)
-    eval_fn = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
 
     tokens_per_step = t.batch_size * t.seq_len
     throughput = metrics.Throughput(

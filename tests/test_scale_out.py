@@ -94,12 +94,7 @@ def one_step(recipe: str, shape: tuple[int, int, int]) -> StepResult:
     mesh = mesh_of(shape)
     run = state_lib.build_run(cfg, mesh)
     train_step = make_train_step(run.model, run.tx, run.schedule)
-    step_fn = jax.jit(
-        lambda s, b: train_step(s, b, False),
-        in_shardings=(run.shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(run.shardings, None),
-        donate_argnums=0,
-    )
+    step_fn = state_lib.jit_train_step(run, train_step, with_stats=False)
     with sharding.sharding_context(mesh):
         state = state_lib.create_state(run.init, run.shardings, cfg.seed)
         shardings = jax.tree.map(lambda x: x.sharding, state)
