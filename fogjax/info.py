@@ -30,10 +30,14 @@ def abstract_params(config: Any) -> Any:
     return nn.unbox(variables["params"])
 
 
-def model_info(config: Any) -> dict[str, Any]:
-    """Counts of ``config``'s model. flops_per_token = 6 N + 12 L D T (N: matmul weights + head)."""
+def model_info(config: Any, params: Any = None) -> dict[str, Any]:
+    """Counts of ``config``'s model. flops_per_token = 6 N + 12 L D T (N: matmul weights + head).
+
+    ``params``: the (abstract) parameter tree when the caller already has it; else traced here.
+    """
     m = config.model
-    params = abstract_params(config)
+    if params is None:
+        params = abstract_params(config)
     leaves = jax.tree_util.tree_leaves_with_path(params)
 
     def size(name: str) -> int:

@@ -117,7 +117,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     run = state_lib.build_run(config)
     mesh, recipe, model, shardings = run.mesh, run.recipe, run.model, run.shardings
     n_params = run.num_params
-    flops_per_token = model_info(config)["flops_per_token"]
+    flops_per_token = model_info(config, run.abstract["params"])["flops_per_token"]
 
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, save_every=t.ckpt_every

@@ -97,3 +97,12 @@ def test_unknown_recipe_and_locked_config():
         config_lib.get_config("gpt2", "tiny")
     with pytest.raises(ValueError, match="Unknown size"):
         config_lib.get_config("fog_flash", "70b")
+
+
+def test_info_from_known_params_equals_traced():
+    from fogjax import state as state_lib
+    from fogjax.info import model_info
+
+    cfg = config_lib.get_config("fog_flash", "tiny")
+    run = state_lib.build_run(cfg)
+    assert model_info(cfg, run.abstract["params"]) == model_info(cfg)
