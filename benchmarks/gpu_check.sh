@@ -21,9 +21,9 @@ echo "== GPU-marked tests"
 FOGJAX_TEST_GPU=1 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
 
 stamp=$(date -u +%Y%m%d-%H%M%S)
-echo "== Headline: Llama3 BF16 (XLA and cuDNN attention) vs FOG-flash FP8DPA at 1.5B width"
+echo "== Headline: Llama3 BF16 vs FOG-flash FP8 / FP8DPA at 1.5B width, XLA and cuDNN attention"
 python3 -m fogjax.bench --config=configs/fog_flash.py:1.5b \
-  --compare=llama3:bf16,llama3:bf16:model.attention_impl=cudnn,fog_flash:fp8,fog_flash:fp8dpa \
+  --compare=llama3:bf16,llama3:bf16:model.attention_impl=cudnn,fog_flash:fp8:model.attention_impl=cudnn,fog_flash:fp8dpa,fog_flash:fp8dpa:model.attention_impl=cudnn \
   --config.train.batch_size=1 --config.model.num_layers=8 --steps=10 --warmup=2 \
   --output="$out/compare-1.5b-width-$stamp.json" 2>&1 | tee "$out/bench_compare.log"
 

@@ -19,6 +19,7 @@ import optax
 
 from fogjax import optim, sharding
 from fogjax.model import build_model, weight_decay_mask
+from fogjax.precision.cudnn_attention import require_cudnn_attention
 from fogjax.precision.recipes import Recipe, make_recipe
 
 State = dict[str, Any]
@@ -99,6 +100,12 @@ def build_run(config: Any, mesh: jax.sharding.Mesh | None = None) -> Run:
     """Builds the :class:`Run` of ``config`` (mesh from ``config.mesh`` unless given)."""
     mesh = mesh or sharding.make_mesh(config.mesh)
     recipe = make_recipe(config.precision)
+    if config.model.attention_impl == "cudnn":  # Fail here, not in a compile minutes later.
+        require_cudnn_attention(
+            fp8=recipe.quantizes_attention,
+            head_dim=config.model.d_model // config.model.num_heads,
+            seq_len=config.train.seq_len,
+        )
     model = build_model(config, recipe)
     steps = config.train.steps
     schedule = optim.make_schedule(config.optim, steps)

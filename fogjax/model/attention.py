@@ -7,7 +7,9 @@ parallelism can shard whole groups. Per group the R query heads come first, then
 Order of operations: QKV projection -> QK regulariser per head over d_h -> RoPE -> logits
 s * q.k in float32 -> causal softmax in float32 -> PV -> output projection [G, R, d_h, D].
 
-QK^T and PV get their dot_general from the precision recipe (FP8 under ``fp8dpa``).
+QK^T and PV get their dot_general from the precision recipe (FP8 under ``fp8dpa``); with
+``model.attention_impl='cudnn'`` one fused cuDNN flash-attention kernel replaces both (BF16, or FP8
+under ``fp8dpa`` with the recipe's delayed scaling: precision/cudnn_attention.py).
 """
 
 from __future__ import annotations
@@ -86,12 +88,11 @@ def xla_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) ->
 
 
 def cudnn_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) -> Array:
-    """cuDNN fused attention (bf16) through jax.nn.dot_product_attention; same shapes as xla."""
+    """cuDNN fused flash attention, same shapes as xla_attention: FP8 under a recipe that quantises
+    attention (precision/cudnn_attention.py, state named ``fp8_attention``), otherwise the compute
+    dtype through ``jax.nn.dot_product_attention(implementation='cudnn')``."""
     if recipe.quantizes_attention:
-        raise ValueError(
-            "model.attention_impl='cudnn' with FP8 attention is not available in this build; "
-            "use model.attention_impl='xla' for precision.recipe='fp8dpa'."
-        )
+        return recipe.fused_fp8_attention("fp8_attention")(q, k, v, scale)
     b, t, g, r, d = q.shape
     out = jax.nn.dot_product_attention(
         q.reshape(b, t, g * r, d), k, v, scale=scale, is_causal=True, implementation="cudnn"

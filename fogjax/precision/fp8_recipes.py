@@ -7,8 +7,9 @@
 Formats are "hybrid" (E4M3 forward, E5M2 gradients) with delayed per-tensor scaling whose window,
 reduction and margin come from the config's ``precision`` section. ``precision.backend`` picks the
 implementation of the linears: ``xla`` (fp8_dot.Fp8DotGeneral, runs everywhere, CPU included) or
-``te`` (Transformer Engine, NVIDIA GPUs only; te.py). Attention always uses Fp8DotGeneral, since
-Transformer Engine has no FP8 QK^T/PV to offer as a ``dot_general``.
+``te`` (Transformer Engine, NVIDIA GPUs only; te.py). FP8 attention is ours under either backend,
+since Transformer Engine has no FP8 QK^T/PV: Fp8DotGeneral einsums (``model.attention_impl='xla'``)
+or cuDNN's fused FP8 kernel (``'cudnn'``, cudnn_attention.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 from typing import Any
 
 from fogjax.precision import recipes
+from fogjax.precision.cudnn_attention import CudnnFp8Attention
 from fogjax.precision.fp8_dot import Fp8DotGeneral
 from fogjax.precision.recipes import DotGeneral, Recipe
 from fogjax.precision.scaling import AMAX_REDUCTIONS
@@ -99,6 +101,16 @@ class Fp8Recipe(Recipe):
         if self.fp8_attention:
             return self._fp8_dot_general(name)
         return super().attention_dot_general(name)
+
+    def fused_fp8_attention(self, name: str) -> CudnnFp8Attention:
+        if not self.fp8_attention:
+            return super().fused_fp8_attention(name)
+        return CudnnFp8Attention(
+            amax_history_len=self.amax_history_len,
+            amax_reduction=self.amax_reduction,
+            margin=self.margin,
+            name=name,
+        )
 
 
 def recipe_from_config(precision: Any, name: str, fp8_attention: bool) -> Fp8Recipe:

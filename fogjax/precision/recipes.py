@@ -6,6 +6,8 @@ always from inside a Linen ``@nn.compact`` method (so that a returned Module bin
 - ``recipe.linear_dot_general(name)``: the ``dot_general`` of a block linear layer (fused QKV,
   attention output, FFN in, FFN out). Called like ``lax.dot_general(x, kernel, dimension_numbers)``.
 - ``recipe.attention_dot_general(name)``: the ``dot_general`` of attention's QK^T or PV product.
+- ``recipe.fused_fp8_attention(name)``: the whole FP8 attention as one fused cuDNN kernel, for
+  ``model.attention_impl='cudnn'`` under a recipe that quantises attention.
 
 Both return either a plain function or a Linen Module whose ``__call__`` has ``lax.dot_general``'s
 signature. FP8 modules keep their delayed-scaling state in the ``fp8`` variable collection. The
@@ -60,6 +62,11 @@ class Recipe:
         """The dot_general of QK^T (``name='qk'``) or PV (``name='pv'``)."""
         del name
         return jax.lax.dot_general
+
+    def fused_fp8_attention(self, name: str) -> Callable[..., jax.Array]:
+        """The fused FP8 attention of ``model.attention_impl='cudnn'`` when ``quantizes_attention``:
+        ``f(q [B,T,G,R,H], k [B,S,G,H], v, scale) -> [B,T,G,R,H]``; its state is named ``name``."""
+        raise NotImplementedError(f"recipe {self.name!r} does not quantise attention")
 
 
 _REGISTRY: dict[str, Callable[..., Recipe]] = {}
