@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything fogjax checks on one Hopper GPU, in one go: the GPU-marked tests (cuBLASLt FP8 GEMM
-# counts, Transformer Engine), then the benchmarks whose JSON goes to benchmarks/results/.
+# counts, cuDNN FP8 attention, Transformer Engine), then the benchmarks (train step and attention
+# alone) whose JSON goes to benchmarks/results/.
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]
 #
@@ -31,3 +32,8 @@ echo "== FP8 GEMM counts of a 390M FOG-flash step (expect 12 cuBLASLt FP8 calls 
 python3 -m fogjax.bench --config=configs/fog_flash.py:390m --recipes=bf16,fp8,fp8dpa \
   --config.train.batch_size=2 --steps=10 --warmup=2 \
   --output="$out/fog_flash-390m-$stamp.json" 2>&1 | tee "$out/bench_390m.log"
+
+echo "== Attention alone at 1.5B shapes (T=4096): BF16 and FP8, einsum and cuDNN fused"
+python3 -m fogjax.bench --config=configs/fog_flash.py:1.5b --config.train.batch_size=2 \
+  --attention=xla:bf16,cudnn:bf16,xla:fp8dpa,cudnn:fp8dpa --steps=10 --warmup=2 \
+  --output="$out/attention-1.5b-$stamp.json" 2>&1 | tee "$out/bench_attention.log"

@@ -4,6 +4,8 @@
         --config.train.batch_size=1 [--steps=20] [--warmup=3] [--output=FILE.json]
     python -m fogjax.bench --config=configs/fog_flash.py:1.5b --config.train.batch_size=1 \
         --compare=llama3:bf16,fog_flash:fp8dpa
+    python -m fogjax.bench --config=configs/fog_flash.py:1.5b \
+        --attention=xla:bf16,cudnn:bf16,xla:fp8dpa,cudnn:fp8dpa     # attention alone, TFLOP/s
 
 Each entry is one (architecture, recipe) pair. ``--recipes`` varies the recipe of the config
 file's model; ``--compare`` gives ``arch:recipe`` pairs built with ``config_lib.get_config(arch,
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import hlo_stats, metrics, provenance, sharding
+from fogjax import bench_attention, hlo_stats, metrics, provenance, sharding
 from fogjax import state as state_lib
 from fogjax.bench_entries import (
     Entry,
@@ -290,7 +292,19 @@ def run_benchmark(
     for row in rows:
         if first and row["tokens_per_sec"]:
             row["speedup_vs_first"] = row["tokens_per_sec"] / first
-    record = provenance.provenance(entries[0].config, rows[0]["num_params"] or 0)
+    return _report(entries[0].config, rows[0]["num_params"] or 0, rows, steps, warmup, command)
+
+
+def _report(
+    config: ml_collections.ConfigDict,
+    num_params: int,
+    rows: list[dict[str, Any]],
+    steps: int,
+    warmup: int,
+    command: str,
+) -> dict[str, Any]:
+    """The JSON report: provenance (command, git, versions, devices), setup and the rows."""
+    record = provenance.provenance(config, num_params)
     devices = dict(record["devices"], nvidia_smi=_nvidia_smi_names())
     return {
         "command": command,
@@ -303,14 +317,27 @@ def run_benchmark(
         "xla_flags": record["xla_flags"],
         "steps": steps,
         "warmup": warmup,
-        "config": config_summary(entries[0].config),
+        "config": config_summary(config),
         "rows": rows,
     }
 
 
-def default_output_path(report: dict[str, Any]) -> str:
-    """benchmarks/results/<archs>-<UTC date-time>-<device kind>.json in the repository."""
-    archs = "-".join(dict.fromkeys(row["arch"] for row in report["rows"]))
+def run_attention_benchmark(
+    config: ml_collections.ConfigDict, spec: str, steps: int, warmup: int, command: str = ""
+) -> dict[str, Any]:
+    """The attention-only benchmark (bench_attention.py) of every ``impl:recipe`` in ``spec``."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
+    variants = bench_attention.parse_variants(spec)
+    rows = [bench_attention.measure_variant(config, i, r, steps, warmup) for i, r in variants]
+    report = _report(config, 0, rows, steps, warmup, command)
+    report["benchmark"] = "attention"
+    return report
+
+
+def default_output_path(report: dict[str, Any], name: str = "") -> str:
+    """benchmarks/results/<archs or name>-<UTC date-time>-<device kind>.json in the repository."""
+    archs = name or "-".join(dict.fromkeys(row["arch"] for row in report["rows"]))
     device = re.sub(r"[^a-z0-9]+", "-", report["devices"]["kind"].lower()).strip("-")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     return os.path.join(_RESULTS_DIR, f"{archs}-{stamp}-{device}.json")
@@ -380,10 +407,20 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     if FLAGS.config is None:
         raise app.UsageError("Give a config: --config=configs/fog_flash.py:1.5b")
-    if FLAGS.recipes and FLAGS.compare:
-        raise app.UsageError("Give --recipes or --compare, not both.")
+    if sum(bool(f) for f in (FLAGS.recipes, FLAGS.compare, FLAGS.attention)) > 1:
+        raise app.UsageError("Give one of --recipes, --compare and --attention.")
     if FLAGS.steps < 1 or FLAGS.warmup < 0:
         raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup >= 0.")
+    command = shlex.join(["python", "-m", "fogjax.bench", *sys.argv[1:]])
+    if FLAGS.attention:
+        try:
+            report = run_attention_benchmark(
+                FLAGS.config, FLAGS.attention, FLAGS.steps, FLAGS.warmup, command
+            )
+        except ValueError as e:
+            raise app.UsageError(str(e)) from e
+        _finish(report, bench_attention.format_table(report["rows"]), FLAGS.output, "attention")
+        return
     try:
         if FLAGS.compare:
             flag = FLAGS["config"]
@@ -394,12 +431,16 @@ def main(argv: list[str]) -> None:
             entries = recipe_entries(FLAGS.config, names)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
-    command = shlex.join(["python", "-m", "fogjax.bench", *sys.argv[1:]])
     report = run_benchmark(entries, FLAGS.steps, FLAGS.warmup, command)
+    _finish(report, format_table(report["rows"]), FLAGS.output)
+
+
+def _finish(report: dict[str, Any], table: str, output: str | None, name: str = "") -> None:
+    """Prints the table and writes the JSON (process 0); exit 1 if every row failed."""
     if jax.process_index() != 0:
         return
-    print(format_table(report["rows"]))
-    path = FLAGS.output or default_output_path(report)
+    print(table)
+    path = output or default_output_path(report, name)
     write_report(report, path)
     print(f"Wrote {path}")
     if all(row["status"] == "error" for row in report["rows"]):
@@ -417,6 +458,12 @@ def _define_flags() -> None:
     flags.DEFINE_string("recipes", None, "Comma-separated recipes, e.g. bf16,fp8,fp8dpa.")
     flags.DEFINE_string(
         "compare", None, "Comma-separated arch:recipe entries, e.g. llama3:bf16,fog_flash:fp8dpa."
+    )
+    flags.DEFINE_string(
+        "attention",
+        None,
+        "Benchmark attention alone at the config's shapes instead of the train step: "
+        "comma-separated impl:recipe, e.g. xla:bf16,cudnn:bf16,xla:fp8dpa,cudnn:fp8dpa.",
     )
     flags.DEFINE_integer("steps", 20, "Timed steps per entry (the median is reported).")
     flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")

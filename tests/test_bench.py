@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from fogjax import bench, bench_entries, config_lib, hlo_stats
+from fogjax import bench, bench_attention, bench_entries, config_lib, hlo_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device for the CLI run (this test process has 8 fake devices).
@@ -283,3 +283,53 @@ def test_gpu_fp8dpa_keeps_every_fp8_gemm_in_fp8():
     # otherwise stay FP8 dots: none is lost to a higher precision.
     assert built["fp8_gemm_custom_calls"] >= 12
     assert built["fp8_gemm_custom_calls"] + built["fp8_dots_left_in_optimized_hlo"] == 18
+
+
+def test_attention_flops_count_the_causal_half_of_each_gemm():
+    # B=2, N=4, T=8, d=16: QK^T and PV are 2 * (2*4*8*8*16) FLOPs each unmasked; causal halves.
+    forward, train = bench_attention.attention_flops(2, 8, 4, 16)
+    assert forward == 2 * (2 * 2 * 4 * 8 * 8 * 16) // 2
+    assert train == 3 * forward  # backward: dQ, dK, dV and dP, twice the forward's GEMMs
+
+
+@pytest.mark.parametrize("spec", ["flash:bf16", "cudnn", "", "xla:bf16,,cudnn:"])
+def test_attention_variants_must_be_impl_colon_recipe(spec):
+    with pytest.raises(ValueError, match="impl:recipe"):
+        bench_attention.parse_variants(spec)
+
+
+def test_attention_benchmark_times_the_einsum_path_and_reports_cudnn_as_an_error_on_cpu():
+    config = config_lib.get_config("fog_flash", "tiny")
+    with config.unlocked():
+        config.train.batch_size, config.train.seq_len = 2, 128
+    report = bench.run_attention_benchmark(config, "xla:bf16,xla:fp8dpa,cudnn:fp8dpa", 2, 1)
+    assert report["benchmark"] == "attention" and report["git_sha"]
+    bf16, fp8, cudnn = report["rows"]
+    for row in (bf16, fp8):
+        assert row["status"] == "ok", row["error"]
+        assert row["shape"] == {
+            "batch": 2,
+            "seq_len": 128,
+            "num_heads": 2,
+            "num_kv_heads": 1,
+            "head_dim": 128,
+        }
+        assert row["fwd_ms"] > 0 and row["train_ms"] > 0
+        forward, train = bench_attention.attention_flops(2, 128, 2, 128)
+        assert row["fwd_tflops"] == pytest.approx(forward / row["fwd_ms"] / 1e9)
+        assert row["train_tflops"] == pytest.approx(train / row["train_ms"] / 1e9)
+        assert row["cudnn_attention_calls"] == 0
+    assert cudnn["status"] == "error" and "JAX sees no GPU" in cudnn["error"]
+    assert "attention_impl=xla" in cudnn["error"]
+    assert "cudnn:fp8dpa: CudnnAttentionUnavailable" in bench_attention.format_table(report["rows"])
+
+
+@pytest.mark.gpu
+def test_gpu_attention_benchmark_runs_cudnn_fp8_in_one_fused_call_each_way():
+    config = config_lib.get_config("fog_flash", "tiny")
+    with config.unlocked():
+        config.train.batch_size, config.train.seq_len = 2, 256
+    rows = bench.run_attention_benchmark(config, "cudnn:bf16,cudnn:fp8dpa", 3, 1)["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"], [r["error"] for r in rows]
+    assert rows[0]["cudnn_attention_calls"] == 2 and rows[0]["cudnn_fp8_attention_calls"] == 0
+    assert rows[1]["cudnn_fp8_attention_calls"] == 2 and rows[1]["fp8_dots_hlo"] == 0
