@@ -30,6 +30,7 @@ from fogjax.precision.cudnn_attention import TENSORS, CudnnAttentionUnavailable
 from fogjax.precision.formats import E4M3_MAX
 from fogjax.precision.stats import fp8_state_metrics
 from fogjax.state import build_run
+from fogjax.step import compute_grads
 
 SCALE = 0.25
 EMULATED = cudnn_attention.Kernel(emulation.forward, emulation.backward)
@@ -179,6 +180,25 @@ def test_model_trains_with_emulated_kernel_and_reports_its_state(emulated_kernel
         assert np.all(by_step[:, first_known:] > 0), (name, by_step)
     tags = fp8_state_metrics(state["fp8"])
     assert {f"fp8/layers_1/attn/fp8_attention/{n}_scale" for n in TENSORS} <= set(tags)
+
+
+def test_micro_batches_leave_the_same_attention_state_as_one_batch(emulated_kernel):
+    model, state, step = setup(_cudnn_config())
+    step = jax.jit(functools.partial(step, with_stats=False))
+    for i in range(3):  # past the first steps' scale-1 gradients (see the test above)
+        state, _ = step(state, batch(i, t=128))
+    tokens = batch(7, b=8, t=128)
+    results = [
+        compute_grads(model, state["params"], state["fp8"], tokens, k, False) for k in (1, 4)
+    ]
+    one, two = (r[2]["layers"]["attn"]["fp8_attention"] for r in results)
+    for name in TENSORS:
+        a, b = one[f"{name}_amax_history"], two[f"{name}_amax_history"]
+        assert np.all(np.asarray(a)[:, 0] > 0), name
+        if name in cudnn_attention.FORWARD_TENSORS + ("do",):  # max over the batch: exact
+            np.testing.assert_array_equal(b, a, err_msg=name)
+        else:  # per-example gradients, up to the rounding of the layers above
+            np.testing.assert_allclose(b, a, rtol=1e-2, err_msg=name)
 
 
 def _lower_for_cuda(cfg, monkeypatch):
