@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from fogjax.model.attention import ATTENTION_IMPLS, QK_NORMS
 from fogjax.model.blocks import ARCHITECTURES, POST_NORMS, Block
+from fogjax.model.embedding import embed_lookup
 from fogjax.model.layers import RMSNorm
 from fogjax.model.mlp import ACTIVATIONS
 from fogjax.model.probes import KURTOSIS_FORMS
@@ -105,7 +106,8 @@ class Transformer(nn.Module):
             (cfg.vocab_size, cfg.d_model),
             jnp.float32,
         )
-        x = jnp.take(embedding.astype(dtype), tokens, axis=0)
+        # Vocab-parallel under a mesh: a plain gather here makes XLA rematerialize the output.
+        x = embed_lookup(embedding, tokens, dtype)
         if cfg.input_scale != 1.0:
             x = x * jnp.asarray(cfg.input_scale, dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
