@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_step import batch, fp8_dot_counts, setup, tiny_config
+from test_step import _jit_grads, batch, fp8_dot_counts, setup, tiny_config
 
 from fogjax import sharding
 from fogjax.precision import cudnn_attention, scaling
@@ -30,7 +30,6 @@ from fogjax.precision.cudnn_attention import TENSORS, CudnnAttentionUnavailable
 from fogjax.precision.formats import E4M3_MAX
 from fogjax.precision.stats import fp8_state_metrics
 from fogjax.state import build_run
-from fogjax.step import compute_grads
 
 SCALE = 0.25
 EMULATED = cudnn_attention.Kernel(emulation.forward, emulation.backward)
@@ -188,12 +187,10 @@ def test_micro_batches_leave_the_same_attention_state_as_one_batch(emulated_kern
     for i in range(3):  # past the first steps' scale-1 gradients (see the test above)
         state, _ = step(state, batch(i, t=128))
     tokens = batch(7, b=8, t=128)
-    results = [
-        compute_grads(model, state["params"], state["fp8"], tokens, k, False) for k in (1, 4)
-    ]
-    one, two = (r[2]["layers"]["attn"]["fp8_attention"] for r in results)
+    results = [_jit_grads(model, k, False)(state, tokens) for k in (1, 4)]
+    one, four = (r[2]["layers"]["attn"]["fp8_attention"] for r in results)
     for name in TENSORS:
-        a, b = one[f"{name}_amax_history"], two[f"{name}_amax_history"]
+        a, b = one[f"{name}_amax_history"], four[f"{name}_amax_history"]
         assert np.all(np.asarray(a)[:, 0] > 0), name
         if name in cudnn_attention.FORWARD_TENSORS + ("do",):  # max over the batch: exact
             np.testing.assert_array_equal(b, a, err_msg=name)

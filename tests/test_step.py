@@ -127,12 +127,21 @@ def test_scales_after_one_step_equal_fp8_max_over_amax_seen():
     assert np.all(np.asarray(fp8["attn"]["wqkv"]["dot"]["lhs_amax_history"][:, 1:]) == 0)
 
 
+def _jit_grads(model, micro_batches, with_stats):
+    """compute_grads compiled (eager execution of the scanned model is several times slower)."""
+    return jax.jit(
+        lambda state, tokens: compute_grads(
+            model, state["params"], state["fp8"], tokens, micro_batches, with_stats
+        )
+    )
+
+
 def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
     cfg = tiny_config("fp8dpa")
     model, state, _ = setup(cfg)
     tokens = batch(b=8)
-    _, grads1, fp8_one, _ = compute_grads(model, state["params"], state["fp8"], tokens, 1, False)
-    _, grads4, fp8_four, _ = compute_grads(model, state["params"], state["fp8"], tokens, 4, False)
+    _, grads1, fp8_one, _ = _jit_grads(model, 1, False)(state, tokens)
+    _, grads4, fp8_four, _ = _jit_grads(model, 4, False)(state, tokens)
     flat_one = jax.tree_util.tree_leaves_with_path(fp8_one)
     flat_four = dict(jax.tree_util.tree_leaves_with_path(fp8_four))
     for path, a in flat_one:
@@ -143,8 +152,8 @@ def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
         else:  # forward amaxes and scales: exactly the full batch's
             np.testing.assert_array_equal(b, a, err_msg=name)
     # Activation statistics combine exactly: amax by max, mean square and kurtosis by mean.
-    _, _, _, aux1 = compute_grads(model, state["params"], state["fp8"], tokens, 1, True)
-    _, _, _, aux4 = compute_grads(model, state["params"], state["fp8"], tokens, 4, True)
+    _, _, _, aux1 = _jit_grads(model, 1, True)(state, tokens)
+    _, _, _, aux4 = _jit_grads(model, 4, True)(state, tokens)
     qkv1 = aux1["probes"]["layers"]["attn"]["qkv"]
     qkv4 = aux4["probes"]["layers"]["attn"]["qkv"]
     np.testing.assert_array_equal(qkv4["amax"], qkv1["amax"])
