@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import bench_attention, hlo_stats, metrics, provenance, sharding
+from fogjax import bench_attention, hlo_stats, metrics, provenance, sharding, text_table
 from fogjax import state as state_lib
 from fogjax.bench_entries import (
     Entry,
@@ -374,20 +374,11 @@ _TABLE_COLUMNS = (
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as an aligned text table, failed rows' errors on their own lines below it."""
-    cells = [[name for name, _ in _TABLE_COLUMNS]]
-    cells += [[cell(row) for _, cell in _TABLE_COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_TABLE_COLUMNS))]
-
-    def join(line: list[str]) -> str:
-        # The entry name is left-aligned, numbers right-aligned.
-        return "  ".join(
-            c.rjust(w) if i else c.ljust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
-        )
-
-    lines = [join(cells[0]), "  ".join("-" * w for w in widths)] + [join(c) for c in cells[1:]]
-    lines += [f"{row['label']}: {row['error']}" for row in rows if row["error"]]
-    return "\n".join(lines)
+    table = text_table.aligned(
+        [name for name, _ in _TABLE_COLUMNS],
+        [[cell(row) for _, cell in _TABLE_COLUMNS] for row in rows],
+    )
+    return "\n".join([table] + [f"{row['label']}: {row['error']}" for row in rows if row["error"]])
 
 
 def write_report(report: dict[str, Any], path: str) -> None:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import hlo_stats
+from fogjax import hlo_stats, text_table
 from fogjax.model.attention import ATTENTION_IMPLS, cudnn_attention, xla_attention
 from fogjax.precision.cudnn_attention import require_cudnn_attention
 from fogjax.precision.recipes import Recipe, make_recipe
@@ -157,30 +157,22 @@ def measure_variant(
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as an aligned text table, failed rows' errors on their own lines below it."""
+
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     header = ("variant", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s", "cudnn f8/all")
-    lines = [header]
-    for r in rows:
-        cudnn = f"{fmt(r['cudnn_fp8_attention_calls'], 'd')}/{fmt(r['cudnn_attention_calls'], 'd')}"
-        lines.append(
-            (
-                r["label"],
-                fmt(r["fwd_ms"], ".3f"),
-                fmt(r["fwd_tflops"], ".1f"),
-                fmt(r["train_ms"], ".3f"),
-                fmt(r["train_tflops"], ".1f"),
-                cudnn,
-            )
+    cells = [
+        (
+            r["label"],
+            fmt(r["fwd_ms"], ".3f"),
+            fmt(r["fwd_tflops"], ".1f"),
+            fmt(r["train_ms"], ".3f"),
+            fmt(r["train_tflops"], ".1f"),
+            f"{fmt(r['cudnn_fp8_attention_calls'], 'd')}/{fmt(r['cudnn_attention_calls'], 'd')}",
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = [
-        "  ".join(
-            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(ln, widths, strict=True))
-        )
-        for ln in lines
+        for r in rows
     ]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    text += [f"{r['label']}: {r['error']}" for r in rows if r["error"]]
-    return "\n".join(text)
+    table = text_table.aligned(header, cells)
+    return "\n".join([table] + [f"{r['label']}: {r['error']}" for r in rows if r["error"]])

@@ -55,7 +55,7 @@ from jax.sharding import PartitionSpec as P
 
 from fogjax.precision import scaling
 from fogjax.precision.formats import E4M3, E4M3_MAX
-from fogjax.precision.fp8_dot import FP8_STATS_COLLECTION, operand_stats
+from fogjax.precision.fp8_dot import sow_operand_stats
 from fogjax.precision.scaling import ScalingState
 
 FORWARD_TENSORS = ("q", "k", "v", "p", "o")
@@ -297,15 +297,7 @@ class CudnnFp8Attention(nn.Module):
         """q [B, T, G, R, H], k and v [B, S, G, H] (compute dtype) -> [B, T, G, R, H]."""
         b, t, g, r, d = q.shape
         states = {n: scaling.declare_state(self, n, self.amax_history_len) for n in TENSORS}
-        if self.is_mutable_collection(FP8_STATS_COLLECTION):
-            for name, x in (("q", q), ("k", k), ("v", v)):
-                self.sow(
-                    FP8_STATS_COLLECTION,
-                    name,
-                    operand_stats(x, states[name].scale_inv, E4M3),
-                    init_fn=lambda: {},
-                    reduce_fn=lambda _, new: new,
-                )
+        sow_operand_stats(self, {n: (x, states[n]) for n, x in (("q", q), ("k", k), ("v", v))})
         out = cudnn_fp8_attention(
             q.reshape(b, t, g * r, d), k, v, states, scale, self.amax_reduction, self.margin
         )

@@ -153,6 +153,23 @@ def operand_stats(x: jax.Array, scale_inv: jax.Array, dtype: Any) -> dict[str, j
     }
 
 
+def sow_operand_stats(
+    module: nn.Module, operands: dict[str, tuple[jax.Array, ScalingState]]
+) -> None:
+    """On statistics steps (``fp8_stats`` mutable, decided at trace time) sows, per named E4M3
+    operand ``{name: (x, state)}``, its :func:`operand_stats` into ``fp8_stats``; else nothing."""
+    if not module.is_mutable_collection(FP8_STATS_COLLECTION):
+        return
+    for name, (x, state) in operands.items():
+        module.sow(
+            FP8_STATS_COLLECTION,
+            name,
+            operand_stats(x, state.scale_inv, E4M3),
+            init_fn=lambda: {},
+            reduce_fn=lambda _, new: new,
+        )
+
+
 class Fp8DotGeneral(nn.Module):
     """A drop-in ``dot_general`` whose three GEMMs run in FP8 with delayed per-tensor scaling.
 
@@ -192,15 +209,7 @@ class Fp8DotGeneral(nn.Module):
         lhs_state = scaling.declare_state(self, "lhs", h)
         rhs_state = scaling.declare_state(self, "rhs", h)
         grad_state = scaling.declare_state(self, "grad", h)
-        if self.is_mutable_collection(FP8_STATS_COLLECTION):
-            for name, x, state in (("lhs", lhs, lhs_state), ("rhs", rhs, rhs_state)):
-                self.sow(
-                    FP8_STATS_COLLECTION,
-                    name,
-                    operand_stats(x, state.scale_inv, E4M3),
-                    init_fn=lambda: {},
-                    reduce_fn=lambda _, new: new,
-                )
+        sow_operand_stats(self, {"lhs": (lhs, lhs_state), "rhs": (rhs, rhs_state)})
         return fp8_dot_general(
             lhs,
             rhs,
