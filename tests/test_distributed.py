@@ -1,6 +1,7 @@
 """Joining the multi-process runtime: SLURM and explicit settings, the sbatch script, two real
 processes on 127.0.0.1."""
 
+import contextlib
 import logging
 import os
 import re
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -309,11 +311,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Tests that start a coordinator share one xdist worker (pyproject: --dist loadgroup): two picked
-# "free" ports can coincide, and gRPC's SO_REUSEPORT then lets both jobs' processes meet in one
-# coordinator (seen once: Gloo rank 0 "connected to 3 peer ranks" of a 2-process job, then a hang).
+# Tests that start a coordinator run one after the other on one xdist worker (pyproject: --dist
+# loadgroup). In two of five full-suite runs on 2 busy cores, the join test below timed out with
+# process 0 having printed "worker ok" but not exited; the cause is not established (it never
+# reproduced alone, even beside CPU hogs), so the overlap of two multi-process jobs is avoided.
 @pytest.mark.xdist_group("coordinator")
-def test_two_processes_join_on_localhost():
+def test_two_processes_join_on_localhost(tmp_path):
     port = _free_port()
     base = {
         k: v
@@ -327,24 +330,35 @@ def test_two_processes_join_on_localhost():
         FOGJAX_NUM_PROCESSES="2",
         PYTHONPATH=str(ROOT),
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER],
-            env=dict(base, FOGJAX_PROCESS_ID=str(i)),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
+    # Output to files, not pipes: an undrained pipe of one process can never block the other.
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = []
     try:
+        for i, log in enumerate(logs):
+            with open(log, "w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", _WORKER],
+                        env=dict(base, FOGJAX_PROCESS_ID=str(i)),
+                        cwd=ROOT,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + 180
         for p in procs:
-            outputs.append(p.communicate(timeout=120)[0])
+            with contextlib.suppress(subprocess.TimeoutExpired):  # reported below, with both logs
+                p.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+                p.wait()
+    # Both logs in any failure: a hang in one process usually shows in the other's output.
+    outputs = [log.read_text() for log in logs]
+    report = "\n".join(
+        f"--- process {i} (exit {p.returncode}):\n{out[-2000:]}"
+        for i, (p, out) in enumerate(zip(procs, outputs, strict=True))
+    )
     for i, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0 and f"worker ok {i}" in out, out[-3000:]
+        assert p.returncode == 0 and f"worker ok {i}" in out, report

@@ -301,9 +301,10 @@ def _losses(workdir: Path) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars("train/loss")}
 
 
-# Tests that start a coordinator share one xdist worker (pyproject: --dist loadgroup): two picked
-# "free" ports can coincide, and gRPC's SO_REUSEPORT then lets both jobs' processes meet in one
-# coordinator (seen once: Gloo rank 0 "connected to 3 peer ranks" of a 2-process job, then a hang).
+# Tests that start a coordinator run one after the other on one xdist worker (pyproject: --dist
+# loadgroup). In two of five full-suite runs on 2 busy cores, the join test below timed out with
+# process 0 having printed "worker ok" but not exited; the cause is not established (it never
+# reproduced alone, even beside CPU hogs), so the overlap of two multi-process jobs is avoided.
 @pytest.mark.xdist_group("coordinator")
 def test_two_processes_train_like_one(tmp_path):
     """The embedded default on 2 processes x 1 CPU device (data=2, gloo collectives) logs the

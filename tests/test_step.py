@@ -169,7 +169,9 @@ def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
 def test_clipping_and_weight_decay_leave_fp8_state_alone():
     tokens = batch()
     # warmup 0 so that step 0 already has a learning rate.
-    _, state_a, step_a = setup(tiny_config("fp8"), weight_decay=0.0, grad_clip=1.0, warmup_steps=0)
+    model, state_a, step_a = setup(
+        tiny_config("fp8"), weight_decay=0.0, grad_clip=1.0, warmup_steps=0
+    )
     _, state_b, step_b = setup(
         tiny_config("fp8"), weight_decay=50.0, grad_clip=1e-6, warmup_steps=0
     )
@@ -180,8 +182,7 @@ def test_clipping_and_weight_decay_leave_fp8_state_alone():
     # The optimizer did see different settings: the parameters moved differently.
     assert not np.allclose(m_a["update_norm"], m_b["update_norm"])
     # grad_norm is over parameters only (the FP8 state's "gradient" is its new value).
-    model, _, _ = setup(tiny_config("fp8"))
-    _, grads, new_fp8, _ = compute_grads(model, state_a["params"], state_a["fp8"], tokens, 1, False)
+    _, grads, new_fp8, _ = _jit_grads(model, 1, False)(state_a, tokens)
     expected = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads)))
     assert float(m_a["grad_norm"]) == pytest.approx(expected, rel=1e-5)
     fp8_norm = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(new_fp8)))
