@@ -312,7 +312,7 @@ def _free_port() -> int:
 
 
 # Tests that start a coordinator run one after the other on one xdist worker (pyproject: --dist
-# loadgroup). In two of five full-suite runs on 2 busy cores, the join test below timed out with
+# loadgroup). In two of four full-suite runs on 2 busy cores, the join test below timed out with
 # process 0 having printed "worker ok" but not exited; the cause is not established (it never
 # reproduced alone, even beside CPU hogs), so the overlap of two multi-process jobs is avoided.
 @pytest.mark.xdist_group("coordinator")
