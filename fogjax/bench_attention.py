@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fogjax import hlo_stats, text_table
-from fogjax.model.attention import ATTENTION_IMPLS, cudnn_attention, xla_attention
+from fogjax.model.attention import ATTENTION_FUNCTIONS, ATTENTION_IMPLS
 from fogjax.precision.cudnn_attention import require_cudnn_attention
 from fogjax.precision.recipes import Recipe, make_recipe
 
@@ -46,8 +46,6 @@ FIELDS = (
     "fp8_dots_hlo",  # FP8 dot_generals left in the optimized HLO (CPU keeps none: it emulates)
 )
 
-_IMPLS = {"xla": xla_attention, "cudnn": cudnn_attention}
-
 
 class AttentionOnly(nn.Module):
     """The model's attention core: q [B,T,G,R,d], k and v [B,T,G,d] -> [B,T,G,R,d]."""
@@ -58,7 +56,7 @@ class AttentionOnly(nn.Module):
 
     @nn.compact
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return _IMPLS[self.impl](q, k, v, self.scale, self.recipe)
+        return ATTENTION_FUNCTIONS[self.impl](q, k, v, self.scale, self.recipe)
 
 
 def parse_variants(spec: str) -> list[tuple[str, str]]:

@@ -121,6 +121,22 @@ def sharding_context(mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES) -> It
         yield
 
 
+def split_axis(mesh: Any, axis: str, dim: int) -> str | None:
+    """``axis`` if it has several devices in ``mesh`` (a Mesh or AbstractMesh) and divides
+    ``dim``, else None: how shard_map code splits a dimension, with the same divisibility fallback
+    (replicate) that :func:`logical_shardings` gives parameters."""
+    n = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get(axis, 1)
+    return axis if n > 1 and dim % n == 0 else None
+
+
+def split_batch_axes(mesh: Any, batch: int) -> tuple[str, ...]:
+    """The :data:`BATCH_MESH_AXES` with several devices in ``mesh``, if their product divides
+    ``batch``; else () (the batch stays whole)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
+    return () if batch % math.prod(sizes[a] for a in axes) else axes
+
+
 def _mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...]) -> int:
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 

@@ -100,7 +100,8 @@ def cudnn_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) 
     return out.reshape(b, t, g, r, d)
 
 
-_IMPLS = {"xla": xla_attention, "cudnn": cudnn_attention}
+# model.attention_impl -> f(q, k, v, scale, recipe), called from inside a compact method.
+ATTENTION_FUNCTIONS = {"xla": xla_attention, "cudnn": cudnn_attention}
 
 
 class Attention(nn.Module):
@@ -139,12 +140,12 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        if cfg.attention_impl not in _IMPLS:
+        if cfg.attention_impl not in ATTENTION_FUNCTIONS:
             raise ValueError(
                 f"Unknown model.attention_impl={cfg.attention_impl!r}; choose one of "
                 f"{ATTENTION_IMPLS}."
             )
-        out = _IMPLS[cfg.attention_impl](q, k, v, cfg.softmax_scale, recipe)
+        out = ATTENTION_FUNCTIONS[cfg.attention_impl](q, k, v, cfg.softmax_scale, recipe)
 
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scale_out_init else None
         return Linear(

@@ -19,18 +19,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fogjax.sharding import BATCH_MESH_AXES
+from fogjax.sharding import split_axis, split_batch_axes
 
 # The mesh axes fogjax.sharding.LOGICAL_AXIS_RULES maps the table's 'vocab' and 'embed' onto.
 VOCAB_AXIS = "tensor"
 EMBED_AXIS = "fsdp"
-
-
-def _split_axis(sizes: dict[str, int], axis: str, dim: int) -> str | None:
-    """``axis`` if it has several devices and divides ``dim``, else None (replicated): the same
-    divisibility fallback as fogjax.sharding gives the parameter itself."""
-    n = sizes.get(axis, 1)
-    return axis if n > 1 and dim % n == 0 else None
 
 
 def _specs(
@@ -44,18 +37,15 @@ def _specs(
     reshards nothing on entry, except that D stays whole when B is not split over 'fsdp'. The
     replica axes are the batch axes the table is whole on ('data'): its gradient sums over them.
     """
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     vocab, d_model = table_shape
-    batch_axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
-    if tokens_shape[0] % math.prod(sizes[a] for a in batch_axes):
-        batch_axes = ()
-    embed_axis = _split_axis(sizes, EMBED_AXIS, d_model)
+    batch_axes = split_batch_axes(mesh, tokens_shape[0])
+    embed_axis = split_axis(mesh, EMBED_AXIS, d_model)
     if embed_axis not in batch_axes:
         # The in-body all-gather's result counts as varying over 'fsdp' (it transposes to a
         # reduce-scatter), which only an fsdp-split output may be. With the batch whole on 'fsdp'
         # (model.init's one-row batch, an odd eval batch) shard_map gathers D on entry instead.
         embed_axis = None
-    table_spec = P(_split_axis(sizes, VOCAB_AXIS, vocab), embed_axis)
+    table_spec = P(split_axis(mesh, VOCAB_AXIS, vocab), embed_axis)
     tokens_spec = P(batch_axes or None, *(None,) * (len(tokens_shape) - 1))
     replica_axes = tuple(a for a in batch_axes if a not in table_spec)
     return table_spec, tokens_spec, replica_axes

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from fogjax import sharding
 from fogjax.precision import scaling
 from fogjax.precision.formats import E4M3, E4M3_MAX
 from fogjax.precision.fp8_dot import sow_operand_stats
@@ -144,15 +145,9 @@ def _mesh_specs(mesh: Any, batch: int, kv_heads: int) -> tuple[P, tuple[str, ...
     when there is no multi-device mesh (the kernels then run on the whole arrays)."""
     if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
         return None
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
-    if batch % math.prod(sizes[a] for a in batch_axes):
-        batch_axes = ()
-    head_axis = "tensor" if sizes.get("tensor", 1) > 1 else None
-    if head_axis and kv_heads % sizes["tensor"]:
-        head_axis = None
-    spec = P(batch_axes or None, None, head_axis, None)
-    return spec, tuple(a for a in mesh.axis_names if sizes[a] > 1)
+    batch_axes = sharding.split_batch_axes(mesh, batch)
+    spec = P(batch_axes or None, None, sharding.split_axis(mesh, "tensor", kv_heads), None)
+    return spec, tuple(a for a, n in zip(mesh.axis_names, mesh.axis_sizes, strict=True) if n > 1)
 
 
 def _run_forward(q8, k8, v8, factors, scale, specs):
