@@ -57,7 +57,9 @@ def strip_boxes(tree: Any) -> Any:
 
 def abstract_state(init: Callable[[jax.Array], State], mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
     """(unboxed abstract state with shardings attached, the matching sharding tree)."""
-    boxed = jax.eval_shape(init, jax.random.key(0))
+    # The key is made inside the trace: an eager jax.random.key under a mesh of compile-only
+    # devices (fogjax.bench --target) would try to run on them.
+    boxed = jax.eval_shape(lambda: init(jax.random.key(0)))
     shardings = sharding.logical_shardings(boxed, mesh)
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -96,8 +98,13 @@ class Run:
         return count_params(self.abstract)
 
 
-def build_run(config: Any, mesh: jax.sharding.Mesh | None = None) -> Run:
-    """Builds the :class:`Run` of ``config`` (mesh from ``config.mesh`` unless given)."""
+def build_run(config: Any, mesh: jax.sharding.Mesh | None = None, target: Any = None) -> Run:
+    """Builds the :class:`Run` of ``config`` (mesh from ``config.mesh`` unless given).
+
+    ``target``: when compiling for GPUs this machine does not have (fogjax.bench --target), an
+    object with the compile-only ``devices`` and the target's ``cudnn_version``; start-up checks
+    then look at it instead of ``jax.devices()``. Nothing here runs on the devices.
+    """
     mesh = mesh or sharding.make_mesh(config.mesh)
     recipe = make_recipe(config.precision)
     if config.model.attention_impl == "cudnn":  # Fail here, not in a compile minutes later.
@@ -105,6 +112,7 @@ def build_run(config: Any, mesh: jax.sharding.Mesh | None = None) -> Run:
             fp8=recipe.quantizes_attention,
             head_dim=config.model.d_model // config.model.num_heads,
             seq_len=config.train.seq_len,
+            target=target,
         )
     model = build_model(config, recipe)
     steps = config.train.steps

@@ -32,8 +32,9 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN or inf."""
 
 
-def validate_train_config(config: Any) -> None:
-    """Raises ValueError naming the field and the fix for train settings that cannot work."""
+def validate_train_config(config: Any, num_devices: int | None = None) -> None:
+    """Raises ValueError naming the field and the fix for train settings that cannot work.
+    ``num_devices``: the devices the run will use (default all of ``jax.devices()``)."""
     t = config.train
     for field in ("steps", "batch_size", "micro_batches", "log_every", "stats_every", "ckpt_every"):
         if getattr(t, field) < 1:
@@ -45,7 +46,7 @@ def validate_train_config(config: Any) -> None:
             f"train.batch_size={t.batch_size} is not divisible by train.micro_batches="
             f"{t.micro_batches}; choose micro_batches that divides the batch."
         )
-    n = jax.device_count()
+    n = jax.device_count() if num_devices is None else num_devices
     mesh_batch = sharding.resolve_mesh_shape(config.mesh, n)
     shards = mesh_batch[0] * mesh_batch[1]
     if (t.batch_size // t.micro_batches) % shards:

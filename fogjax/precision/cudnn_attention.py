@@ -303,12 +303,17 @@ class CudnnAttentionUnavailable(ValueError):
     """model.attention_impl='cudnn' asked for where cuDNN's fused attention cannot run."""
 
 
-def _gpu_problem(fp8: bool) -> str | None:
-    """Why this machine cannot run cuDNN (FP8) attention, or None if it can."""
-    try:
-        gpus = [d for d in jax.devices() if d.platform == "gpu"]
-    except RuntimeError:
-        gpus = []
+def _gpu_problem(fp8: bool, target: Any = None) -> str | None:
+    """Why cuDNN (FP8) attention cannot run here, or None if it can. With ``target`` (a compile
+    target of fogjax.bench: ``devices`` and ``cudnn_version``), its GPUs are checked, not this
+    machine's."""
+    if target is not None:
+        gpus = [d for d in target.devices if d.platform == "gpu"]
+    else:
+        try:
+            gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        except RuntimeError:
+            gpus = []
     if not gpus:
         return f"JAX sees no GPU (backend: {jax.default_backend()})"
     if fp8:
@@ -318,19 +323,24 @@ def _gpu_problem(fp8: bool) -> str | None:
                 f"{gpus[0].device_kind} has compute capability {capability}; FP8 attention "
                 "needs Hopper (9.0) or newer"
             )
-    try:
-        version = _fused_attention_module().check_cudnn_version()
-    except RuntimeError as e:
-        return f"cuDNN is not available to JAX ({e})"
+    if target is not None:
+        major, minor, patch = target.cudnn_version
+        version = major * 10000 + minor * 100 + patch
+    else:
+        try:
+            version = _fused_attention_module().check_cudnn_version()
+        except RuntimeError as e:
+            return f"cuDNN is not available to JAX ({e})"
     if fp8 and version < MIN_CUDNN_VERSION:
         return f"cuDNN {version} is older than 9.1.0, the first with FP8 attention backward"
     return None
 
 
-def require_cudnn_attention(fp8: bool, head_dim: int, seq_len: int) -> None:
+def require_cudnn_attention(fp8: bool, head_dim: int, seq_len: int, target: Any = None) -> None:
     """Fails at start-up, saying why and what to use instead, where model.attention_impl='cudnn'
     cannot run: FP8 (``fp8dpa``) needs head dim 128, ``seq_len`` % 128 == 0, a Hopper GPU and cuDNN
-    >= 9.1; BF16 needs a GPU with cuDNN.
+    >= 9.1; BF16 needs a GPU with cuDNN. ``target``: the GPUs compiled for instead of this
+    machine's (see :func:`_gpu_problem`).
 
     Raises:
       CudnnAttentionUnavailable (a ValueError).
@@ -342,7 +352,7 @@ def require_cudnn_attention(fp8: bool, head_dim: int, seq_len: int) -> None:
     if fp8 and seq_len % SEQ_MULTIPLE:
         problems.append(f"train.seq_len={seq_len} is not a multiple of {SEQ_MULTIPLE}")
     if not problems:
-        gpu = _gpu_problem(fp8)
+        gpu = _gpu_problem(fp8, target)
         problems += [gpu] if gpu else []
     if problems:
         raise CudnnAttentionUnavailable(

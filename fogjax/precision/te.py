@@ -43,8 +43,10 @@ def _fail(reason: str) -> TransformerEngineUnavailable:
     )
 
 
-def require_transformer_engine() -> tuple[Any, Any]:
+def require_transformer_engine(devices: Any = None) -> tuple[Any, Any]:
     """Imports TE-JAX and checks for a CUDA GPU; returns ``(te_flax, te_recipe)`` modules.
+    ``devices``: the devices the run compiles for (compile-only GPUs of fogjax.bench --target)
+    instead of this machine's.
 
     Raises:
       TransformerEngineUnavailable: TE is not importable or JAX sees no GPU; the message names
@@ -56,11 +58,11 @@ def require_transformer_engine() -> tuple[Any, Any]:
     except Exception as e:  # ImportError, or OSError from a TE build without its CUDA libraries.
         raise _fail(f"`import transformer_engine.jax` failed ({type(e).__name__}: {e})") from e
     try:
-        gpus = [d for d in jax.devices() if d.platform == "gpu"]
+        gpus = [d for d in (jax.devices() if devices is None else devices) if d.platform == "gpu"]
     except RuntimeError:
         gpus = []
     if not gpus:
-        raise _fail(f"JAX sees no GPU (devices: {jax.devices()})")
+        raise _fail(f"JAX sees no GPU (devices: {jax.devices() if devices is None else devices})")
     return te_flax, te_recipe
 
 
