@@ -13,7 +13,11 @@ import jax.numpy as jnp
 import pytest
 from jax import lax
 
-from fogjax import bench, bench_attention, bench_entries, config_lib, hlo_stats
+from fogjax import config_lib
+from fogjax.bench import attention as bench_attention
+from fogjax.bench import entries as bench_entries
+from fogjax.bench import hlo_stats
+from fogjax.bench import step as bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device for the CLI run (this test process has 8 fake devices).

@@ -277,7 +277,7 @@ def test_cudnn_kernels_match_their_emulation_on_gpu(monkeypatch):
 
 @pytest.mark.gpu
 def test_train_step_runs_cudnn_fp8_attention_on_gpu():
-    from fogjax import hlo_stats
+    from fogjax.bench import hlo_stats
 
     _, state, step = setup(_cudnn_config())
     compiled = jax.jit(functools.partial(step, with_stats=False)).lower(state, batch(t=128))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import hlo_stats, text_table
+from fogjax.bench import hlo_stats, text_table
 from fogjax.model.attention import ATTENTION_FUNCTIONS, ATTENTION_IMPLS
 from fogjax.precision.cudnn_attention import require_cudnn_attention
 from fogjax.precision.recipes import Recipe, make_recipe

@@ -28,11 +28,16 @@ FP8_GEMM_TARGET = "__cublas$lt$matmul$f8"
 CUDNN_ATTENTION_PREFIX = "__cudnn$fmha"
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<rest>.*)$")
-_ARRAY_TYPE = re.compile(r"(?P<dtype>[a-z][a-z0-9]*)\[[^\]]*\](?:\{[^}]*\})?")
+_ARRAY_TYPE = re.compile(r"(?P<dtype>[a-z][a-z0-9]*)\[(?P<dims>[^\]]*)\](?:\{[^}]*\})?")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)")
 _OPCODE = re.compile(r"\s*(?P<op>[a-z][\w\-]*)\(")
 _TARGET = re.compile(r'custom_call_target="(?P<target>[^"]*)"')
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _COMMENT = re.compile(r"/\*.*?\*/")
+
+
+# An array type of the HLO text: (element type, dimensions), e.g. ('bf16', (2048, 512)).
+ArrayType = tuple[str, tuple[int, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,12 @@ class HloInstruction:
       operand_dtypes: element type of each operand (None where the text does not say and the
         operand is not defined earlier in the same computation).
       target: the custom-call target, or None.
+      computation: the name of the computation that holds it.
+      shapes: the result's array types, one per tuple element (one for an array result).
+      operands: the operands' names (without ``%``; None for an operand that is not a name).
+      operand_shapes: each operand's array types where known (as ``shapes``), else ().
+      arguments: the operand list's text (``0`` for ``parameter(0)``).
+      attributes: the text after the operand list (``calls=``, ``backend_config=``, ...).
     """
 
     name: str
@@ -53,6 +64,12 @@ class HloInstruction:
     opcode: str
     operand_dtypes: tuple[str | None, ...]
     target: str | None
+    computation: str = ""
+    shapes: tuple[ArrayType, ...] = ()
+    operands: tuple[str | None, ...] = ()
+    operand_shapes: tuple[tuple[ArrayType, ...], ...] = ()
+    arguments: str = ""
+    attributes: str = ""
 
 
 def _closing(text: str, start: int) -> int:
@@ -107,6 +124,15 @@ def _logical_lines(hlo_text: str) -> Iterator[str]:
         yield pending
 
 
+def _array_types(text: str) -> tuple[ArrayType, ...]:
+    """Every array type in ``text`` (a result type or a tuple of them), in order."""
+    types = []
+    for m in _ARRAY_TYPE.finditer(_COMMENT.sub("", text)):
+        dims = tuple(int(d.strip().lstrip("<=")) for d in m["dims"].split(",") if d.strip())
+        types.append((m["dtype"], dims))
+    return tuple(types)
+
+
 def instructions(hlo_text: str) -> Iterator[HloInstruction]:
     """Every instruction of every computation in ``hlo_text``, in order.
 
@@ -115,12 +141,15 @@ def instructions(hlo_text: str) -> Iterator[HloInstruction]:
     through the instructions defined earlier in the same computation. An instruction written over
     several lines (attributes on their own lines, as in hand-written HLO) is read as one.
     """
-    scope: dict[str, str] = {}
+    scope: dict[str, tuple[str, tuple[ArrayType, ...]]] = {}
+    computation = ""
     for line in _logical_lines(hlo_text):
         match = _INSTRUCTION.match(line)
         if match is None:
             if line.rstrip().endswith("{"):  # a computation header: a new name scope
                 scope = {}
+                header = _COMPUTATION.match(line)
+                computation = header["name"] if header else ""
             continue
         rest = match["rest"]
         if rest.startswith("("):
@@ -135,18 +164,34 @@ def instructions(hlo_text: str) -> Iterator[HloInstruction]:
             continue
         args_start = opcode.end() - 1
         args_end = _closing(rest, args_start)
-        operand_dtypes = []
+        operand_dtypes, operands, operand_shapes = [], [], []
         for operand in _split_operands(_COMMENT.sub("", rest[args_start + 1 : args_end - 1])):
             inline = _ARRAY_TYPE.match(operand)
+            ref = operand.split()[-1].lstrip("%") if operand else ""
+            known = scope.get(ref)
             if inline is not None and " " in operand:
                 operand_dtypes.append(inline["dtype"])
+                operand_shapes.append(_array_types(operand[: inline.end()]))
             else:
-                operand_dtypes.append(scope.get(operand.split()[-1].lstrip("%")))
+                operand_dtypes.append(known[0] if known else None)
+                operand_shapes.append(known[1] if known else ())
+            operands.append(ref if ref and not ref[0].isdigit() else None)
         target = _TARGET.search(rest, args_end)
         name = match["name"]
-        scope[name] = dtype
+        shapes = _array_types(rest[:end])
+        scope[name] = (dtype, shapes)
         yield HloInstruction(
-            name, dtype, opcode["op"], tuple(operand_dtypes), target["target"] if target else None
+            name,
+            dtype,
+            opcode["op"],
+            tuple(operand_dtypes),
+            target["target"] if target else None,
+            computation=computation,
+            shapes=shapes,
+            operands=tuple(operands),
+            operand_shapes=tuple(operand_shapes),
+            arguments=rest[args_start + 1 : args_end - 1],
+            attributes=rest[args_end:],
         )
 
 

@@ -1,4 +1,4 @@
-"""Throughput, MFU, memory and FP8 GEMM counts of the full train step, per recipe, as JSON.
+"""Throughput, MFU, memory and FP8 GEMM counts of the full train step, measured, as JSON.
 
     python -m fogjax.bench --config=configs/fog_flash.py:1.5b --recipes=bf16,fp8,fp8dpa \
         --config.train.batch_size=1 [--steps=20] [--warmup=3] [--output=FILE.json]
@@ -21,6 +21,7 @@ benchmarks/README.md explains every column and gives the paper's reference numbe
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import json
@@ -28,10 +29,8 @@ import logging
 import math
 import os
 import re
-import shlex
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,15 +39,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import bench_attention, hlo_stats, metrics, provenance, sharding, text_table
+from fogjax import metrics, provenance, sharding
 from fogjax import state as state_lib
-from fogjax.bench_entries import (
-    Entry,
-    compare_entries,
-    recipe_entries,
-    size_of_config_arg,
-    split_list,
-)
+from fogjax.bench import attention as bench_attention
+from fogjax.bench import hlo_stats, text_table
+from fogjax.bench.entries import Entry
 from fogjax.info import model_info
 from fogjax.step import make_train_step
 from fogjax.trainer import validate_train_config
@@ -107,10 +102,14 @@ _SUMMARY_MODEL_FIELDS = (
 )
 
 
-def config_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The fields that decide a step's cost: model sizes, recipe, batch, mesh."""
+def config_summary(
+    config: ml_collections.ConfigDict, num_devices: int | None = None
+) -> dict[str, Any]:
+    """The fields that decide a step's cost: model sizes, recipe, batch, mesh (over
+    ``num_devices``, default every device JAX sees)."""
     m, t = config.model, config.train
-    data, fsdp, tensor = sharding.resolve_mesh_shape(config.mesh, jax.device_count())
+    devices = jax.device_count() if num_devices is None else num_devices
+    data, fsdp, tensor = sharding.resolve_mesh_shape(config.mesh, devices)
     summary = {k: m[k] for k in _SUMMARY_MODEL_FIELDS}
     summary.update(
         recipe=config.precision.recipe,
@@ -295,18 +294,18 @@ def run_benchmark(
     return _report(entries[0].config, rows[0]["num_params"] or 0, rows, steps, warmup, command)
 
 
-def _report(
+def report_header(
     config: ml_collections.ConfigDict,
-    num_params: int,
-    rows: list[dict[str, Any]],
-    steps: int,
-    warmup: int,
     command: str,
+    target: Any = None,
+    gpus: int | None = None,
+    num_params: int = 0,
 ) -> dict[str, Any]:
-    """The JSON report: provenance (command, git, versions, devices), setup and the rows."""
+    """A report's provenance (command, git, versions, devices) and setup, without rows. With
+    ``target`` (fogjax.bench.targets.Target) it also names the GPU compiled for."""
     record = provenance.provenance(config, num_params)
     devices = dict(record["devices"], nvidia_smi=_nvidia_smi_names())
-    return {
+    header = {
         "command": command,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_sha": record["git_sha"],
@@ -315,11 +314,35 @@ def _report(
         "versions": record["versions"],
         "devices": devices,
         "xla_flags": record["xla_flags"],
-        "steps": steps,
-        "warmup": warmup,
-        "config": config_summary(config),
-        "rows": rows,
+        "config": config_summary(config, gpus),
     }
+    if target is not None:
+        header["target"] = {
+            "name": target.name,
+            "device": target.device_name,
+            "gpus": gpus,
+            "memory_bytes": target.memory_bytes,
+            "usable_memory_bytes": target.usable_memory_bytes,
+            "cuda_runtime": target.runtime_version,
+            "cudnn": ".".join(map(str, target.cudnn_version)),
+            "rates": dataclasses.asdict(target.rates),
+            "note": "compiled without a GPU; times and speeds are estimates (estimate.py)",
+        }
+    return header
+
+
+def _report(
+    config: ml_collections.ConfigDict,
+    num_params: int,
+    rows: list[dict[str, Any]],
+    steps: int,
+    warmup: int,
+    command: str,
+) -> dict[str, Any]:
+    """The JSON report of measured rows: provenance, setup and the rows."""
+    report = report_header(config, command, num_params=num_params)
+    report.update(steps=steps, warmup=warmup, rows=rows)
+    return report
 
 
 def run_attention_benchmark(
@@ -386,85 +409,3 @@ def write_report(report: dict[str, Any], path: str) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=2, default=str)
         f.write("\n")
-
-
-def main(argv: list[str]) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    FLAGS = flags.FLAGS
-    if FLAGS.config is None:
-        raise app.UsageError("Give a config: --config=configs/fog_flash.py:1.5b")
-    if sum(bool(f) for f in (FLAGS.recipes, FLAGS.compare, FLAGS.attention)) > 1:
-        raise app.UsageError("Give one of --recipes, --compare and --attention.")
-    if FLAGS.steps < 1 or FLAGS.warmup < 0:
-        raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup >= 0.")
-    command = shlex.join(["python", "-m", "fogjax.bench", *sys.argv[1:]])
-    if FLAGS.attention:
-        try:
-            report = run_attention_benchmark(
-                FLAGS.config, FLAGS.attention, FLAGS.steps, FLAGS.warmup, command
-            )
-        except ValueError as e:
-            raise app.UsageError(str(e)) from e
-        _finish(report, bench_attention.format_table(report["rows"]), FLAGS.output, "attention")
-        return
-    try:
-        if FLAGS.compare:
-            flag = FLAGS["config"]
-            size = size_of_config_arg(config_flags.get_config_filename(flag))
-            entries = compare_entries(FLAGS.compare, size, config_flags.get_override_values(flag))
-        else:
-            names = split_list(FLAGS.recipes) if FLAGS.recipes else [FLAGS.config.precision.recipe]
-            entries = recipe_entries(FLAGS.config, names)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    report = run_benchmark(entries, FLAGS.steps, FLAGS.warmup, command)
-    _finish(report, format_table(report["rows"]), FLAGS.output)
-
-
-def _finish(report: dict[str, Any], table: str, output: str | None, name: str = "") -> None:
-    """Prints the table and writes the JSON (process 0); exit 1 if every row failed."""
-    if jax.process_index() != 0:
-        return
-    print(table)
-    path = output or default_output_path(report, name)
-    write_report(report, path)
-    print(f"Wrote {path}")
-    if all(row["status"] == "error" for row in report["rows"]):
-        sys.exit(1)
-
-
-def _define_flags() -> None:
-    """Flags exist only when this module runs as a program: importing it defines none."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file(
-        "config", None, "Config file and size, e.g. configs/fog_flash.py:1.5b.", lock_config=True
-    )
-    flags.DEFINE_string("recipes", None, "Comma-separated recipes, e.g. bf16,fp8,fp8dpa.")
-    flags.DEFINE_string(
-        "compare", None, "Comma-separated arch:recipe entries, e.g. llama3:bf16,fog_flash:fp8dpa."
-    )
-    flags.DEFINE_string(
-        "attention",
-        None,
-        "Benchmark attention alone at the config's shapes instead of the train step: "
-        "comma-separated impl:recipe, e.g. xla:bf16,cudnn:bf16,xla:fp8dpa,cudnn:fp8dpa.",
-    )
-    flags.DEFINE_integer("steps", 20, "Timed steps per entry (the median is reported).")
-    flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-    flags.DEFINE_string(
-        "output", None, "JSON path (default benchmarks/results/<arch>-<date>-<device>.json)."
-    )
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)

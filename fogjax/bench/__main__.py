@@ -1,0 +1,176 @@
+"""``python -m fogjax.bench``: measure the train step here, or compile it for a GPU (``--target``).
+
+    python -m fogjax.bench --config=configs/fog_flash.py:1.5b --recipes=bf16,fp8,fp8dpa
+    python -m fogjax.bench --config=configs/fog_flash.py:1.5b --compare=llama3:bf16,fog_flash:fp8dpa
+    python -m fogjax.bench --config=configs/fog_flash.py:1.5b --attention=xla:bf16,cudnn:fp8dpa
+    python -m fogjax.bench --target=h100 [--gpus=8] [--triton_gemm=both] --config=... --compare=...
+    python -m fogjax.bench --target=h100 --plan --config=... --compare=... --plan_sizes=390m,1.5b
+
+Without ``--target`` each entry runs on this machine's devices (step.py). With it nothing runs:
+the step is compiled for the named GPU without one (aot.py), ``--plan`` searches the batch that
+fits (plan.py). benchmarks/README.md explains every column.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import sys
+
+if any(a.startswith("--target") for a in sys.argv[1:]):
+    # Compile-only GPU devices need no driver; without this the CUDA plugin looks for one (and
+    # prints a traceback on a machine without a GPU).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fogjax.bench import aot, plan, step  # noqa: E402
+from fogjax.bench import attention as bench_attention  # noqa: E402
+from fogjax.bench.entries import (  # noqa: E402
+    compare_entries,
+    recipe_entries,
+    size_of_config_arg,
+    split_list,
+)
+from fogjax.bench.targets import TARGETS, TargetUnavailable, get_target  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def _entries(size: str | None = None) -> list:
+    """The --compare or --recipes entries (at ``size`` instead of the config's, if given)."""
+    flag = FLAGS["config"]
+    if FLAGS.compare:
+        size = size or size_of_config_arg(config_flags.get_config_filename(flag))
+        return compare_entries(FLAGS.compare, size, config_flags.get_override_values(flag))
+    if size is not None:
+        raise ValueError("--plan_sizes needs --compare=arch:recipe,... (entries built per size).")
+    names = split_list(FLAGS.recipes) if FLAGS.recipes else [FLAGS.config.precision.recipe]
+    return recipe_entries(FLAGS.config, names)
+
+
+def _run_target(command: str) -> None:
+    target = get_target(FLAGS.target)
+    modes = aot.TRITON_MODES[FLAGS.triton_gemm]
+    if FLAGS.plan:
+        sizes = split_list(FLAGS.plan_sizes) if FLAGS.plan_sizes else [None]
+        entries = [(e.label, size or "config", e.config) for size in sizes for e in _entries(size)]
+        cells = plan.plan_cells(
+            entries,
+            split_list(FLAGS.plan_remat),
+            [int(k) for k in split_list(FLAGS.plan_micro_batches)],
+        )
+        rows = []
+        for cell in cells:
+            row = plan.plan_cell(cell, target, FLAGS.gpus, modes[0], FLAGS.plan_max_batch)
+            print(plan.format_plan_table([row]).splitlines()[-1], flush=True)
+            rows.append(row)
+        report = step.report_header(cells[0].config, command, target=target, gpus=FLAGS.gpus)
+        report.update(benchmark="plan", rows=rows)
+        _finish(report, plan.format_plan_table(rows), f"plan-{target.name}-{FLAGS.gpus}gpu")
+        return
+    rows = []
+    for entry in _entries():
+        summary = step.config_summary(entry.config, FLAGS.gpus)
+        for triton in modes:
+            rows.append(aot.aot_row(entry.label, entry.config, target, FLAGS.gpus, triton, summary))
+    rows = aot.with_speedups(rows)
+    report = step.report_header(rows and _entries()[0].config, command, target, FLAGS.gpus)
+    report.update(benchmark="aot", rows=rows)
+    archs = "-".join(dict.fromkeys(r["arch"] for r in rows))
+    _finish(report, aot.format_aot_table(rows), f"aot-{archs}-{target.name}-{FLAGS.gpus}gpu")
+
+
+def _finish(report: dict, table: str, name: str) -> None:
+    """Prints the table and writes the JSON; exit 1 if every row failed."""
+    print(table)
+    path = FLAGS.output or step.default_output_path(report, name)
+    step.write_report(report, path)
+    print(f"Wrote {path}")
+    if all(row["status"] == "error" for row in report["rows"]):
+        sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if FLAGS.config is None:
+        raise app.UsageError("Give a config: --config=configs/fog_flash.py:1.5b")
+    if sum(bool(f) for f in (FLAGS.recipes, FLAGS.compare, FLAGS.attention)) > 1:
+        raise app.UsageError("Give one of --recipes, --compare and --attention.")
+    if FLAGS.steps < 1 or FLAGS.warmup < 0:
+        raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup >= 0.")
+    if (FLAGS.plan or FLAGS.gpus != 1) and not FLAGS.target:
+        raise app.UsageError("--plan and --gpus compile for a GPU: add --target=h100 (or h200).")
+    command = shlex.join(["python", "-m", "fogjax.bench", *sys.argv[1:]])
+    try:
+        if FLAGS.target:
+            if FLAGS.attention:
+                raise ValueError("--attention measures kernels: run it on a GPU, not --target.")
+            _run_target(command)
+            return
+        if FLAGS.attention:
+            report = step.run_attention_benchmark(
+                FLAGS.config, FLAGS.attention, FLAGS.steps, FLAGS.warmup, command
+            )
+            _finish_local(report, bench_attention.format_table(report["rows"]), "attention")
+            return
+        report = step.run_benchmark(_entries(), FLAGS.steps, FLAGS.warmup, command)
+    except (ValueError, TargetUnavailable) as e:
+        raise app.UsageError(str(e)) from e
+    _finish_local(report, step.format_table(report["rows"]), "")
+
+
+def _finish_local(report: dict, table: str, name: str) -> None:
+    import jax
+
+    if jax.process_index() == 0:
+        _finish(report, table, name)
+
+
+def _define_flags() -> None:
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file and size, e.g. configs/fog_flash.py:1.5b.", lock_config=True
+    )
+    flags.DEFINE_string("recipes", None, "Comma-separated recipes, e.g. bf16,fp8,fp8dpa.")
+    flags.DEFINE_string(
+        "compare", None, "Comma-separated arch:recipe entries, e.g. llama3:bf16,fog_flash:fp8dpa."
+    )
+    flags.DEFINE_string(
+        "attention",
+        None,
+        "Benchmark attention alone at the config's shapes instead of the train step: "
+        "comma-separated impl:recipe, e.g. xla:bf16,cudnn:bf16,xla:fp8dpa,cudnn:fp8dpa.",
+    )
+    flags.DEFINE_integer("steps", 20, "Timed steps per entry (the median is reported).")
+    flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+    flags.DEFINE_string(
+        "output", None, "JSON path (default benchmarks/results/<name>-<date>-<device>.json)."
+    )
+    flags.DEFINE_enum(
+        "target",
+        None,
+        sorted(TARGETS),
+        "Compile for this GPU instead of running (no GPU needed): FP8 GEMM proof, memory, "
+        "estimated step time.",
+    )
+    flags.DEFINE_integer("gpus", 1, "With --target: GPUs to compile for (nodes of 8 above 8).")
+    flags.DEFINE_enum(
+        "triton_gemm",
+        "both",
+        sorted(aot.TRITON_MODES),
+        "With --target: xla_gpu_enable_triton_gemm off, on, or both (two compiles per entry).",
+    )
+    flags.DEFINE_bool("plan", False, "With --target: the largest batch per GPU that fits.")
+    flags.DEFINE_string("plan_sizes", None, "With --plan: sizes, e.g. 390m,1.5b,8b.")
+    flags.DEFINE_string("plan_remat", "none,dots,full", "With --plan: remat policies.")
+    flags.DEFINE_string("plan_micro_batches", "1", "With --plan: micro-batch counts, e.g. 1,4.")
+    flags.DEFINE_integer("plan_max_batch", 64, "With --plan: largest batch per GPU to try.")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
