@@ -252,3 +252,23 @@ def test_bf16_to_fp8_gemm_time_ratio_is_the_rate_tables():
         rates.bf16_flops * rates.gemm_efficiency["bf16"]
     )
     assert per(bf16, "bf16") / per(fp8, "fp8") == pytest.approx(expected, rel=1e-9)
+
+
+def test_compare_estimate_matches_rows_by_label_and_reports_the_error(tmp_path):
+    from fogjax.bench import compare_estimate
+
+    measured = {"rows": [{"label": "a", "step_ms": 100.0}, {"label": "b", "step_ms": None}]}
+    estimated = {
+        "rows": [
+            {"label": "a", "triton_gemm": False, "estimate": {"step_s": 0.08}},
+            {"label": "a", "triton_gemm": True, "estimate": {"step_s": 1.0}},
+            {"label": "b", "triton_gemm": False, "estimate": {"step_s": 0.05}},
+        ]
+    }
+    (row,) = compare_estimate.compare(measured, estimated)
+    assert row["label"] == "a" and row["relative_error"] == pytest.approx(-0.2)
+    m, e, out = tmp_path / "m.json", tmp_path / "e.json", tmp_path / "out.json"
+    m.write_text(json.dumps(measured))
+    e.write_text(json.dumps(estimated))
+    assert compare_estimate.main([str(m), str(e), f"--output={out}"]) == 0
+    assert json.loads(out.read_text())["rows"] == [row]

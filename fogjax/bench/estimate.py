@@ -31,7 +31,7 @@ import math
 from typing import Any
 
 from fogjax.bench import gemms as gemm_lib
-from fogjax.bench.hlo_module import CONTROL_FLOW, HloModule, array_bytes, executions
+from fogjax.bench.hlo_module import CONTROL_FLOW, HloModule, array_bytes, executions, op_name
 from fogjax.bench.hlo_stats import HloInstruction, is_fp8_hlo_type
 from fogjax.bench.targets import GPUS_PER_NODE, Rates
 
@@ -140,6 +140,8 @@ class StepEstimate:
         default_factory=lambda: collections.defaultdict(float)
     )
     unknown_trip_counts: tuple[str, ...] = ()
+    # (seconds per step, category, instruction, JAX op path) of the costliest kernels.
+    top_kernels: list[tuple[float, str, str, str]] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -149,6 +151,10 @@ class StepEstimate:
             "kernels_per_step": self.kernels_per_step,
             "gemm_flops_per_step": dict(self.gemm_flops),
             "unknown_trip_counts": list(self.unknown_trip_counts),
+            "top_kernels": [
+                {"step_s": t, "category": c, "instruction": n, "op_name": o}
+                for t, c, n, o in self.top_kernels
+            ],
         }
 
 
@@ -199,10 +205,12 @@ def kernel_seconds(module: HloModule, inst: HloInstruction, rates: Rates) -> tup
     return "memory", moved / memory_rate + rates.kernel_overhead_s
 
 
-def estimate_step(module: HloModule, rates: Rates) -> StepEstimate:
-    """Sums :func:`kernel_seconds` over every kernel of one step (see the module docstring)."""
+def estimate_step(module: HloModule, rates: Rates, top: int = 12) -> StepEstimate:
+    """Sums :func:`kernel_seconds` over every kernel of one step (see the module docstring);
+    keeps the ``top`` costliest kernels (time per step) to show where the time goes."""
     ex = executions(module)
     est = StepEstimate(unknown_trip_counts=ex.unknown_trip_counts)
+    kernels = []
     for computation, runs in ex.runs.items():
         for inst in module.computations.get(computation, ()):
             category, seconds = kernel_seconds(module, inst, rates)
@@ -211,9 +219,11 @@ def estimate_step(module: HloModule, rates: Rates) -> StepEstimate:
             est.by_category[category] += seconds * runs
             est.total_s += seconds * runs
             est.kernels_per_step += runs
+            kernels.append((seconds * runs, category, inst.name, op_name(inst)))
             gemm = gemm_lib.gemm_of(module, inst)
             if gemm is not None:
                 est.gemm_flops[category.removeprefix("gemm_")] += gemm[-1] * runs
+    est.top_kernels = sorted(kernels, reverse=True)[:top]
     return est
 
 
