@@ -272,3 +272,41 @@ def test_compare_estimate_matches_rows_by_label_and_reports_the_error(tmp_path):
     e.write_text(json.dumps(estimated))
     assert compare_estimate.main([str(m), str(e), f"--output={out}"]) == 0
     assert json.loads(out.read_text())["rows"] == [row]
+
+
+def test_cudnn_refusal_looks_at_the_target_not_this_machine():
+    from fogjax.precision.cudnn_attention import CudnnAttentionUnavailable, require_cudnn_attention
+
+    devices = targets.target_devices(H100, 1)
+    with pytest.raises(CudnnAttentionUnavailable, match="no GPU"):  # this machine has none
+        require_cudnn_attention(fp8=True, head_dim=128, seq_len=256)
+    require_cudnn_attention(True, 128, 256, target=aot.CompileTarget(devices, H100.cudnn_version))
+    with pytest.raises(CudnnAttentionUnavailable, match="older than 9.1"):
+        require_cudnn_attention(True, 128, 256, target=aot.CompileTarget(devices, (9, 0, 0)))
+
+
+COLLECTIVES_HLO = """\
+HloModule m
+
+ENTRY %main (x: f32[1024,1024]) -> f32[1024,1024] {
+  %x = f32[1024,1024]{1,0} parameter(0)
+  %ar = f32[1024,1024]{1,0} all-reduce(%x), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add
+  %ag-start = (f32[128,1024]{1,0}, f32[1024,1024]{1,0}) all-gather-start(%x), replica_groups=[1,8]<=[8], dimensions={0}
+  %ag-done = f32[1024,1024]{1,0} all-gather-done(%ag-start)
+  ROOT %rs = f32[128,1024]{1,0} reduce-scatter(%x), replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
+}
+"""  # noqa: E501
+
+
+def test_collectives_are_found_with_bytes_group_sizes_and_ring_costs():
+    module = hlo_module.parse_module(COLLECTIVES_HLO)
+    found = {c.kind: c for c in gemms.find_collectives(module)}
+    assert set(found) == {"all-reduce", "all-gather", "reduce-scatter"}
+    assert found["all-reduce"].bytes == 4 * 2**20 and found["all-reduce"].group_size == 8
+    assert found["all-gather"].bytes == 4 * 2**20 and found["all-gather"].group_size == 8
+    assert found["reduce-scatter"].group_size == 4
+    rates = H100.rates
+    est = estimate.estimate_step(module, rates)
+    link = rates.nvlink_bytes_per_s * rates.link_efficiency
+    expected = 4 * 2**20 * (2 * 7 / 8 + 7 / 8 + 3 / 4) / link + 3 * rates.kernel_overhead_s
+    assert est.by_category["collective"] == pytest.approx(expected)
