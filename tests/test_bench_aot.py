@@ -83,9 +83,11 @@ def _check_block_gemms(row, form, n):
     assert row["non_fp8_block_gemms"] == []
     block = [g for g in row["gemms"] if g["in_block"]]
     assert {g["form"] for g in block if g["fp8"]} == {form}
-    # Outside the block: the LM head's forward and two backward GEMMs, never FP8.
+    # Outside the block: the LM head's forward and two backward GEMMs, BF16 (never F32/TF32).
     outside = [g for g in row["gemms"] if not g["in_block"]]
-    assert len(outside) == 3 and not any(g["fp8"] for g in outside)
+    assert len(outside) == 3 and {(g["lhs_dtype"], g["rhs_dtype"]) for g in outside} == {
+        ("bf16", "bf16")
+    }
 
 
 def test_fp8_recipes_put_every_block_gemm_in_fp8_cublaslt(cli_report):

@@ -19,6 +19,7 @@ from fogjax.model.embedding import embed_lookup
 from fogjax.model.layers import RMSNorm
 from fogjax.model.mlp import ACTIVATIONS
 from fogjax.model.probes import KURTOSIS_FORMS
+from fogjax.precision.bf16_dot import bf16_dot_general
 from fogjax.precision.recipes import Recipe
 
 Array = jax.Array
@@ -142,10 +143,9 @@ class Transformer(nn.Module):
                 (cfg.d_model, cfg.vocab_size),
                 jnp.float32,
             )
-        # The LM head stays outside the recipe (BF16 GEMM, float32 logits), as in SPEC.md §3.
-        logits = jnp.einsum(
-            "btd,dv->btv", x.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32
-        )
+        # The LM head stays outside the recipe (SPEC.md §3): BF16 GEMMs forward and backward,
+        # float32 logits (bf16_dot.py says why the backward needs its own rule).
+        logits = bf16_dot_general(x.astype(dtype), head.astype(dtype), (((2,), (0,)), ((), ())))
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
