@@ -152,11 +152,9 @@ def gemm_of(module: HloModule, inst: HloInstruction) -> tuple | None:
         return ("cublas", *parsed) if parsed else None
     if triton_gemm_kind(inst):
         dots = [i for i in module.fused_deep(inst) if i.opcode == "dot"]
+        # A split-K fusion's dot has the split as a batch dimension: its FLOPs are still 2 M N K.
         parsed = _dot(dots[0]) if dots else None
-        if parsed is None:
-            return None
-        # The fusion's own result type (a split-K fusion's dot result is reduced outside).
-        return ("triton", *parsed)
+        return ("triton", *parsed) if parsed else None
     if inst.opcode == "dot":
         parsed = _dot(inst)
         return ("dot", *parsed) if parsed else None
@@ -265,8 +263,8 @@ def group_size(inst: HloInstruction) -> int:
     iota = _GROUPS_IOTA.search(inst.attributes)
     if iota:
         return int(iota["shape"].split(",")[-1])
-    pairs = re.search(r"source_target_pairs=\{(?P<p>[^}]*(?:\}[^}]*)*)\}", inst.attributes)
-    return 2 if pairs else 1
+    # A collective-permute sends to one peer.
+    return 2 if "source_target_pairs=" in inst.attributes else 1
 
 
 def collective_bytes(inst: HloInstruction) -> float:
