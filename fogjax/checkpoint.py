@@ -38,6 +38,11 @@ class CheckpointMismatchError(ValueError):
     """The saved train state has another structure or shape than the model being restored."""
 
 
+class StatePrecisionMismatchError(CheckpointMismatchError):
+    """The saved parameters and optimizer state have another precision layout (optim.*_dtype,
+    optim.state_precision, optim.state_block_size, optim.master_rounding) than the run's."""
+
+
 def _encode(obj: Any) -> Any:
     """JSON-ready copy of ``obj``: bytes become {'__base64__': str}, numpy values plain Python."""
     if isinstance(obj, bytes):
@@ -123,6 +128,35 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{'params/w': shape} over the leaves of ``tree`` (arrays, structs or orbax metadata)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {_path_str(p): tuple(x.shape) for p, x in leaves if x is not None}
+
+
+def _dtypes(tree: Any) -> dict[str, str]:
+    """{'params/w': 'float32'} over the leaves of ``tree`` (arrays, structs or orbax metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_str(p): str(np.dtype(x.dtype)) for p, x in leaves if x is not None}
+
+
+def _precision_problems(saved: Any, expected: Any, shape_problems: list[str]) -> list[str]:
+    """The differences, if they are those of another precision layout: leaves added, removed or
+    reshaped only under opt_state/ (quantised moments, scales, remainders), dtypes changed only
+    under params/ and opt_state/. Else [] (a different model)."""
+    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+    reshaped = {
+        p
+        for p in saved_shapes.keys() | expected_shapes.keys()
+        if saved_shapes.get(p) != expected_shapes.get(p)
+    }
+    saved_dtypes, expected_dtypes = _dtypes(saved), _dtypes(expected)
+    retyped = {
+        p: f"{p!r} is saved as {saved_dtypes[p]}, this run stores {d}"
+        for p, d in expected_dtypes.items()
+        if p in saved_dtypes and saved_dtypes[p] != d
+    }
+    if not all(p.startswith("opt_state/") for p in reshaped):
+        return []
+    if not all(p.startswith(("params/", "opt_state/")) for p in retyped):
+        return []
+    return list(retyped.values()) + shape_problems
 
 
 def _abstract(tree: Any) -> Any:
@@ -259,6 +293,17 @@ class Checkpointer:
             for path, shape in saved.items()
             if path not in expected
         ]
+        precision = _precision_problems(getattr(item, "tree", item), abstract_state, problems)
+        if precision:
+            more = f" (and {len(precision) - 1} more)" if len(precision) > 1 else ""
+            raise StatePrecisionMismatchError(
+                f"Checkpoint step {step} in {self.directory} was written with another "
+                f"optimizer-state precision: {precision[0]}{more}. Resume it with the optim.* "
+                "precision fields it was written with (state_precision, master_dtype, mu_dtype, "
+                "nu_dtype, state_block_size, master_rounding; its config is in "
+                f"{self.directory / str(step) / 'meta'}), or start this run in another --workdir. "
+                "Nothing was changed on disk."
+            )
         if problems:
             more = f" (and {len(problems) - 1} more leaves differ)" if len(problems) > 1 else ""
             raise CheckpointMismatchError(
