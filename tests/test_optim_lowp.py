@@ -206,7 +206,7 @@ def _spacing(x: np.ndarray, dtype) -> np.ndarray:
 def error_bound(cfg, lowp_params) -> tuple[dict, dict, dict]:
     """(per-coordinate bound on |p' - p| after T steps, bound on |stored mu' - mu| at T,
     float64 mu at T) for ``cfg`` against float32 (module docstring)."""
-    lr = np.asarray([float(optim.make_schedule(cfg, T)(t)) for t in range(T)])
+    lr = np.asarray(jax.jit(jax.vmap(optim.make_schedule(cfg, T)))(jnp.arange(T)), np.float64)
     bounds, mu_err, mu_ref = {}, {}, {}
     block, ug = cfg.state_block_size, _UNIT_ROUNDOFF[cfg.grad_dtype]
     for name in SHAPES:
