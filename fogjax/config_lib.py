@@ -127,6 +127,9 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.master_rounding = "auto"
     # Scale block of float16/float8/int8 moments: elements along the last axis (0 = per tensor).
     c.optim.state_block_size = 128
+    # Requantising 16- and 8-bit moments: 'nearest' (even) | 'stochastic' (unbiased, seeded by
+    # the step).
+    c.optim.moment_rounding = "nearest"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = steps

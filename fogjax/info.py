@@ -21,9 +21,6 @@ from fogjax import optim
 from fogjax.model import build_model, weight_decay_mask
 from fogjax.precision.recipes import Recipe, make_recipe
 
-# state_memory's components, in the order they are reported.
-MEMORY_COMPONENTS = ("params", "master_remainder", "grads", "mu", "nu", "fp8_state")
-
 
 def abstract_params(config: Any) -> Any:
     """The float32 parameter tree of ``config`` as ShapeDtypeStructs (no memory allocated)."""
@@ -95,10 +92,18 @@ def _opt_state_part(opt_state: Any, field: str) -> list[Any]:
     return found
 
 
-def state_memory(config: Any) -> dict[str, Any]:
+def abstract_variables(config: Any) -> Any:
+    """All of ``config``'s model variables (params and the recipe's FP8 state), unboxed
+    ShapeDtypeStructs."""
+    model = build_model(config, make_recipe(config.precision))
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
+
+
+def state_memory(config: Any, variables: Any = None) -> dict[str, Any]:
     """Bytes of the train state's components for ``config`` as given (shapes only, no arrays).
 
-    Components (:data:`MEMORY_COMPONENTS`): ``params`` (the stored parameters; they are the
+    Components: ``params`` (the stored parameters; they are the
     master copy, in ``optim.master_dtype``: no other persistent copy exists, GEMM operands are
     cast per step), ``master_remainder`` (int16 per parameter with
     ``optim.master_rounding=remainder``), ``grads`` (one gradient tree in ``optim.grad_dtype``),
@@ -107,10 +112,10 @@ def state_memory(config: Any) -> dict[str, Any]:
 
     Returns ``{"bytes": {component: int, ..., "total": int},
     "bytes_per_param": {component: float, ..., "total": float}, "num_params": int}``.
+    ``variables``: :func:`abstract_variables` of ``config`` when the caller has them.
     """
-    model = build_model(config, make_recipe(config.precision))
-    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-    variables = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
+    if variables is None:
+        variables = abstract_variables(config)
     params32 = variables["params"]
     tx = optim.make_optimizer(config.optim, config.train.steps, weight_decay_mask)
     opt_state = jax.eval_shape(tx.init, params32)
@@ -139,7 +144,9 @@ def main(argv: list[str]) -> None:
     config = flags.FLAGS.config
     if config is None:
         raise app.UsageError("Give a config: --config=configs/fog_flash.py:1.5b")
-    print(json.dumps({**model_info(config), "memory": state_memory(config)}, indent=2))
+    variables = abstract_variables(config)  # One trace serves both reports.
+    report = {**model_info(config, variables["params"]), "memory": state_memory(config, variables)}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

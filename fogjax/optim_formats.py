@@ -93,6 +93,24 @@ def moment_format(name: str, field: str) -> MomentFormat:
     return MOMENT_FORMATS[name]
 
 
+def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
+    """float32 ``x`` rounded to ``dtype`` (bfloat16, float16, float8_e4m3fn) up or down at
+    random, so that E[result] = x: the neighbour above is taken with probability
+    (x - lo) / (hi - lo), from one float32 uniform per element. Values already representable are
+    returned unchanged; beyond the largest finite value it saturates."""
+    x = x.astype(jnp.float32)
+    nearest = x.astype(dtype)
+    n32 = nearest.astype(jnp.float32)
+    top = float(ml_dtypes.finfo(dtype).max)  # Not inf: E4M3 has none (it would cast to NaN).
+    other = jnp.nextafter(nearest, jnp.where(n32 > x, -top, top).astype(dtype))
+    lo = jnp.minimum(nearest, other)
+    hi = jnp.maximum(nearest, other)
+    lo32, hi32 = lo.astype(jnp.float32), hi.astype(jnp.float32)
+    p_hi = (x - lo32) / (hi32 - lo32)
+    u = jax.random.uniform(key, x.shape, jnp.float32)
+    return jnp.where(n32 == x, nearest, jnp.where(u < p_hi, hi, lo))
+
+
 class Quantized(NamedTuple):
     """A scaled moment: ``values`` (the parameter's shape, the format's storage dtype) and
     ``scale`` (float32, ``[..., blocks]`` per block or ``[]`` per tensor); x = values / scale."""
@@ -137,30 +155,39 @@ def _scale(amax: jax.Array, fmt: MomentFormat) -> jax.Array:
     return jnp.where(amax > 0, s, 1.0)
 
 
-def _quantize_blocks(xb: jax.Array, fmt: MomentFormat, guard: bool) -> Quantized:
+def _quantize_blocks(xb: jax.Array, fmt: MomentFormat, guard: bool, key: Any) -> Quantized:
     amax = jnp.max(jnp.abs(xb), axis=-1)
     scale = _scale(amax, fmt)
     y = jnp.clip(xb * scale[..., None], -fmt.max_value, fmt.max_value)
-    q = (jnp.round(y) if fmt.integer else y).astype(fmt.storage)
+    if key is None:
+        q = (jnp.round(y) if fmt.integer else y).astype(fmt.storage)
+    elif fmt.integer:
+        u = jax.random.uniform(key, y.shape, jnp.float32)
+        q = jnp.clip(jnp.floor(y + u), -fmt.max_value, fmt.max_value).astype(fmt.storage)
+    else:
+        q = stochastic_round(y, fmt.storage, key)
     if guard:  # Non-negative input (sqrt(nu)): never store a non-zero value as 0.
         q = jnp.where((xb > 0) & (q == 0), jnp.asarray(fmt.min_positive, fmt.storage), q)
     return Quantized(q, scale)
 
 
-def encode(x: jax.Array, fmt: MomentFormat, block_size: int, second_moment: bool) -> Any:
+def encode(
+    x: jax.Array, fmt: MomentFormat, block_size: int, second_moment: bool, key: Any = None
+) -> Any:
     """Stores float32 ``x`` in ``fmt``: a plain array (unscaled formats) or a :class:`Quantized`.
 
     ``second_moment``: ``x`` is nu >= 0; scaled formats then store sqrt(nu) with the zero guard
-    (module docstring).
+    (module docstring). ``key``: round stochastically (unbiased) with these random bits instead
+    of to nearest.
     """
     if not fmt.scaled:
-        return x.astype(fmt.storage)
+        return x.astype(fmt.storage) if key is None else stochastic_round(x, fmt.storage, key)
     if fmt.integer and block_size == 0:
         raise ValueError("int8 moments are blockwise: set optim.state_block_size > 0 (e.g. 128).")
     if second_moment:
         x = jnp.sqrt(x)
         fmt = _UINT8 if fmt.integer else fmt
-    q = _quantize_blocks(_blocks(x, block_size), fmt, guard=second_moment)
+    q = _quantize_blocks(_blocks(x, block_size), fmt, second_moment, key)
     return Quantized(q.values.reshape(x.shape), q.scale.reshape(scale_shape(x.shape, block_size)))
 
 

@@ -56,7 +56,8 @@ def _check(value: str, allowed: Any, field: str) -> None:
 
 def resolve(optim_cfg: Any) -> StatePrecision:
     """The :class:`StatePrecision` of the ``optim`` config section (fields state_precision,
-    master_dtype, mu_dtype, nu_dtype, grad_dtype, master_rounding, state_block_size).
+    master_dtype, mu_dtype, nu_dtype, grad_dtype, master_rounding, state_block_size,
+    moment_rounding).
 
     Raises ValueError naming the field and the fix: unknown names, a preset contradicted by a
     dtype field set to something else, 'remainder' without a bfloat16 master, 'stochastic' on a
@@ -102,6 +103,7 @@ def resolve(optim_cfg: Any) -> StatePrecision:
             "optim.master_rounding=stochastic needs a 16-bit master (optim.master_dtype="
             "bfloat16 or float16); a float32 master is not rounded."
         )
+    _check(optim_cfg.moment_rounding, ("nearest", "stochastic"), "moment_rounding")
     block = int(optim_cfg.state_block_size)
     if block < 0:
         raise ValueError(f"optim.state_block_size={block} must be >= 0 (0 = one scale per tensor).")

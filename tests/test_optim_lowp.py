@@ -64,6 +64,7 @@ def _cfg(**overrides) -> ml_collections.ConfigDict:
             grad_dtype="float32",
             master_rounding="auto",
             state_block_size=128,
+            moment_rounding="nearest",
         )
     )
     c.update(overrides)
@@ -250,6 +251,9 @@ CASES = {
         mu_dtype="float8_e4m3fn", nu_dtype="float8_e4m3fn", state_block_size=0
     ),
     "mu_nu_int8_block128": dict(mu_dtype="int8", nu_dtype="int8"),
+    "mu_nu_fp8_stochastic": dict(
+        mu_dtype="float8_e4m3fn", nu_dtype="float8_e4m3fn", moment_rounding="stochastic"
+    ),
     "master_bf16_nearest": dict(master_dtype="bfloat16", master_rounding="nearest"),
     "master_fp16_stochastic": dict(master_dtype="float16", master_rounding="stochastic"),
     "master_bf16_stochastic": dict(master_dtype="bfloat16", master_rounding="stochastic"),
@@ -264,13 +268,15 @@ CASES = {
 
 EIGHT_BIT = {"float8_e4m3fn", "int8"}
 # Not derived: regression ceilings at ~1.2x the worst relative L2 error measured on this stream
-# over the two tensors (0.45, 0.45, 0.62, 0.34). 3 mantissa bits (or linear 8-bit codes) on
-# moments that are EMAs of heavy-tailed noise move the trajectory visibly; the loss test
-# (test_optim_training.py) is the check that matters for them.
+# over the two tensors (0.44, 0.45, 0.74, 0.28, 0.34). Stochastic requantisation halves the
+# error of 8-bit moments (0.29 -> 0.15 on the kernel): nearest rounding sticks. 3 mantissa bits
+# (or linear 8-bit codes) on moments that are EMAs of heavy-tailed noise move the trajectory
+# visibly; the loss test (test_optim_training.py) is the check that matters for them.
 EIGHT_BIT_REL_L2 = {
     "mu_nu_fp8_block128": 0.55,
     "mu_nu_fp8_per_tensor": 0.55,
-    "mu_nu_int8_block128": 0.75,
+    "mu_nu_int8_block128": 0.9,
+    "mu_nu_fp8_stochastic": 0.35,
     "preset_fog_fp8_m1": 0.42,
 }
 
@@ -322,18 +328,19 @@ def test_fp8_moments_keep_tiny_coordinates_alive(float32_run):
 # --- stochastic rounding and the remainder ------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn])
 def test_stochastic_rounding_is_unbiased(dtype):
     """x a quarter ulp above a grid point: round-to-nearest is off by 0.25 ulp every time; the
     mean of N = 4096 stochastic roundings is within 6 sigma = 6 * 0.5 / sqrt(N) ulp of x."""
     base = np.asarray([0.0213, -1.37, 3.0e-3, 77.0], np.float32).astype(dtype).astype(np.float32)
+    base[-1] = -float(ml_dtypes.finfo(dtype).max) / 2  # Near the top of E4M3: no NaN.
     ulp = _spacing(base, dtype)
     x = jnp.asarray(base + 0.25 * ulp, jnp.float32)
     n = 4096
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(n))
-    draws = jax.vmap(lambda k: optim_lowp.stochastic_round(x, dtype, k))(keys)
+    draws = jax.vmap(lambda k: fmts.stochastic_round(x, dtype, k))(keys)
     assert draws.dtype == dtype
-    mean = np.asarray(draws.astype(jnp.float32)).mean(0)
+    mean = np.asarray(draws.astype(jnp.float32)).astype(np.float64).mean(0)
     np.testing.assert_array_less(np.abs(mean - np.asarray(x)) / ulp, 6 * 0.5 / math.sqrt(n))
     nearest = np.asarray(x.astype(dtype).astype(jnp.float32))
     np.testing.assert_allclose(np.abs(nearest - np.asarray(x)) / ulp, 0.25)
