@@ -141,8 +141,8 @@ def make_optimizer(
             optim_cfg.eps,
             optim_formats.moment_format(precision.mu, "optim.mu_dtype"),
             optim_formats.moment_format(precision.nu, "optim.nu_dtype"),
-            int(optim_cfg.state_block_size),
-            stochastic=optim_cfg.moment_rounding == "stochastic",
+            int(optim_precision.field(optim_cfg, "state_block_size")),
+            stochastic=optim_precision.field(optim_cfg, "moment_rounding") == "stochastic",
         )
     # optax.adamw's own chain, with the moments' storage swapped.
     inner = optax.chain(

@@ -45,6 +45,24 @@ PRESETS: dict[str, StatePrecision] = {
 }
 CUSTOM = "custom"
 
+# The optim.* precision fields and their defaults (fogjax/config_lib.py): an optim section
+# without them (one built by hand) means today's float32 optimizer.
+FIELD_DEFAULTS = {
+    "state_precision": CUSTOM,
+    "master_dtype": "float32",
+    "mu_dtype": "float32",
+    "nu_dtype": "float32",
+    "grad_dtype": "float32",
+    "master_rounding": "auto",
+    "state_block_size": 128,
+    "moment_rounding": "nearest",
+}
+
+
+def field(optim_cfg: Any, name: str) -> Any:
+    """``optim_cfg.<name>``, or its default when the section lacks it."""
+    return getattr(optim_cfg, name, FIELD_DEFAULTS[name])
+
 
 def _check(value: str, allowed: Any, field: str) -> None:
     if value not in allowed:
@@ -63,17 +81,17 @@ def resolve(optim_cfg: Any) -> StatePrecision:
     dtype field set to something else, 'remainder' without a bfloat16 master, 'stochastic' on a
     float32 master, int8 moments without blocks.
     """
-    name = optim_cfg.state_precision
+    name = field(optim_cfg, "state_precision")
     fields = {
-        "master": optim_cfg.master_dtype,
-        "mu": optim_cfg.mu_dtype,
-        "nu": optim_cfg.nu_dtype,
-        "grad": optim_cfg.grad_dtype,
+        "master": field(optim_cfg, "master_dtype"),
+        "mu": field(optim_cfg, "mu_dtype"),
+        "nu": field(optim_cfg, "nu_dtype"),
+        "grad": field(optim_cfg, "grad_dtype"),
     }
-    _check(optim_cfg.master_dtype, MASTER_DTYPES, "master_dtype")
-    moment_format(optim_cfg.mu_dtype, "optim.mu_dtype")
-    moment_format(optim_cfg.nu_dtype, "optim.nu_dtype")
-    _check(optim_cfg.grad_dtype, GRAD_DTYPES, "grad_dtype")
+    _check(field(optim_cfg, "master_dtype"), MASTER_DTYPES, "master_dtype")
+    moment_format(field(optim_cfg, "mu_dtype"), "optim.mu_dtype")
+    moment_format(field(optim_cfg, "nu_dtype"), "optim.nu_dtype")
+    _check(field(optim_cfg, "grad_dtype"), GRAD_DTYPES, "grad_dtype")
     if name == CUSTOM:
         precision = StatePrecision(**fields)
     elif name in PRESETS:
@@ -103,8 +121,8 @@ def resolve(optim_cfg: Any) -> StatePrecision:
             "optim.master_rounding=stochastic needs a 16-bit master (optim.master_dtype="
             "bfloat16 or float16); a float32 master is not rounded."
         )
-    _check(optim_cfg.moment_rounding, ("nearest", "stochastic"), "moment_rounding")
-    block = int(optim_cfg.state_block_size)
+    _check(field(optim_cfg, "moment_rounding"), ("nearest", "stochastic"), "moment_rounding")
+    block = int(field(optim_cfg, "state_block_size"))
     if block < 0:
         raise ValueError(f"optim.state_block_size={block} must be >= 0 (0 = one scale per tensor).")
     if block == 0 and "int8" in (precision.mu, precision.nu):
@@ -117,8 +135,8 @@ def resolve(optim_cfg: Any) -> StatePrecision:
 
 def master_rounding(optim_cfg: Any, precision: StatePrecision) -> str:
     """``optim.master_rounding``, where 'auto' means remainder for the bf16 preset, else nearest."""
-    rounding = optim_cfg.master_rounding
+    rounding = field(optim_cfg, "master_rounding")
     if rounding == "auto":
-        return "remainder" if optim_cfg.state_precision == "bf16" else "nearest"
+        return "remainder" if field(optim_cfg, "state_precision") == "bf16" else "nearest"
     _check(rounding, ("auto", *MASTER_ROUNDINGS), "master_rounding")
     return rounding
