@@ -64,11 +64,11 @@ def field(optim_cfg: Any, name: str) -> Any:
     return getattr(optim_cfg, name, FIELD_DEFAULTS[name])
 
 
-def _check(value: str, allowed: Any, field: str) -> None:
+def _check(value: str, allowed: Any, name: str) -> None:
     if value not in allowed:
         raise ValueError(
-            f"Unknown optim.{field}={value!r}; choose one of {list(allowed)} "
-            f"(e.g. --config.optim.{field}={list(allowed)[0]})."
+            f"Unknown optim.{name}={value!r}; choose one of {list(allowed)} "
+            f"(e.g. --config.optim.{name}={list(allowed)[0]})."
         )
 
 
