@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 
 _BYTES_KEY = "__base64__"
 
+# The optim.* fields that decide the layout of params and opt_state (fogjax/optim_precision.py).
+_PRECISION_FIELDS = (
+    "state_precision",
+    "master_dtype",
+    "mu_dtype",
+    "nu_dtype",
+    "grad_dtype",
+    "master_rounding",
+    "state_block_size",
+)
+
 
 class CheckpointMismatchError(ValueError):
     """The saved train state has another structure or shape than the model being restored."""
@@ -299,10 +310,9 @@ class Checkpointer:
             raise StatePrecisionMismatchError(
                 f"Checkpoint step {step} in {self.directory} was written with another "
                 f"optimizer-state precision: {precision[0]}{more}. Resume it with the optim.* "
-                "precision fields it was written with (state_precision, master_dtype, mu_dtype, "
-                "nu_dtype, state_block_size, master_rounding; its config is in "
-                f"{self.directory / str(step) / 'meta'}), or start this run in another --workdir. "
-                "Nothing was changed on disk."
+                f"precision fields it was written with ({self._saved_precision(step)}; its config "
+                f"is in {self.directory / str(step) / 'meta'}), or start this run in another "
+                "--workdir. Nothing was changed on disk."
             )
         if problems:
             more = f" (and {len(problems) - 1} more leaves differ)" if len(problems) > 1 else ""
@@ -313,6 +323,16 @@ class Checkpointer:
                 f"{self.directory / str(step) / 'meta'}), or start this run in another --workdir. "
                 "Nothing was changed on disk."
             )
+
+    def _saved_precision(self, step: int) -> str:
+        """``--config.optim.<field>=<value>`` flags of step's saved precision fields, read from
+        its metadata; the field names alone when the metadata holds no config."""
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            saved = meta["meta"]["config"]["optim"]
+            return " ".join(f"--config.optim.{k}={saved[k]}" for k in _PRECISION_FIELDS)
+        except (KeyError, TypeError, FileNotFoundError, ValueError):
+            return ", ".join(_PRECISION_FIELDS)
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
         restored = self._manager.restore(
