@@ -74,28 +74,70 @@ def leaves(tree):
     return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def stepped_state(optim_cfg, mesh):
-    """(abstract, shardings, state): created in its shards on ``mesh``, then two optimizer
-    updates with random gradients (so moments, scales, remainders and counts are non-trivial)."""
+def updater(optim_cfg, mesh, create=True):
+    """(abstract, shardings, created state or None, ``update(state, step) -> state``) on
+    ``mesh``: one optimizer update with t-distributed gradients seeded by ``step``, compiled
+    once."""
     init, tx = init_fn(optim_cfg)
-    rng = np.random.default_rng(0)
     with sharding.sharding_context(mesh):
         abstract, shardings = state_lib.abstract_state(init, mesh)
-        state = state_lib.create_state(init, shardings, 0)
+        state = state_lib.create_state(init, shardings, 0) if create else None
 
-        @jax.jit(out_shardings=shardings)
-        def update(state, grads):
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            return {**state, "params": params, "opt_state": opt_state}
+    @jax.jit(out_shardings=shardings)
+    def apply(state, grads):
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {**state, "params": params, "opt_state": opt_state}
 
-        for _ in range(2):
-            grads = jax.tree.map(
-                lambda p: rng.standard_t(3, p.shape).astype(optim.grad_dtype(optim_cfg)),
-                state["params"],
-            )
-            state = update(state, grads)
+    def update(state, step):
+        rng = np.random.default_rng(step)
+        grads = jax.tree.map(
+            lambda p: rng.standard_t(3, p.shape).astype(optim.grad_dtype(optim_cfg)),
+            state["params"],
+        )
+        with sharding.sharding_context(mesh):
+            return apply(state, grads)
+
+    return abstract, shardings, state, update
+
+
+def stepped_state(optim_cfg, mesh):
+    """(abstract, shardings, state) after two updates (so moments, scales, remainders and
+    counts are all non-trivial)."""
+    abstract, shardings, state, update = updater(optim_cfg, mesh)
+    for step in range(2):
+        state = update(state, step)
     return abstract, shardings, state
+
+
+def test_stochastic_rounding_resumes_exactly(tmp_path):
+    """4 steps straight = 2 steps, save, restore on another mesh, 2 more: bit for bit, with
+    stochastic rounding of the master and of FP8 moments (their bits come from the step)."""
+    cfg = optim_config(
+        "custom",
+        master_dtype="bfloat16",
+        master_rounding="stochastic",
+        mu_dtype="float8_e4m3fn",
+        nu_dtype="float16",
+        moment_rounding="stochastic",
+    )
+    _, _, state, update = updater(cfg, mesh_of((1, 8, 1)))
+    for step in range(4):
+        state = update(state, step)
+        if step == 1:
+            with checkpoint.Checkpointer(str(tmp_path), keep=1) as ckpt:
+                assert ckpt.save(2, state, {}, {}, force=True)
+    straight = jax.device_get(state)
+    abstract, _, _, update = updater(cfg, mesh_of((2, 4, 1)), create=False)
+    with checkpoint.Checkpointer(str(tmp_path), keep=1) as ckpt:
+        resumed, _, _ = ckpt.restore(abstract)
+    for step in range(2, 4):
+        resumed = update(resumed, step)
+    for path, x in leaves(straight).items():
+        got = np.asarray(leaves(resumed)[path])
+        np.testing.assert_array_equal(
+            got.reshape(-1).view(np.uint8), np.asarray(x).reshape(-1).view(np.uint8), path
+        )
 
 
 def test_round_trip_across_meshes_is_bitwise(tmp_path):
