@@ -17,6 +17,9 @@ What is rounded where:
   one to the integer grid; decoding divides in float32. Always blockwise (an "8-bit blockwise"
   state in the sense of bitsandbytes, with a linear code).
 
+With ``optim.moment_rounding=stochastic`` the cast (or the rounding to integer codes) is an
+unbiased stochastic rounding instead of round to nearest; nothing else changes.
+
 Blocks: ``block_size`` consecutive elements along a tensor's last axis; when the last axis is not a
 multiple of ``block_size``, the whole last axis is one block. So a block never straddles rows, and
 the scales form a ``[..., last // block]`` tensor that is sharded with the parameter's own logical
@@ -181,7 +184,8 @@ def encode(
     of to nearest.
     """
     if not fmt.scaled:
-        return x.astype(fmt.storage) if key is None else stochastic_round(x, fmt.storage, key)
+        exact = key is None or fmt.name == "float32"
+        return x.astype(fmt.storage) if exact else stochastic_round(x, fmt.storage, key)
     if fmt.integer and block_size == 0:
         raise ValueError("int8 moments are blockwise: set optim.state_block_size > 0 (e.g. 128).")
     if second_moment:
