@@ -11,14 +11,15 @@ Moments: the step uses mu'_t = b1 Q(mu'_{t-1}) + (1-b1) g'_t (nu' alike), so D_t
 follows D_t = b1 (D_{t-1} + q_{t-1}) + (1-b1) |g'_t - g_t| with q the storage error bound of
 fogjax.optim_formats: u |x| + 2 (min_positive / max) A for a float format with unit roundoff u and
 block amax A (the power-of-two scale puts A in (max/2, max]; the zero guard costs at most one
-min_positive), A / 127 (A / 255 for sqrt(nu)) for int8, u |x| for bfloat16; the second moment is
-stored as r = sqrt(nu), so |nu' error| <= (2 r + dr) dr. Then with a = D_mu / bc1, b = D_nu / bc2,
+min_positive), A / 127 (A / 255 for sqrt(nu)) for int8, u |x| for bfloat16, all doubled when the
+moments are requantised stochastically (either neighbour); the second moment is stored as
+r = sqrt(nu), so |nu' error| <= (2 r + dr) dr. Then with a = D_mu / bc1, b = D_nu / bc2,
     |u' - u| <= a / (sqrt(v - b)_+ + eps) + |m| (1 / (sqrt(v - b)_+ + eps) - 1 / (sqrt(v) + eps))
 (m, v the bias-corrected float32 moments; 1 / (sqrt(.) + eps) is convex and decreasing). Master:
-round to nearest |r_t| <= spacing(p'_t) / 2; stochastic rounding: r_t are zero-mean, |r_t| <=
-spacing(p'_t), so by Azuma |sum r_t| <= sqrt(2 ln(2 / delta) sum spacing^2) with probability
-1 - delta (delta = 1e-9 per coordinate); remainder: r_t = 0. Both runs compute in float32, which
-the bound treats as exact: a slack of 2% + 1e-6 sum lr_t covers that.
+round to nearest |r_t| <= spacing(p'_t) / 2; stochastic rounding: r_t are zero-mean,
+|r_t| <= spacing(p'_t), so by Azuma |sum r_t| <= sqrt(2 ln(2 / delta) sum spacing^2) with
+probability 1 - delta (delta = 1e-9 per coordinate); remainder: r_t = 0. Both runs compute in
+float32, which the bound treats as exact: a slack of 2% + 1e-6 sum lr_t covers that.
 
 For 8-bit moments this worst case is vacuous: with unit roundoff rho = 2^-4 (E4M3, on sqrt(nu)
 so 2 rho on nu) the recurrence D = b2 (D + q) grows to ~ 2 rho b2 / (1 - b2) = 2.4 nu, so
@@ -223,13 +224,15 @@ def error_bound(cfg, lowp_params) -> tuple[dict, dict, dict]:
             m, v, a, b = mu / bc1, nu / bc2, dm / bc1, dv / bc2
             low = 1.0 / (np.sqrt(np.maximum(v - b, 0.0)) + EPS)
             det += lr[t] * (a * low + np.abs(m) * (low - 1.0 / (np.sqrt(v) + EPS)))
-            qm = _storage_error(np.abs(mu) + dm, cfg.mu_dtype, block, False)
+            # Stochastic requantisation may go to either neighbour: twice the nearest bound.
+            sr = 2.0 if cfg.moment_rounding == "stochastic" else 1.0
+            qm = sr * _storage_error(np.abs(mu) + dm, cfg.mu_dtype, block, False)
             if fmts.MOMENT_FORMATS[cfg.nu_dtype].scaled:
                 r = np.sqrt(nu + dv)
-                dr = _storage_error(r, cfg.nu_dtype, block, True)
+                dr = sr * _storage_error(r, cfg.nu_dtype, block, True)
                 qv = (2 * r + dr) * dr
             else:
-                qv = _storage_error(nu + dv, cfg.nu_dtype, block, True)
+                qv = sr * _storage_error(nu + dv, cfg.nu_dtype, block, True)
             if cfg.master_dtype != "float32":
                 spacing = _spacing(lowp_params[name][t], jnp.dtype(cfg.master_dtype))
                 rounding = optim.optim_precision.master_rounding(cfg, None)
