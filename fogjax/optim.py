@@ -151,7 +151,7 @@ def make_optimizer(
         optax.scale_by_learning_rate(schedule),
     )
     if precision.master != "float32":
-        rounding = optim_precision.master_rounding(optim_cfg, precision)
+        rounding = optim_precision.master_rounding(optim_cfg)
         inner = optim_lowp.master_weights(inner, jnp.dtype(precision.master), rounding)
     to_float32 = optax.identity()
     if precision.grad != "float32":
@@ -167,7 +167,7 @@ def master_cast(optim_cfg: Any) -> Callable[[Any], Any]:
     precision = optim_precision.resolve(optim_cfg)
     if precision.master == "float32":
         return lambda params: params
-    rounding = optim_precision.master_rounding(optim_cfg, precision)
+    rounding = optim_precision.master_rounding(optim_cfg)
     return optim_lowp.master_cast(jnp.dtype(precision.master), rounding)
 
 

@@ -109,7 +109,7 @@ def resolve(optim_cfg: Any) -> StatePrecision:
             f"Unknown optim.state_precision={name!r}; choose one of "
             f"{[*PRESETS, CUSTOM]} (e.g. --config.optim.state_precision=fog_fp16)."
         )
-    rounding = master_rounding(optim_cfg, precision)
+    rounding = master_rounding(optim_cfg)
     if rounding == "remainder" and precision.master != "bfloat16":
         raise ValueError(
             f"optim.master_rounding=remainder needs a bfloat16 master (got master_dtype="
@@ -133,7 +133,7 @@ def resolve(optim_cfg: Any) -> StatePrecision:
     return precision
 
 
-def master_rounding(optim_cfg: Any, precision: StatePrecision) -> str:
+def master_rounding(optim_cfg: Any) -> str:
     """``optim.master_rounding``, where 'auto' means remainder for the bf16 preset, else nearest."""
     rounding = field(optim_cfg, "master_rounding")
     if rounding == "auto":

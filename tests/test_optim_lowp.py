@@ -37,7 +37,7 @@ import numpy as np
 import optax
 import pytest
 
-from fogjax import optim, optim_lowp
+from fogjax import optim, optim_lowp, optim_precision
 from fogjax import optim_formats as fmts
 
 T, PEAK, WD, B1, B2, EPS = 200, 1e-3, 0.1, 0.9, 0.95, 1e-8
@@ -235,7 +235,7 @@ def error_bound(cfg, lowp_params) -> tuple[dict, dict, dict]:
                 qv = sr * _storage_error(nu + dv, cfg.nu_dtype, block, True)
             if cfg.master_dtype != "float32":
                 spacing = _spacing(lowp_params[name][t], jnp.dtype(cfg.master_dtype))
-                rounding = optim.optim_precision.master_rounding(cfg, None)
+                rounding = optim_precision.master_rounding(cfg)
                 if rounding == "nearest":
                     det += spacing / 2
                 elif rounding == "stochastic":
