@@ -33,9 +33,25 @@ log = logging.getLogger(__name__)
 
 _BYTES_KEY = "__base64__"
 
+# The optim.* fields that decide the layout of params and opt_state (fogjax/optim_precision.py).
+_PRECISION_FIELDS = (
+    "state_precision",
+    "master_dtype",
+    "mu_dtype",
+    "nu_dtype",
+    "grad_dtype",
+    "master_rounding",
+    "state_block_size",
+)
+
 
 class CheckpointMismatchError(ValueError):
     """The saved train state has another structure or shape than the model being restored."""
+
+
+class StatePrecisionMismatchError(CheckpointMismatchError):
+    """The saved parameters and optimizer state have another precision layout (optim.*_dtype,
+    optim.state_precision, optim.state_block_size, optim.master_rounding) than the run's."""
 
 
 def _encode(obj: Any) -> Any:
@@ -123,6 +139,35 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """{'params/w': shape} over the leaves of ``tree`` (arrays, structs or orbax metadata)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {_path_str(p): tuple(x.shape) for p, x in leaves if x is not None}
+
+
+def _dtypes(tree: Any) -> dict[str, str]:
+    """{'params/w': 'float32'} over the leaves of ``tree`` (arrays, structs or orbax metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_str(p): str(np.dtype(x.dtype)) for p, x in leaves if x is not None}
+
+
+def _precision_problems(saved: Any, expected: Any, shape_problems: list[str]) -> list[str]:
+    """The differences, if they are those of another precision layout: leaves added, removed or
+    reshaped only under opt_state/ (quantised moments, scales, remainders), dtypes changed only
+    under params/ and opt_state/. Else [] (a different model)."""
+    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+    reshaped = {
+        p
+        for p in saved_shapes.keys() | expected_shapes.keys()
+        if saved_shapes.get(p) != expected_shapes.get(p)
+    }
+    saved_dtypes, expected_dtypes = _dtypes(saved), _dtypes(expected)
+    retyped = {
+        p: f"{p!r} is saved as {saved_dtypes[p]}, this run stores {d}"
+        for p, d in expected_dtypes.items()
+        if p in saved_dtypes and saved_dtypes[p] != d
+    }
+    if not all(p.startswith("opt_state/") for p in reshaped):
+        return []
+    if not all(p.startswith(("params/", "opt_state/")) for p in retyped):
+        return []
+    return list(retyped.values()) + shape_problems
 
 
 def _abstract(tree: Any) -> Any:
@@ -259,6 +304,16 @@ class Checkpointer:
             for path, shape in saved.items()
             if path not in expected
         ]
+        precision = _precision_problems(getattr(item, "tree", item), abstract_state, problems)
+        if precision:
+            more = f" (and {len(precision) - 1} more)" if len(precision) > 1 else ""
+            raise StatePrecisionMismatchError(
+                f"Checkpoint step {step} in {self.directory} was written with another "
+                f"optimizer-state precision: {precision[0]}{more}. Resume it with the optim.* "
+                f"precision fields it was written with ({self._saved_precision(step)}; its config "
+                f"is in {self.directory / str(step) / 'meta'}), or start this run in another "
+                "--workdir. Nothing was changed on disk."
+            )
         if problems:
             more = f" (and {len(problems) - 1} more leaves differ)" if len(problems) > 1 else ""
             raise CheckpointMismatchError(
@@ -268,6 +323,16 @@ class Checkpointer:
                 f"{self.directory / str(step) / 'meta'}), or start this run in another --workdir. "
                 "Nothing was changed on disk."
             )
+
+    def _saved_precision(self, step: int) -> str:
+        """``--config.optim.<field>=<value>`` flags of step's saved precision fields, read from
+        its metadata; the field names alone when the metadata holds no config."""
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            saved = meta["meta"]["config"]["optim"]
+            return " ".join(f"--config.optim.{k}={saved[k]}" for k in _PRECISION_FIELDS)
+        except (KeyError, TypeError, FileNotFoundError, ValueError):
+            return ", ".join(_PRECISION_FIELDS)
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
         restored = self._manager.restore(

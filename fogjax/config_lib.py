@@ -110,6 +110,26 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1  # On matrices only (embedding and LM head included).
     c.optim.grad_clip = 1.0  # Global-norm clip over parameters (never the FP8 state).
+    # Optimizer-state precision (fogjax/optim_precision.py; README "Optimizer-state precision").
+    # A preset setting the four dtypes below at once: 'fp32' | 'fog_fp16' | 'fog_fp8_m1' |
+    # 'fog_fp8' | 'bf16', or 'custom' (take the four fields as given).
+    c.optim.state_precision = "custom"
+    c.optim.master_dtype = "float32"  # Stored parameters: 'float32' | 'bfloat16' | 'float16'.
+    # Moments: 'float32' | 'bfloat16' | 'float16' | 'float8_e4m3fn' | 'int8' (8-bit blockwise).
+    c.optim.mu_dtype = "float32"
+    c.optim.nu_dtype = "float32"
+    c.optim.grad_dtype = (
+        "float32"  # Gradients after backward, accumulated in: 'float32'|'bfloat16'.
+    )
+    # Rounding of a 16-bit master: 'nearest' | 'stochastic' (seeded by the step) | 'remainder'
+    # (bfloat16 + int16 remainder = the float32 master exactly) | 'auto' (remainder for the
+    # 'bf16' preset, else nearest).
+    c.optim.master_rounding = "auto"
+    # Scale block of float16/float8/int8 moments: elements along the last axis (0 = per tensor).
+    c.optim.state_block_size = 128
+    # Requantising 16- and 8-bit moments: 'nearest' (even) | 'stochastic' (unbiased, seeded by
+    # the step).
+    c.optim.moment_rounding = "nearest"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = steps

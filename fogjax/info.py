@@ -1,6 +1,6 @@
-"""Parameter counts and FLOPs per token of a config, as one JSON object.
+"""Parameter counts, FLOPs per token and train-state memory of a config, as one JSON object.
 
-    python -m fogjax.info --config=configs/fog_flash.py:1.5b
+    python -m fogjax.info --config=configs/fog_flash.py:1.5b --config.optim.state_precision=fog_fp16
 
 Shapes come from ``jax.eval_shape``: nothing is allocated, so the 8B config answers in seconds.
 """
@@ -17,8 +17,9 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from fogjax.model import build_model
-from fogjax.precision.recipes import Recipe
+from fogjax import optim
+from fogjax.model import build_model, weight_decay_mask
+from fogjax.precision.recipes import Recipe, make_recipe
 
 
 def abstract_params(config: Any) -> Any:
@@ -70,13 +71,82 @@ def model_info(config: Any, params: Any = None) -> dict[str, Any]:
     }
 
 
+def _nbytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _opt_state_part(opt_state: Any, field: str) -> list[Any]:
+    """The subtrees of ``opt_state`` held in NamedTuple fields called ``field`` (mu, nu,
+    remainder), wherever the optax chain nests them."""
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            for name in node._fields:
+                (found.append if name == field else visit)(getattr(node, name))
+        elif isinstance(node, tuple | list):
+            for child in node:
+                visit(child)
+
+    visit(opt_state)
+    return found
+
+
+def abstract_variables(config: Any) -> Any:
+    """All of ``config``'s model variables (params and the recipe's FP8 state), unboxed
+    ShapeDtypeStructs."""
+    model = build_model(config, make_recipe(config.precision))
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
+
+
+def state_memory(config: Any, variables: Any = None) -> dict[str, Any]:
+    """Bytes of the train state's components for ``config`` as given (shapes only, no arrays).
+
+    Components: ``params`` (the stored parameters; they are the
+    master copy, in ``optim.master_dtype``: no other persistent copy exists, GEMM operands are
+    cast per step), ``master_remainder`` (int16 per parameter with
+    ``optim.master_rounding=remainder``), ``grads`` (one gradient tree in ``optim.grad_dtype``),
+    ``mu`` and ``nu`` (the stored moments with their block scales), ``fp8_state`` (the FP8
+    recipes' amax histories and scales). Activations and XLA temporaries are not included.
+
+    Returns ``{"bytes": {component: int, ..., "total": int},
+    "bytes_per_param": {component: float, ..., "total": float}, "num_params": int}``.
+    ``variables``: :func:`abstract_variables` of ``config`` when the caller has them.
+    """
+    if variables is None:
+        variables = abstract_variables(config)
+    params32 = variables["params"]
+    tx = optim.make_optimizer(config.optim, config.train.steps, weight_decay_mask)
+    opt_state = jax.eval_shape(tx.init, params32)
+    params = jax.eval_shape(optim.master_cast(config.optim), params32)
+    grad_dtype = optim.grad_dtype(config.optim)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params32))
+    sizes = {
+        "params": _nbytes(params),
+        "master_remainder": _nbytes(_opt_state_part(opt_state, "remainder")),
+        "grads": n * grad_dtype.itemsize,
+        "mu": _nbytes(_opt_state_part(opt_state, "mu")),
+        "nu": _nbytes(_opt_state_part(opt_state, "nu")),
+        "fp8_state": _nbytes(variables.get("fp8", {})),
+    }
+    sizes["total"] = sum(sizes.values())
+    return {
+        "bytes": sizes,
+        "bytes_per_param": {k: v / n for k, v in sizes.items()},
+        "num_params": n,
+    }
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
     if config is None:
         raise app.UsageError("Give a config: --config=configs/fog_flash.py:1.5b")
-    print(json.dumps(model_info(config), indent=2))
+    variables = abstract_variables(config)  # One trace serves both reports.
+    report = {**model_info(config, variables["params"]), "memory": state_memory(config, variables)}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fogjax import optim_formats, optim_lowp, optim_precision
+
 
 def _wsd(peak_lr: float, min_lr: float, warmup: int, cooldown: int, total: int) -> optax.Schedule:
     """Warmup-stable-decay: linear warmup from 0, constant, then a 1-sqrt cooldown to min_lr.
@@ -106,20 +108,72 @@ def make_optimizer(
     one): True leaves are decayed. The model decides which leaves are matrices — ndim cannot,
     since nn.scan stacks 1-D gains into [L, D] arrays. Decay is decoupled and scaled by the
     learning rate: p <- p - lr * (adam_update + weight_decay * p).
+
+    The optimizer-state precision (fogjax.optim_precision) picks the pieces: all float32 is
+    ``optax.adamw`` itself (today's numerics and checkpoint layout); low-precision moments
+    replace ``scale_by_adam`` by :func:`fogjax.optim_lowp.scale_by_adam_lowp`; a 16-bit master
+    wraps Adam, decay and learning rate in :func:`fogjax.optim_lowp.master_weights`; bfloat16
+    gradients are cast to float32 before clipping, so the clip norm is a float32 sum.
     """
+    precision = optim_precision.resolve(optim_cfg)
     clip = optim_cfg.grad_clip
-    return optax.chain(
-        # grad_clip <= 0 turns clipping off (useful to study spikes unclipped).
-        optax.clip_by_global_norm(clip) if clip and clip > 0 else optax.identity(),
-        optax.adamw(
-            make_schedule(optim_cfg, total_steps),
-            b1=optim_cfg.b1,
-            b2=optim_cfg.b2,
-            eps=optim_cfg.eps,
-            weight_decay=optim_cfg.weight_decay,
-            mask=weight_decay_mask,
-        ),
+    schedule = make_schedule(optim_cfg, total_steps)
+    # grad_clip <= 0 turns clipping off (useful to study spikes unclipped).
+    clipping = optax.clip_by_global_norm(clip) if clip and clip > 0 else optax.identity()
+    if precision.is_float32:
+        return optax.chain(
+            clipping,
+            optax.adamw(
+                schedule,
+                b1=optim_cfg.b1,
+                b2=optim_cfg.b2,
+                eps=optim_cfg.eps,
+                weight_decay=optim_cfg.weight_decay,
+                mask=weight_decay_mask,
+            ),
+        )
+    if precision.mu == precision.nu == "float32":
+        adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
+    else:
+        adam = optim_lowp.scale_by_adam_lowp(
+            optim_cfg.b1,
+            optim_cfg.b2,
+            optim_cfg.eps,
+            optim_formats.moment_format(precision.mu, "optim.mu_dtype"),
+            optim_formats.moment_format(precision.nu, "optim.nu_dtype"),
+            int(optim_precision.field(optim_cfg, "state_block_size")),
+            stochastic=optim_precision.field(optim_cfg, "moment_rounding") == "stochastic",
+        )
+    # optax.adamw's own chain, with the moments' storage swapped.
+    inner = optax.chain(
+        adam,
+        optax.add_decayed_weights(optim_cfg.weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(schedule),
     )
+    if precision.master != "float32":
+        rounding = optim_precision.master_rounding(optim_cfg)
+        inner = optim_lowp.master_weights(inner, jnp.dtype(precision.master), rounding)
+    to_float32 = optax.identity()
+    if precision.grad != "float32":
+        to_float32 = optax.stateless(lambda g, _: jax.tree.map(lambda x: x.astype(jnp.float32), g))
+    return optax.chain(to_float32, clipping, inner)
+
+
+def master_cast(optim_cfg: Any) -> Callable[[Any], Any]:
+    """float32 params -> params as the train state stores them (the master, in master_dtype).
+
+    The identity for a float32 master; works on boxed (logically partitioned) trees.
+    """
+    precision = optim_precision.resolve(optim_cfg)
+    if precision.master == "float32":
+        return lambda params: params
+    rounding = optim_precision.master_rounding(optim_cfg)
+    return optim_lowp.master_cast(jnp.dtype(precision.master), rounding)
+
+
+def grad_dtype(optim_cfg: Any) -> Any:
+    """The dtype gradients are cast to after each micro-batch's backward and accumulated in."""
+    return jnp.dtype(optim_precision.resolve(optim_cfg).grad)
 
 
 def global_norm(tree: Any) -> jax.Array:

@@ -29,9 +29,17 @@ STATE_COLLECTIONS = ("params", "fp8")
 
 
 def make_init_fn(
-    model: nn.Module, tx: optax.GradientTransformation, seq_len: int
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    seq_len: int,
+    master_cast: Callable[[Any], Any] = lambda params: params,
 ) -> Callable[[jax.Array], State]:
-    """``init(rng) -> state`` with boxed (logically partitioned) params and optimizer moments."""
+    """``init(rng) -> state`` with boxed (logically partitioned) params and optimizer moments.
+
+    ``master_cast`` turns the float32 initial params into the stored master
+    (``fogjax.optim.master_cast``); the optimizer is initialised from the float32 values, so a
+    remainder state describes them exactly.
+    """
 
     def init(rng: jax.Array) -> State:
         tokens = jnp.zeros((1, seq_len), jnp.int32)
@@ -39,7 +47,7 @@ def make_init_fn(
         params = variables["params"]
         return {
             "step": jnp.zeros((), jnp.int32),
-            "params": params,
+            "params": master_cast(params),
             "fp8": variables.get("fp8", {}),
             "opt_state": tx.init(params),
         }
@@ -118,7 +126,7 @@ def build_run(config: Any, mesh: jax.sharding.Mesh | None = None, target: Any = 
     steps = config.train.steps
     schedule = optim.make_schedule(config.optim, steps)
     tx = optim.make_optimizer(config.optim, steps, weight_decay_mask)
-    init = make_init_fn(model, tx, config.train.seq_len)
+    init = make_init_fn(model, tx, config.train.seq_len, optim.master_cast(config.optim))
     with sharding.sharding_context(mesh):
         abstract, shardings = abstract_state(init, mesh)
     return Run(config, mesh, recipe, model, tx, schedule, init, abstract, shardings)

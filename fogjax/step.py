@@ -72,7 +72,13 @@ def _combine_microbatch(acc: Any, new: Any) -> Any:
 
 
 def compute_grads(
-    model: nn.Module, params: Any, fp8: Any, tokens: jax.Array, micro_batches: int, with_stats: bool
+    model: nn.Module,
+    params: Any,
+    fp8: Any,
+    tokens: jax.Array,
+    micro_batches: int,
+    with_stats: bool,
+    grad_dtype: Any = None,
 ) -> tuple[jax.Array, Any, Any, Any]:
     """Loss, parameter gradients, new FP8 state and probe outputs for a batch [B, T+1].
 
@@ -81,8 +87,14 @@ def compute_grads(
     tensor an FP8 cast sees has the magnitude it has in the full batch (its E5M2 scale stays
     right); gradients then sum to the full-batch gradient. Statistics are averaged and the FP8
     state is max-combined, which gives exactly the full batch's amaxes.
+
+    ``grad_dtype`` (``optim.grad_dtype``; None = as the backward yields them): the loss is
+    differentiated with respect to the float32 view of the parameters (exact for a 16-bit master),
+    and each micro-batch's gradients are cast to ``grad_dtype`` and accumulated in it.
     """
     loss_fn = _loss_fn(model, with_stats)
+    if grad_dtype is not None:
+        params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
 
     def scaled_loss(params: Any, fp8: Any, chunk: jax.Array) -> tuple[jax.Array, Any]:
         loss, aux = loss_fn(params, fp8, chunk)
@@ -92,6 +104,8 @@ def compute_grads(
 
     def one(chunk: jax.Array) -> tuple[jax.Array, Any, Any, Any]:
         (loss, aux), (grads, new_fp8) = grad_fn(params, fp8, chunk)
+        if grad_dtype is not None:
+            grads = jax.tree.map(lambda g: g.astype(grad_dtype), grads)
         return loss, grads, new_fp8, aux
 
     if micro_batches == 1:
@@ -147,6 +161,7 @@ def make_train_step(
     schedule: optax.Schedule,
     micro_batches: int = 1,
     fp8_stats_fn: Callable[[Any, Any], Metrics] | None = None,
+    grad_dtype: Any = None,
 ) -> Callable[..., tuple[State, Metrics]]:
     """Builds ``train_step(state, batch, with_stats=False) -> (state, metrics)``; jit it outside.
 
@@ -156,6 +171,8 @@ def make_train_step(
       schedule: learning-rate schedule, reported as ``lr``.
       micro_batches: gradient accumulation steps per optimizer step.
       fp8_stats_fn: ``(fp8_state, fp8_stats) -> metrics`` for statistics steps.
+      grad_dtype: dtype of the gradients (``fogjax.optim.grad_dtype(config.optim)``); see
+        :func:`compute_grads`.
     Metrics (float32 scalars unless noted): loss, grad_norm, param_norm, update_norm, lr,
       finite (bool); with stats also ``kurtosis``, ``act_rms`` and ``act_amax`` ({tensor: [L]})
       and ``fp8`` (flat ``fp8/...`` tags).
@@ -166,7 +183,7 @@ def make_train_step(
     ) -> tuple[State, Metrics]:
         params, fp8 = state["params"], state["fp8"]
         loss, grads, new_fp8, aux = compute_grads(
-            model, params, fp8, batch, micro_batches, with_stats
+            model, params, fp8, batch, micro_batches, with_stats, grad_dtype
         )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fogjax import checkpoint, data, metrics, provenance, sharding
+from fogjax import checkpoint, data, metrics, optim, provenance, sharding
 from fogjax import state as state_lib
 from fogjax.evaluate import validation_loss
 from fogjax.info import model_info
@@ -159,7 +159,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         writer.write_text(start_step, "run/config", "```\n" + str(config) + "\n```")
 
     stats_fn = fp8_stats.fp8_metrics if recipe.quantizes_linears else None
-    train_step = make_train_step(model, run.tx, run.schedule, t.micro_batches, stats_fn)
+    train_step = make_train_step(
+        model, run.tx, run.schedule, t.micro_batches, stats_fn, optim.grad_dtype(config.optim)
+    )
     step_fn = state_lib.jit_train_step(run, train_step, with_stats=False)
     stats_step_fn = state_lib.jit_train_step(run, train_step, with_stats=True)
     eval_fn = jax.jit(

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import sharding
+from fogjax import optim, sharding
 from fogjax import state as state_lib
 from fogjax.bench import estimate as estimate_lib
 from fogjax.bench import gemms as gemm_lib
@@ -169,7 +169,13 @@ def compile_for_target(
     t = config.train
     with target_cudnn(target):  # build_run traces the model too
         run = state_lib.build_run(config, mesh, CompileTarget(devices, target.cudnn_version))
-        train_step = make_train_step(run.model, run.tx, run.schedule, t.micro_batches)
+        train_step = make_train_step(
+            run.model,
+            run.tx,
+            run.schedule,
+            t.micro_batches,
+            grad_dtype=optim.grad_dtype(config.optim),
+        )
         jitted = state_lib.jit_train_step(run, train_step, with_stats=False)
         batch_sharding = sharding.batch_sharding(run.mesh)
         shape = (t.batch_size, t.seq_len + 1)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import metrics, provenance, sharding
+from fogjax import metrics, optim, provenance, sharding
 from fogjax import state as state_lib
 from fogjax.bench import attention as bench_attention
 from fogjax.bench import hlo_stats, text_table
@@ -160,7 +160,9 @@ def compile_train_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
     validate_train_config(config)
     t = config.train
     run = state_lib.build_run(config)
-    train_step = make_train_step(run.model, run.tx, run.schedule, t.micro_batches)
+    train_step = make_train_step(
+        run.model, run.tx, run.schedule, t.micro_batches, grad_dtype=optim.grad_dtype(config.optim)
+    )
     batch_sharding = sharding.batch_sharding(run.mesh)
     jitted = state_lib.jit_train_step(run, train_step, with_stats=False)
     batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=batch_sharding)

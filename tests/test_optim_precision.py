@@ -1,0 +1,89 @@
+"""optim.* precision fields: presets, refusals that name the fix, and bfloat16 gradients
+accumulated over micro-batches by fogjax.step.compute_grads."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fogjax import config_lib, optim, optim_precision
+from fogjax.step import compute_grads
+
+
+def _optim(**fields):
+    c = config_lib.get_config("fog_flash", "tiny").optim
+    for k, v in fields.items():
+        setattr(c, k, v)
+    return c
+
+
+def test_defaults_are_float32_and_presets_set_all_four():
+    assert optim_precision.resolve(_optim()).is_float32
+    assert optim_precision.resolve(_optim(state_precision="fog_fp8_m1")) == (
+        optim_precision.StatePrecision("float16", "float8_e4m3fn", "float16", "bfloat16")
+    )
+    # A field equal to the preset's own value is no contradiction.
+    optim_precision.resolve(_optim(state_precision="fog_fp16", mu_dtype="float16"))
+    assert optim.master_cast(_optim())({"w": 1.0}) == {"w": 1.0}
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(state_precision="fog_fp32"), r"state_precision='fog_fp32'.*fog_fp16"),
+        (
+            dict(state_precision="fog_fp16", mu_dtype="bfloat16"),
+            r"mu_dtype=bfloat16 contradicts optim.state_precision=fog_fp16.*=custom",
+        ),
+        (dict(master_dtype="float8_e4m3fn"), r"master_dtype='float8_e4m3fn'.*bfloat16"),
+        (dict(grad_dtype="float16"), r"grad_dtype='float16'.*bfloat16"),
+        (dict(nu_dtype="fp8"), r"nu_dtype='fp8'.*float8_e4m3fn"),
+        (
+            dict(master_dtype="float16", master_rounding="remainder"),
+            r"remainder needs a bfloat16 master.*stochastic",
+        ),
+        (dict(master_rounding="stochastic"), r"stochastic needs a 16-bit master"),
+        (dict(mu_dtype="int8", state_block_size=0), r"int8 moments are blockwise.*block_size"),
+        (dict(state_block_size=-1), r"state_block_size=-1 must be >= 0"),
+        (dict(moment_rounding="up"), r"moment_rounding='up'"),
+    ],
+)
+def test_bad_precision_fields_are_refused_with_the_fix(fields, message):
+    with pytest.raises(ValueError, match=message):
+        optim.make_optimizer(_optim(**fields), 200, {})
+
+
+class _Bigram(nn.Module):
+    """Embedding + untied head: a model fogjax.step can differentiate, compiled in a second."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(64, 16)(tokens)
+        return nn.Dense(64, use_bias=False)(x)
+
+
+def test_bfloat16_gradients_are_accumulated_in_bfloat16_from_the_float32_master_view():
+    """Micro-batches k = 2, grad_dtype bfloat16, a bfloat16 master: each chunk is differentiated
+    at the float32 view of the master, its gradient (of loss / k) cast to bfloat16, and the two
+    summed in bfloat16, exactly."""
+    model = _Bigram()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (4, 9)), jnp.int32)
+    params32 = model.init(jax.random.key(0), tokens[:, :-1])["params"]
+    master = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params32)
+    run = jax.jit(
+        lambda p, t, k, dt: compute_grads(model, p, {}, t, k, False, dt)[1], static_argnums=(2, 3)
+    )
+    grads = run(master, tokens, 2, jnp.dtype(jnp.bfloat16))
+    view = jax.tree.map(lambda p: p.astype(jnp.float32), master)
+    # Chunk j holds rows j, j + k, ...; halving a float32 gradient is exact.
+    chunks = [run(view, tokens[i::2], 1, jnp.dtype(jnp.float32)) for i in range(2)]
+    expected = jax.tree.map(
+        lambda a, b: (a / 2).astype(jnp.bfloat16) + (b / 2).astype(jnp.bfloat16), *chunks
+    )
+    for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e, np.float32))
+    # float32 gradients of a bfloat16 master: the float32 view is differentiated.
+    g32 = run(master, tokens, 2, jnp.dtype(jnp.float32))
+    assert {x.dtype for x in jax.tree.leaves(g32)} == {jnp.dtype(jnp.float32)}
