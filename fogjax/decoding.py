@@ -65,6 +65,9 @@ class Sampling:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = no nucleus filter).")
 
 
+GREEDY = Sampling()
+
+
 def sample_tokens(logits: Array, rng: Array, sampling: Sampling) -> Array:
     """Next tokens int32 [B] from float32 logits [B, V] (``sampling`` is static)."""
     if sampling.temperature == 0:
@@ -180,7 +183,7 @@ class Decoder:
         self,
         prompts: Sequence[Sequence[int]],
         max_new_tokens: int,
-        sampling: Sampling = Sampling(),
+        sampling: Sampling = GREEDY,
         seed: int = 0,
         stop: Callable[[int, list[int]], bool] | None = None,
     ) -> list[list[int]]:
