@@ -16,7 +16,6 @@ dot_generals reads the ``fp8`` collection and never writes it, and it is not mut
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,6 +55,14 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
 
+    def as_arrays(self) -> tuple[Array, Array, Array]:
+        """(temperature, top_k, top_p) as scalars for :func:`sample_tokens`."""
+        return (
+            jnp.float32(self.temperature),
+            jnp.int32(self.top_k),
+            jnp.float32(self.top_p),
+        )
+
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy).")
@@ -68,26 +75,29 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def sample_tokens(logits: Array, rng: Array, sampling: Sampling) -> Array:
-    """Next tokens int32 [B] from float32 logits [B, V] (``sampling`` is static)."""
-    if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    if sampling.top_k or sampling.top_p < 1:
-        descending = -jnp.sort(-logits, axis=-1)
-        threshold = jnp.full(logits.shape[:-1], -jnp.inf)
-        if sampling.top_k:
-            k = min(sampling.top_k, logits.shape[-1])
-            threshold = descending[:, k - 1]
-        if sampling.top_p < 1:
-            probs = jax.nn.softmax(descending, axis=-1)
-            # The first sorted index where the cumulative probability reaches p is the last kept.
-            before = jnp.cumsum(probs, axis=-1) - probs
-            last = jnp.sum(before < sampling.top_p, axis=-1) - 1
-            nucleus = jnp.take_along_axis(descending, last[:, None], axis=-1)[:, 0]
-            threshold = jnp.maximum(threshold, nucleus)
-        logits = jnp.where(logits < threshold[:, None], -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+def sample_tokens(
+    logits: Array, rng: Array, temperature: Array, top_k: Array, top_p: Array
+) -> Array:
+    """Next tokens int32 [B] from float32 logits [B, V].
+
+    ``temperature``, ``top_k`` and ``top_p`` (see :class:`Sampling`) are scalars that may be
+    traced, so one compilation serves every setting; temperature 0 gives the argmax.
+    """
+    logits = logits.astype(jnp.float32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    descending = -jnp.sort(-scaled, axis=-1)
+    vocab = logits.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take(descending, k - 1, axis=-1)
+    probs = jax.nn.softmax(descending, axis=-1)
+    # The first sorted index where the cumulative probability reaches p is the last one kept.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    last = jnp.sum(before < top_p, axis=-1) - 1
+    nucleus = jnp.take_along_axis(descending, last[:, None], axis=-1)[:, 0]
+    # top_p = 1 keeps everything exactly (a float32 cumsum may pass 1 before the tail).
+    threshold = jnp.maximum(kth, jnp.where(top_p < 1, nucleus, -jnp.inf))
+    sampled = jax.random.categorical(rng, jnp.where(scaled < threshold[:, None], -jnp.inf, scaled))
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def bucket_length(n: int, limit: int) -> int:
@@ -155,29 +165,27 @@ class Decoder:
             self._rows_sharding(array.shape[0]), array, array.shape
         )
 
-    def _jit(self, name: str, fn: Callable[..., Any], sampling: Sampling) -> Callable[..., Any]:
-        key = (name, sampling)
-        if key not in self._compiled:
+    def _jit(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name not in self._compiled:
             replicated = NamedSharding(self.mesh, P())
             # Tokens come back replicated so every process can read them; the cache stays put.
-            self._compiled[key] = jax.jit(
-                functools.partial(fn, sampling=sampling),
-                out_shardings=(replicated, None),
-                donate_argnums=(1,),
+            # jit's own cache then holds one executable per batch size and prompt bucket.
+            self._compiled[name] = jax.jit(
+                fn, out_shardings=(replicated, None), donate_argnums=(1,)
             )
-        return self._compiled[key]
+        return self._compiled[name]
 
-    def _prefill(self, variables, cache, tokens, lengths, rng, *, sampling):
+    def _prefill(self, variables, cache, tokens, lengths, rng, sampling):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         logits, cache = cached_forward(self.model, variables, cache, tokens, positions)
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return sample_tokens(last, rng, sampling), cache
+        return sample_tokens(last, rng, *sampling), cache
 
-    def _step(self, variables, cache, tokens, positions, rng, *, sampling):
+    def _step(self, variables, cache, tokens, positions, rng, sampling):
         logits, cache = cached_forward(
             self.model, variables, cache, tokens[:, None], positions[:, None]
         )
-        return sample_tokens(logits[:, 0], rng, sampling), cache
+        return sample_tokens(logits[:, 0], rng, *sampling), cache
 
     def generate(
         self,
@@ -218,14 +226,16 @@ class Decoder:
         key = jax.random.key(seed)
         with sharding.sharding_context(self.mesh):
             cache = init_cache(self.model, batch)
-            prefill = self._jit("prefill", self._prefill, sampling)
-            step = self._jit("step", self._step, sampling)
+            prefill = self._jit("prefill", self._prefill)
+            step = self._jit("step", self._step)
+            settings = sampling.as_arrays()
             new, cache = prefill(
                 self.variables,
                 cache,
                 self._to_device(tokens),
                 self._to_device(lengths),
                 jax.random.fold_in(key, 0),
+                settings,
             )
             out = [[] for _ in prompts]
             done = np.zeros(batch, bool)
@@ -242,5 +252,6 @@ class Decoder:
                     self._to_device(host),
                     self._to_device(lengths + i),
                     jax.random.fold_in(key, i + 1),
+                    settings,
                 )
         return out

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 
 from fogjax import checkpoint, data, sharding
 from fogjax import state as state_lib
@@ -127,6 +128,8 @@ def main(argv: list[str]) -> None:
     if not f.workdir:
         raise app.UsageError("Give --workdir=DIR (a directory written by python -m fogjax.train).")
     if f.tasks:
+        if not flags.FLAGS["verbosity"].present:
+            absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines.
         _downstream(f)
         return
     try:

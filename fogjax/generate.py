@@ -16,8 +16,9 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 
-from fogjax.decoding import GREEDY, Decoder, PromptTooLongError, Sampling
+from fogjax.decoding import GREEDY, PromptTooLongError, Sampling
 from fogjax.inference import LoadedModel, NoCheckpointError, load_model
 
 
@@ -43,11 +44,8 @@ def generate_text(
             f"exceeds the model's context of {loaded.seq_len} tokens (train.seq_len). Shorten "
             "the prompt or lower --max-new-tokens."
         )
-    decoder = Decoder(
-        loaded.config.model, loaded.recipe, loaded.variables, loaded.seq_len, loaded.mesh
-    )
     eos = loaded.tokenizer.eos_id
-    (new,) = decoder.generate(
+    (new,) = loaded.decoder().generate(
         [ids], max_new_tokens, sampling, seed, stop=lambda _, toks: toks[-1] == eos
     )
     if new and new[-1] == eos:
@@ -72,6 +70,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines; --verbosity=0.
     if not f.workdir or f.prompt is None:
         raise app.UsageError("Give --workdir=DIR (a run of python -m fogjax.train) and --prompt.")
     try:
@@ -84,6 +84,18 @@ def main(argv: list[str]) -> None:
     print(f.prompt + text)
 
 
+def underscore_flag_names(argv: list[str]) -> list[str]:
+    """``--max-new-tokens=8`` -> ``--max_new_tokens=8``: absl flags are spelt with underscores,
+    the documented command line with dashes; both work."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and not arg.startswith("--prompt"):
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, argv=underscore_flag_names(sys.argv))

@@ -8,8 +8,8 @@ no external models: it knows only the names its own ``lm_eval.models`` registers
 ``lm_eval --model fogjax`` works only where ``fogjax.harness`` has been imported).
 
 model_args: ``workdir`` (required), ``step`` (default latest), ``recipe`` (default the run's;
-``bf16`` drops the FP8 casts), ``batch_size`` (rows per forward pass, default 8), ``max_gen_toks``
-(default 256), ``seed``.
+``bf16`` drops the FP8 casts), ``max_gen_toks`` (default 256), ``seed``. The batch size (rows
+per forward pass, default 8) is lm_eval's own ``--batch_size`` / ``simple_evaluate(batch_size=)``.
 
 Requests are scored in batches of ``batch_size`` rows padded to a power-of-two length bucket
 (fogjax.decoding.bucket_length), so a task compiles once per bucket, not once per request. Rows
@@ -30,10 +30,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 
 from fogjax import sharding
-from fogjax.decoding import Decoder, Sampling, bucket_length
+from fogjax.decoding import Sampling, bucket_length
 from fogjax.inference import LoadedModel, load_model
 
 # The task-group YAMLs shipped with fogjax (the paper's downstream group).
@@ -49,7 +49,6 @@ def token_log_probs(model: Any, variables: dict, inputs: jax.Array, targets: jax
     return picked, jnp.argmax(logits, axis=-1) == targets
 
 
-@register_model("fogjax")
 class FogjaxLM(LM):
     """A fogjax checkpoint as an lm-evaluation-harness model (module docstring for the args)."""
 
@@ -78,7 +77,6 @@ class FogjaxLM(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
         self.tokenizer = loaded.tokenizer
-        self._decoder: Decoder | None = None
         replicated = NamedSharding(loaded.mesh, P())
         self._rows = NamedSharding(loaded.mesh, P(sharding.BATCH_MESH_AXES))
         self._score = jax.jit(
@@ -189,13 +187,6 @@ class FogjaxLM(LM):
         )
         return until, max_new, sampling
 
-    @property
-    def decoder(self) -> Decoder:
-        if self._decoder is None:
-            lm = self.loaded
-            self._decoder = Decoder(lm.config.model, lm.recipe, lm.variables, lm.seq_len, lm.mesh)
-        return self._decoder
-
     def generate_until(self, requests: list) -> list[str]:
         """Greedy (or sampled, per gen_kwargs) continuations, cut before the first stop string
         in ``until`` and at EOS, at most ``max_gen_toks`` tokens; contexts are left-truncated
@@ -232,7 +223,9 @@ class FogjaxLM(LM):
             text = self.tokenizer.decode(tokens)
             return any(s in text for s in until)
 
-        generated = self.decoder.generate(prompts, max_new, sampling, self.seed, stop)[:real]
+        generated = self.loaded.decoder().generate(prompts, max_new, sampling, self.seed, stop)[
+            :real
+        ]
         texts = []
         for tokens in generated:
             text = self.tokenizer.decode([t for t in tokens if t != eos])
@@ -240,6 +233,11 @@ class FogjaxLM(LM):
                 text = text.split(s)[0] if s else text
             texts.append(text)
         return texts
+
+
+# Registered by name, resolved on first use: the same entry whether this module was imported or
+# runs as ``python -m fogjax.harness`` (where a class object would be ``__main__.FogjaxLM``).
+model_registry.register("fogjax", target="fogjax.harness:FogjaxLM")
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import jax
 from fogjax import checkpoint, data, sharding
 from fogjax import state as state_lib
 from fogjax.data.tokenizer import Tokenizer
+from fogjax.decoding import Decoder
 from fogjax.evaluate import load_run_config
 from fogjax.model import build_model
 from fogjax.precision.recipes import Recipe, make_recipe
@@ -51,10 +52,21 @@ class LoadedModel:
     step: int
     mesh: jax.sharding.Mesh
 
+    _decoder: Decoder | None = dataclasses.field(default=None, repr=False)
+
     @property
     def seq_len(self) -> int:
         """The context the model was trained on (train.seq_len)."""
         return int(self.config.train.seq_len)
+
+    def decoder(self) -> Decoder:
+        """The KV-cache decoder over the whole context (created once, so its compilations are
+        reused by every generation from this model)."""
+        if self._decoder is None:
+            self._decoder = Decoder(
+                self.config.model, self.recipe, self.variables, self.seq_len, self.mesh
+            )
+        return self._decoder
 
 
 def load_model(workdir: str, step: int | None = None, recipe: str | None = None) -> LoadedModel:

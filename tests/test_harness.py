@@ -191,7 +191,9 @@ def test_simple_evaluate_on_an_offline_task_matches_hand_computed_accuracy(
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
     (tmp_path / "toy.yaml").write_text(TASK_YAML.format(data=data))
-    out = run_downstream(workdir, ["fogjax_toy_mc"], include_path=[str(tmp_path)], lm=lm)
+    out = run_downstream(
+        workdir, ["fogjax_toy_mc"], include_path=[str(tmp_path)], lm=lm, include_defaults=False
+    )
     acc = out["results"]["fogjax_toy_mc"]["acc,none"]
     # By hand: lm_eval asks for log p(" " + choice | question); pick the best choice.
     correct = []
