@@ -16,6 +16,7 @@ dot_generals reads the ``fp8`` collection and never writes it, and it is not mut
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -218,7 +219,12 @@ class Decoder:
                 f"model's context of {self.cache_length} tokens (train.seq_len); shorten the "
                 "prompt or ask for fewer new tokens."
             )
-        batch = len(prompts)
+        # Whole rows per data-parallel device: padding rows (one token, never read) cost nothing
+        # there, since a smaller batch would be replicated on every device anyway.
+        real = len(prompts)
+        rows = math.prod(self.mesh.shape[a] for a in sharding.BATCH_MESH_AXES)
+        batch = -(-real // rows) * rows
+        lengths = np.concatenate([lengths, np.ones(batch - real, np.int32)])
         width = bucket_length(int(lengths.max()), self.cache_length)
         tokens = np.zeros((batch, width), np.int32)
         for i, p in enumerate(prompts):
@@ -237,8 +243,8 @@ class Decoder:
                 jax.random.fold_in(key, 0),
                 settings,
             )
-            out = [[] for _ in prompts]
-            done = np.zeros(batch, bool)
+            out = [[] for _ in range(batch)]
+            done = np.arange(batch) >= real
             for i in range(max_new_tokens):
                 host = np.asarray(jax.device_get(new))
                 for row in np.flatnonzero(~done):
@@ -254,4 +260,4 @@ class Decoder:
                     jax.random.fold_in(key, i + 1),
                     settings,
                 )
-        return out
+        return out[:real]

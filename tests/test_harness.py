@@ -133,19 +133,27 @@ def test_rolling_loglikelihood_is_the_sum_over_context_windows(lm, forward):
     assert got == pytest.approx(total, abs=0.05 + 1e-3 * abs(total))
 
 
-def test_generate_until_stops_at_its_stop_sequence(lm):
+def test_generate_until_stops_at_its_stop_sequence_and_matches_generate_text(lm):
     greedy = {"until": [], "max_gen_toks": 10, "do_sample": False}
     (free,) = lm.generate_until([request("The ", greedy)])
     assert len(free) >= 4
     stop = free[2:4]
     (cut,) = lm.generate_until([request("The ", {**greedy, "until": [stop]})])
     assert cut == free.split(stop)[0] and stop not in cut
+    # The CLI's core decodes the same text (its one row is padded to the same 8-row batch, so it
+    # reuses the compiled prefill and step).
+    assert generate_text(lm.loaded, "The ", 10) == free.split(lm.tokenizer.eos_token)[0]
 
 
-def test_generate_text_same_seed_same_text_and_named_errors(lm, workdir, tmp_path):
+def test_same_seed_same_text_and_named_errors(lm, tmp_path):
     s = Sampling(temperature=1.0, top_p=0.9)
     a = generate_text(lm.loaded, "def ", 12, s, seed=5)
     assert a == generate_text(lm.loaded, "def ", 12, s, seed=5)
+    assert a != generate_text(lm.loaded, "def ", 12, s, seed=6)
+    sampled = {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 1.0}
+    assert lm.generate_until([request("def ", sampled)]) == lm.generate_until(
+        [request("def ", sampled)]
+    )
     with pytest.raises(PromptTooLongError, match="context of 32"):
         generate_text(lm.loaded, "x" * 30, 8)
     with pytest.raises(NoCheckpointError, match="config.json"):
