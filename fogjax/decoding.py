@@ -6,7 +6,8 @@
 The cache is the Flax ``cache`` collection of a Transformer built with ``decode_length=T``
 (fogjax/model/attention.py), stacked [L, B, T, G, d_h] under nn.scan like every per-layer
 variable. Prompts are right-padded to a length bucket (a power of two), so the prefill compiles
-once per bucket and the one-token step once per batch size; token i of row b sits at position i
+once per bucket and the one-token step once per batch size (sampling settings are traced, so
+changing them recompiles nothing); token i of row b sits at position i
 and cache slot i, and a row's generated tokens continue at its own length, overwriting its padding.
 
 FP8 recipes decode with the checkpoint's delayed scales as they are: the forward pass of the FP8
@@ -155,7 +156,7 @@ class Decoder:
         self.variables = variables
         self.cache_length = cache_length
         self.mesh = mesh
-        self._compiled: dict[tuple, Callable[..., Any]] = {}
+        self._compiled: dict[str, Callable[..., Any]] = {}
 
     def _rows_sharding(self, batch: int) -> NamedSharding:
         return NamedSharding(self.mesh, P(sharding.split_batch_axes(self.mesh, batch) or None))
