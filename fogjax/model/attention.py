@@ -10,6 +10,12 @@ s * q.k in float32 -> causal softmax in float32 -> PV -> output projection [G, R
 QK^T and PV get their dot_general from the precision recipe (FP8 under ``fp8dpa``); with
 ``model.attention_impl='cudnn'`` one fused cuDNN flash-attention kernel replaces both (BF16, or FP8
 under ``fp8dpa`` with the recipe's delayed scaling: precision/cudnn_attention.py).
+
+Decoding (``decode_length`` > 0): keys and values (after the regulariser and RoPE, in the compute
+dtype) are written into a ``cache`` collection of ``decode_length`` slots at each token's position,
+and queries attend to every slot at or before their own position. The same recipe dot_generals
+run over the cache, so FP8 quantisation (elementwise, with the checkpoint's delayed scales) sees
+exactly the values a full forward pass would; nothing writes the FP8 state.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 
 # Large negative logit for masked positions: finite so that fully-masked rows cannot produce NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# The variable collection of the decoding KV cache (stacked [L, ...] under nn.scan, like params).
+CACHE_COLLECTION = "cache"
 
 
 class TanhRegulariser(nn.Module):
@@ -61,12 +70,16 @@ def make_qk_regulariser(cfg: Any, dtype: Any, name: str) -> Callable[[Array], Ar
     raise ValueError(f"Unknown model.qk_norm={kind!r}; choose one of {QK_NORMS}.")
 
 
-def xla_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) -> Array:
-    """Causal softmax attention from two recipe dot_generals.
+def xla_attention(
+    q: Array, k: Array, v: Array, scale: float, recipe: Recipe, visible: Array | None = None
+) -> Array:
+    """Softmax attention from two recipe dot_generals: causal, or as ``visible`` says.
 
     Args:
-      q: [B, T, G, R, d_h]; k, v: [B, S, G, d_h] (S = T), all in the compute dtype.
+      q: [B, T, G, R, d_h]; k, v: [B, S, G, d_h], all in the compute dtype.
       scale: softmax scale s; logits are s * q.k in float32.
+      visible: None for causal attention (S = T), or a bool mask broadcastable to the logits
+        [B, G, T, R, S] saying which keys each query sees (the KV cache's).
     Returns:
       [B, T, G, R, d_h] in the compute dtype.
 
@@ -78,9 +91,10 @@ def xla_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) ->
     # Contract d_h; batch over (B, G): logits [B, G, T, R, S].
     logits = qk(q, k, (((4,), (3,)), ((0, 2), (0, 2))), preferred_element_type=jnp.float32)
     logits = logits.astype(jnp.float32) * scale
-    t, s = q.shape[1], k.shape[1]
-    causal = jnp.arange(t)[:, None, None] >= jnp.arange(s)[None, None, :]  # [T, 1, S]
-    logits = jnp.where(causal, logits, _MASK_VALUE)
+    if visible is None:
+        t, s = q.shape[1], k.shape[1]
+        visible = jnp.arange(t)[:, None, None] >= jnp.arange(s)[None, None, :]  # [T, 1, S]
+    logits = jnp.where(visible, logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
     # Contract S; batch over (B, G): [B, G, T, R, d_h].
     out = pv(probs, v, (((4,), (1,)), ((0, 1), (0, 2))), preferred_element_type=dtype)
@@ -104,12 +118,27 @@ def cudnn_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) 
 ATTENTION_FUNCTIONS = {"xla": xla_attention, "cudnn": cudnn_attention}
 
 
+def check_decoding_supported(cfg: Any, recipe: Recipe) -> None:
+    """Raises ValueError when the KV cache cannot reproduce this model's attention."""
+    if cfg.attention_impl == "cudnn" and recipe.quantizes_attention:
+        raise ValueError(
+            "Decoding with model.attention_impl='cudnn' under an FP8-attention recipe is not "
+            "supported: the fused kernel's FP8 state cannot drive the cached attention. Decode "
+            "with recipe=bf16 (or fp8, FP8 linears only), or train with attention_impl='xla'."
+        )
+
+
 class Attention(nn.Module):
-    """x [B, T, D] -> [B, T, D]: fused QKV, QK regulariser, RoPE, causal GQA, output projection."""
+    """x [B, T, D] -> [B, T, D]: fused QKV, QK regulariser, RoPE, causal GQA, output projection.
+
+    With ``decode_length`` > 0 the keys and values go through the KV cache (module docstring);
+    ``positions`` [B, T] then say where each token sits, and are its cache slots.
+    """
 
     cfg: Any  # the `model` config section
     recipe: Recipe
     kurtosis_form: str = "token"
+    decode_length: int = 0  # Cache slots; 0 = no cache (training and full forward passes).
 
     @nn.compact
     def __call__(self, x: Array, positions: Array) -> Array:
@@ -140,12 +169,16 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        if cfg.attention_impl not in ATTENTION_FUNCTIONS:
+        if self.decode_length:
+            k, v, visible = self._cached_keys_values(k, v, positions)
+            out = xla_attention(q, k, v, cfg.softmax_scale, recipe, visible)
+        elif cfg.attention_impl not in ATTENTION_FUNCTIONS:
             raise ValueError(
                 f"Unknown model.attention_impl={cfg.attention_impl!r}; choose one of "
                 f"{ATTENTION_IMPLS}."
             )
-        out = ATTENTION_FUNCTIONS[cfg.attention_impl](q, k, v, cfg.softmax_scale, recipe)
+        else:
+            out = ATTENTION_FUNCTIONS[cfg.attention_impl](q, k, v, cfg.softmax_scale, recipe)
 
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scale_out_init else None
         return Linear(
@@ -155,3 +188,27 @@ class Attention(nn.Module):
             recipe,
             name="wo",
         )(out)
+
+    def _cached_keys_values(
+        self, k: Array, v: Array, positions: Array
+    ) -> tuple[Array, Array, Array]:
+        """Writes k, v [B, T, G, d_h] into cache slots ``positions`` [B, T]; returns the whole
+        cache (keys, values [B, S, G, d_h], S = decode_length) and the mask [B, 1, T, 1, S] of
+        the slots each query may see (slot <= its position: earlier tokens and itself)."""
+        check_decoding_supported(self.cfg, self.recipe)
+        b, _, g, d_h = k.shape
+        shape = (b, self.decode_length, g, d_h)
+        axes = ("batch", "length", "heads", "kv")
+        keys = self.variable(CACHE_COLLECTION, "key", jnp.zeros, shape, k.dtype)
+        values = self.variable(CACHE_COLLECTION, "value", jnp.zeros, shape, v.dtype)
+        rows = jnp.arange(b)[:, None]
+        # Slots past the end (a position >= decode_length) are dropped, never wrapped around.
+        keys.value = nn.with_logical_constraint(
+            keys.value.at[rows, positions].set(k, mode="drop"), axes
+        )
+        values.value = nn.with_logical_constraint(
+            values.value.at[rows, positions].set(v, mode="drop"), axes
+        )
+        slots = jnp.arange(self.decode_length)
+        visible = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        return keys.value, values.value, visible[:, None, :, None, :]

@@ -81,6 +81,7 @@ class Block(nn.Module):
     cfg: Any  # the `model` config section
     recipe: Recipe
     kurtosis_form: str = "token"
+    decode_length: int = 0  # KV-cache slots of the attention (0: no cache).
 
     @nn.compact
     def __call__(self, x: Array, positions: Array) -> tuple[Array, None]:
@@ -94,7 +95,7 @@ class Block(nn.Module):
         def post(name: str) -> Any:
             return _branch_norm(cfg.post_norm, cfg.post_norm_init, cfg.norm_eps, dtype, name)
 
-        attn = Attention(cfg, self.recipe, self.kurtosis_form, name="attn")
+        attn = Attention(cfg, self.recipe, self.kurtosis_form, self.decode_length, name="attn")
         x = x + post("attn_post_norm")(attn(pre("attn_pre_norm")(x), positions))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         mlp = MLP(cfg, self.recipe, self.kurtosis_form, name="mlp")

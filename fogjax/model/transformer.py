@@ -1,8 +1,9 @@
 """The decoder-only Transformer: embedding, input scaling, blocks (scanned), final norm, LM head.
 
 Collections: ``params`` (float32), ``fp8`` (FP8 scaling state, from FP8 recipes), ``probes``
-(activation statistics, only when mutable) and ``fp8_stats``. Under ``nn.scan`` every per-layer
-variable is stacked along a leading ``layers`` axis.
+(activation statistics, only when mutable) and ``fp8_stats``; with ``decode_length`` > 0 also
+``cache`` (the decoding KV cache, attention.py). Under ``nn.scan`` every per-layer variable is
+stacked along a leading ``layers`` axis.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fogjax.model.attention import ATTENTION_IMPLS, QK_NORMS
+from fogjax.model.attention import ATTENTION_IMPLS, CACHE_COLLECTION, QK_NORMS
 from fogjax.model.blocks import ARCHITECTURES, POST_NORMS, Block
 from fogjax.model.embedding import embed_lookup
 from fogjax.model.layers import RMSNorm
@@ -80,11 +81,14 @@ class Transformer(nn.Module):
       cfg: the `model` config section (validated at construction).
       recipe: the precision recipe for every GEMM inside the blocks.
       kurtosis_form: 'token' (paper) or 'sequence' (released code), for the probes.
+      decode_length: KV-cache slots for decoding (0, the default: no cache). When > 0, call with
+        explicit ``positions`` and ``mutable=['cache']``; see fogjax/decoding.py.
     """
 
     cfg: Any
     recipe: Recipe
     kurtosis_form: str = "token"
+    decode_length: int = 0
 
     def __post_init__(self) -> None:
         validate_model_config(self.cfg)
@@ -97,6 +101,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
         cfg, dtype = self.cfg, self.recipe.compute_dtype
+        if positions is None and self.decode_length:
+            raise ValueError("A decoding Transformer (decode_length > 0) needs explicit positions.")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embedding = self.param(
@@ -114,21 +120,24 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         block = Block
-        if REMAT_POLICIES[cfg.remat] is not None:
+        # Remat only matters for gradients; decoding never differentiates.
+        if REMAT_POLICIES[cfg.remat] is not None and not self.decode_length:
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        collections = SCANNED_COLLECTIONS + ((CACHE_COLLECTION,) if self.decode_length else ())
+        layer_args = (cfg, self.recipe, self.kurtosis_form, self.decode_length)
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
+                variable_axes={c: 0 for c in collections},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast,),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(cfg, self.recipe, self.kurtosis_form, name="layers")(x, positions)
+            x, _ = stack(*layer_args, name="layers")(x, positions)
         else:
             for i in range(cfg.num_layers):
-                x, _ = block(cfg, self.recipe, self.kurtosis_form, name=f"layers_{i}")(x, positions)
+                x, _ = block(*layer_args, name=f"layers_{i}")(x, positions)
 
         if cfg.final_norm:
             x = RMSNorm(cfg.norm_eps, learnable=True, dtype=dtype, name="final_norm")(x)

@@ -1,0 +1,127 @@
+"""A trained run, loaded read-only for inference: its config, checkpoint, tokenizer and mesh.
+
+    loaded = load_model("runs/default", step=None, recipe=None)
+    logits = loaded.model.apply(loaded.variables, tokens)        # [B, T, V] float32
+
+The config is the one the run wrote (``<workdir>/config.json``), the tokenizer the one its data
+was prepared with (the data folder's metadata), the numerics the run's own recipe: under FP8 the
+checkpoint's delayed scales are used as they are and never updated. ``recipe='bf16'`` instead
+evaluates the same parameters without any FP8 cast. Nothing in the workdir is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from fogjax import checkpoint, data, sharding
+from fogjax import state as state_lib
+from fogjax.data.tokenizer import Tokenizer
+from fogjax.decoding import Decoder
+from fogjax.evaluate import load_run_config
+from fogjax.model import build_model
+from fogjax.precision.recipes import Recipe, make_recipe
+
+
+class NoCheckpointError(FileNotFoundError):
+    """The workdir holds no run config or no checkpoint to load."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A checkpoint ready for forward passes and decoding.
+
+    Attributes:
+      config: the run's config (precision.recipe as evaluated, after any override).
+      recipe: the precision recipe the model runs with.
+      model: the Transformer (no cache; see fogjax.decoding for the cached one).
+      variables: {'params'} plus {'fp8'} under FP8 recipes, sharded on ``mesh``.
+      tokenizer: the run's tokenizer.
+      step: the checkpoint's training step.
+      mesh: the device mesh from the run's config.
+    """
+
+    config: Any
+    recipe: Recipe
+    model: Any
+    variables: dict
+    tokenizer: Tokenizer
+    step: int
+    mesh: jax.sharding.Mesh
+
+    _decoder: Decoder | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def seq_len(self) -> int:
+        """The context the model was trained on (train.seq_len)."""
+        return int(self.config.train.seq_len)
+
+    def decoder(self) -> Decoder:
+        """The KV-cache decoder over the whole context (created once, so its compilations are
+        reused by every generation from this model)."""
+        if self._decoder is None:
+            self._decoder = Decoder(
+                self.config.model, self.recipe, self.variables, self.seq_len, self.mesh
+            )
+        return self._decoder
+
+
+def load_model(workdir: str, step: int | None = None, recipe: str | None = None) -> LoadedModel:
+    """Loads checkpoint ``step`` (latest readable if None) of the run in ``workdir``.
+
+    Args:
+      workdir: a directory written by ``python -m fogjax.train``.
+      step: a checkpoint step, or None for the latest.
+      recipe: None (the run's recipe) or 'bf16' (the same parameters without FP8 casts).
+    Raises:
+      NoCheckpointError: no config.json or no checkpoint in ``workdir``.
+      ValueError: an unsupported recipe override.
+    """
+    try:
+        config = load_run_config(workdir)
+    except FileNotFoundError as e:
+        raise NoCheckpointError(str(e)) from None
+    run = state_lib.build_run(config)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6)
+    try:
+        if ckpt.latest_step() is None:
+            raise NoCheckpointError(
+                f"No checkpoint in {ckpt.directory}: train first (python -m fogjax.train "
+                f"--workdir={workdir}) or point --workdir at a run that saved one."
+            )
+        with sharding.sharding_context(run.mesh):
+            state, _, _ = ckpt.restore(run.abstract, step=step)
+    finally:
+        ckpt.close()
+    variables = {"params": state["params"]}
+    if state["fp8"]:
+        variables["fp8"] = state["fp8"]
+    trained = config.precision.recipe
+    if recipe is not None and recipe != trained:
+        if recipe != "bf16":
+            raise ValueError(
+                f"recipe={recipe!r}: a {trained!r} checkpoint can be evaluated in its own recipe "
+                "or in 'bf16' (FP8 scales exist only for the GEMMs it was trained with)."
+            )
+        config = config.copy_and_resolve_references()
+        config.precision.recipe = recipe
+        variables = {"params": variables["params"]}
+    active = make_recipe(config.precision)
+    tokenizer = data.load_dataset_info(config.data.path).load_tokenizer()
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"The run's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{config.model.vocab_size}; the workdir's data folder does not match its model."
+        )
+    return LoadedModel(
+        config=config,
+        recipe=active,
+        model=build_model(config, active),
+        variables=variables,
+        tokenizer=tokenizer,
+        step=int(state["step"]),
+        mesh=run.mesh,
+    )
