@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from fogjax.model import build_model
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.recipe import Recipe
 
 
 def abstract_params(config: Any) -> Any:

@@ -1,7 +1,8 @@
 """The decoder-only Transformer: embedding, input scaling, blocks (scanned), final norm, LM head.
 
 Collections: ``params`` (float32), ``fp8`` (FP8 scaling state, from FP8 recipes), ``probes``
-(activation statistics, only when mutable) and ``fp8_stats``. Under ``nn.scan`` every per-layer
+(activation statistics, only when mutable), ``fp8_stats`` and ``fp4_stats``. The ``fp4`` rng
+stream (FP4 stochastic rounding) is split over the layers. Under ``nn.scan`` every per-layer
 variable is stacked along a leading ``layers`` axis.
 """
 
@@ -19,7 +20,8 @@ from fogjax.model.embedding import embed_lookup
 from fogjax.model.layers import RMSNorm
 from fogjax.model.mlp import ACTIVATIONS
 from fogjax.model.probes import KURTOSIS_FORMS
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
+from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
 
@@ -30,7 +32,7 @@ REMAT_POLICIES = {
 }
 
 # Collections whose per-layer variables are stacked by nn.scan.
-SCANNED_COLLECTIONS = ("params", "fp8", "probes", "fp8_stats")
+SCANNED_COLLECTIONS = ("params", "fp8", "probes", "fp8_stats", FP4_STATS_COLLECTION)
 
 
 def validate_model_config(cfg: Any) -> None:
@@ -119,7 +121,8 @@ class Transformer(nn.Module):
             stack = nn.scan(
                 block,
                 variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
-                split_rngs={"params": True},
+                # Each layer draws its own FP4 stochastic-rounding keys.
+                split_rngs={"params": True, FP4_RNG: True},
                 in_axes=(nn.broadcast,),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
