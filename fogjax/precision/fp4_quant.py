@@ -47,7 +47,7 @@ class Fp4Format:
     Attributes:
       name: 'nvfp4' or 'mxfp4'.
       block_size: elements per block along the contraction axis (16 or 32).
-      scale_format: 'e4m3' (with an FP32 per-tensor scale) or 'e8m0' (power of two, no tensor scale).
+      scale_format: 'e4m3' (plus an FP32 per-tensor scale) or 'e8m0' (a power of two, alone).
     """
 
     name: str
