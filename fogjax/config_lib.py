@@ -101,6 +101,13 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.precision.fp4_weight_2d = False  # 16x16 weight block scales (W and W^T quantise alike), §4.3.
     c.precision.fp4_hadamard_wgrad = False  # 16x16 random Hadamard on weight-gradient inputs, §4.2.
     c.precision.fp4_sr_gradients_only = False  # SR on gradients only (RtN on X^T in dW), §4.4.
+    # QAF ("FP4 All the Way" §5): FP4 forward, BF16 backward from step qaf_start (a step >= 1,
+    # or a fraction of train.steps in (0, 1); < 0 is off), or automatically (qaf_auto) once the
+    # layer-averaged rho = RMS(g_bf16) / std(g_fp4 - g_bf16) stays below sqrt(3) for qaf_patience
+    # consecutive statistics steps.
+    c.precision.qaf_start = -1.0
+    c.precision.qaf_auto = False
+    c.precision.qaf_patience = 2
 
     c.data = ml_collections.ConfigDict()
     c.data.path = "embedded"  # Directory of prepared shards, or 'embedded' (bundled corpus).
