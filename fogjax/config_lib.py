@@ -94,6 +94,20 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.precision.amax_history_len = 1024  # Delayed scaling window.
     c.precision.amax_reduction = "max"  # 'max' over the window, or 'most_recent'.
     c.precision.margin = 0  # scale = fp8_max / amax / 2**margin.
+    # FP4 recipes ('nvfp4', 'mxfp4'; SPEC.md §6) only. QK^T and PV: 'bf16' (the paper) or 'fp8'
+    # (FP8DPA's FP8 attention with the delayed-scaling fields above).
+    c.precision.attention = "bf16"
+    # NVIDIA's NVFP4 recipe options (arXiv 2509.25149), all off by default:
+    c.precision.fp4_weight_2d = False  # 16x16 weight block scales (W and W^T quantise alike), §4.3.
+    c.precision.fp4_hadamard_wgrad = False  # 16x16 random Hadamard on weight-gradient inputs, §4.2.
+    c.precision.fp4_sr_gradients_only = False  # SR on gradients only (RtN on X^T in dW), §4.4.
+    # QAF ("FP4 All the Way" §5): FP4 forward, BF16 backward from step qaf_start (a step >= 1,
+    # or a fraction of train.steps in (0, 1); < 0 is off), or automatically (qaf_auto) once the
+    # layer-averaged rho = RMS(g_bf16) / std(g_fp4 - g_bf16) stays below sqrt(3) for qaf_patience
+    # consecutive statistics steps.
+    c.precision.qaf_start = -1.0
+    c.precision.qaf_auto = False
+    c.precision.qaf_patience = 2
 
     c.data = ml_collections.ConfigDict()
     c.data.path = "embedded"  # Directory of prepared shards, or 'embedded' (bundled corpus).

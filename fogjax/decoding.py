@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from fogjax import sharding
 from fogjax.model import Transformer
 from fogjax.model.attention import CACHE_COLLECTION
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
 

@@ -23,7 +23,8 @@ from fogjax.data.tokenizer import Tokenizer
 from fogjax.decoding import Decoder
 from fogjax.evaluate import load_run_config
 from fogjax.model import build_model
-from fogjax.precision.recipes import Recipe, make_recipe
+from fogjax.precision.recipe import Recipe
+from fogjax.precision.registry import make_recipe
 
 
 class NoCheckpointError(FileNotFoundError):

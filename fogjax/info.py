@@ -19,7 +19,8 @@ from ml_collections import config_flags
 
 from fogjax import optim
 from fogjax.model import build_model, weight_decay_mask
-from fogjax.precision.recipes import Recipe, make_recipe
+from fogjax.precision.recipe import Recipe
+from fogjax.precision.registry import make_recipe
 
 
 def abstract_params(config: Any) -> Any:

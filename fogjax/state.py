@@ -20,7 +20,8 @@ import optax
 from fogjax import optim, sharding
 from fogjax.model import build_model, weight_decay_mask
 from fogjax.precision.cudnn_attention import require_cudnn_attention
-from fogjax.precision.recipes import Recipe, make_recipe
+from fogjax.precision.recipe import Recipe
+from fogjax.precision.registry import make_recipe
 
 State = dict[str, Any]
 

@@ -8,7 +8,11 @@ clipping or the gradient norm, and across micro-batches it is combined by elemen
 FP8 state entry grows with the amax it saw, so max is the exact combination), never summed.
 
 On statistics steps (``with_stats=True``, a separate compilation) the step also returns the
-per-layer activation probes (kurtosis, rms, amax) and FP8 statistics.
+per-layer activation probes (kurtosis, rms, amax) and FP8 / FP4 statistics.
+
+FP4 stochastic rounding draws from the ``fp4`` rng stream, ``fold_in(key(rng_seed), step)``
+(then folded with the micro-batch index): a function of the step alone, so a resumed run draws
+exactly the numbers an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import optax
 
 from fogjax import optim
 from fogjax.model.probes import PROBES_COLLECTION
+from fogjax.precision import stats
+from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
 
 State = dict[str, Any]
 Metrics = dict[str, Any]
@@ -36,38 +42,52 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _loss_fn(model: nn.Module, with_stats: bool) -> Callable[..., Any]:
-    def loss_fn(params: Any, fp8: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+    def loss_fn(
+        params: Any, fp8: Any, tokens: jax.Array, rng: jax.Array | None
+    ) -> tuple[jax.Array, Any]:
         variables = {"params": params}
         if fp8:
             variables["fp8"] = fp8
+        rngs = {} if rng is None else {FP4_RNG: rng}
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if with_stats:
-            logits, aux = model.apply(
-                variables, inputs, mutable=[PROBES_COLLECTION, FP8_STATS_COLLECTION]
-            )
+            mutable = [PROBES_COLLECTION, FP8_STATS_COLLECTION, FP4_STATS_COLLECTION]
+            logits, aux = model.apply(variables, inputs, rngs=rngs, mutable=mutable)
             aux = dict(aux)
         else:
-            logits, aux = model.apply(variables, inputs), {}
+            logits, aux = model.apply(variables, inputs, rngs=rngs), {}
         return cross_entropy(logits, targets), aux
 
     return loss_fn
 
 
 def _is_max_statistic(path: tuple[Any, ...]) -> bool:
-    return bool(path) and getattr(path[-1], "key", None) == "amax"
+    return bool(path) and getattr(path[-1], "key", None) in ("amax", "scale_max")
+
+
+def _is_min_statistic(path: tuple[Any, ...]) -> bool:
+    return bool(path) and getattr(path[-1], "key", None) == "scale_min"
+
+
+def _combine_statistic(path: tuple[Any, ...], a: jax.Array, b: jax.Array) -> jax.Array:
+    if _is_max_statistic(path):
+        return jnp.maximum(a, b)
+    if _is_min_statistic(path):
+        return jnp.minimum(a, b)
+    return a + b
 
 
 def _combine_microbatch(acc: Any, new: Any) -> Any:
     """Accumulates (loss, grads, fp8, aux): sums, except the FP8 state and amax statistics,
-    which take the max (the full batch's amax is the max of its parts' amaxes)."""
+    which take the max (the full batch's amax is the max of its parts' amaxes), and the FP4
+    block-scale range, whose ends take the max and min."""
     loss, grads, fp8, aux = acc
     n_loss, n_grads, n_fp8, n_aux = new
-    combine_aux = lambda path, a, b: jnp.maximum(a, b) if _is_max_statistic(path) else a + b  # noqa: E731
     return (
         loss + n_loss,
         jax.tree.map(jnp.add, grads, n_grads),
         jax.tree.map(jnp.maximum, fp8, n_fp8),
-        jax.tree_util.tree_map_with_path(combine_aux, aux, n_aux),
+        jax.tree_util.tree_map_with_path(_combine_statistic, aux, n_aux),
     )
 
 
@@ -79,8 +99,11 @@ def compute_grads(
     micro_batches: int,
     with_stats: bool,
     grad_dtype: Any = None,
+    rng: jax.Array | None = None,
 ) -> tuple[jax.Array, Any, Any, Any]:
     """Loss, parameter gradients, new FP8 state and probe outputs for a batch [B, T+1].
+
+    ``rng`` (a PRNG key, or None) is the ``fp4`` stream of this step; micro-batch j > 0 folds in j.
 
     With ``micro_batches`` k > 1 the batch is split into k equal parts processed sequentially
     (``lax.scan``). Each part's loss is scaled by 1/k *before* differentiation, so every gradient
@@ -96,14 +119,17 @@ def compute_grads(
     if grad_dtype is not None:
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
 
-    def scaled_loss(params: Any, fp8: Any, chunk: jax.Array) -> tuple[jax.Array, Any]:
-        loss, aux = loss_fn(params, fp8, chunk)
+    def scaled_loss(
+        params: Any, fp8: Any, chunk: jax.Array, chunk_rng: jax.Array | None
+    ) -> tuple[jax.Array, Any]:
+        loss, aux = loss_fn(params, fp8, chunk, chunk_rng)
         return loss / micro_batches, aux
 
     grad_fn = jax.value_and_grad(scaled_loss, argnums=(0, 1), has_aux=True)
 
-    def one(chunk: jax.Array) -> tuple[jax.Array, Any, Any, Any]:
-        (loss, aux), (grads, new_fp8) = grad_fn(params, fp8, chunk)
+    def one(chunk: jax.Array, index: jax.Array | int = 0) -> tuple[jax.Array, Any, Any, Any]:
+        chunk_rng = None if rng is None else jax.random.fold_in(rng, index)
+        (loss, aux), (grads, new_fp8) = grad_fn(params, fp8, chunk, chunk_rng)
         if grad_dtype is not None:
             grads = jax.tree.map(lambda g: g.astype(grad_dtype), grads)
         return loss, grads, new_fp8, aux
@@ -121,12 +147,16 @@ def compute_grads(
     chunks = tokens.reshape(b // micro_batches, micro_batches, *tokens.shape[1:]).swapaxes(0, 1)
     first = one(chunks[0])
 
-    def body(acc: Any, chunk: jax.Array) -> tuple[Any, None]:
-        return _combine_microbatch(acc, one(chunk)), None
+    def body(acc: Any, chunk_and_index: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
+        return _combine_microbatch(acc, one(*chunk_and_index)), None
 
-    (loss, grads, new_fp8, aux), _ = jax.lax.scan(body, first, chunks[1:])
+    indices = jnp.arange(1, micro_batches)
+    (loss, grads, new_fp8, aux), _ = jax.lax.scan(body, first, (chunks[1:], indices))
     aux = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if _is_max_statistic(path) else x / micro_batches, aux
+        lambda path, x: (
+            x if _is_max_statistic(path) or _is_min_statistic(path) else x / micro_batches
+        ),
+        aux,
     )
     return loss, grads, new_fp8, aux
 
@@ -162,6 +192,7 @@ def make_train_step(
     micro_batches: int = 1,
     fp8_stats_fn: Callable[[Any, Any], Metrics] | None = None,
     grad_dtype: Any = None,
+    rng_seed: int = 0,
 ) -> Callable[..., tuple[State, Metrics]]:
     """Builds ``train_step(state, batch, with_stats=False) -> (state, metrics)``; jit it outside.
 
@@ -173,17 +204,19 @@ def make_train_step(
       fp8_stats_fn: ``(fp8_state, fp8_stats) -> metrics`` for statistics steps.
       grad_dtype: dtype of the gradients (``fogjax.optim.grad_dtype(config.optim)``); see
         :func:`compute_grads`.
+      rng_seed: seed of the ``fp4`` rng stream (the run's seed).
     Metrics (float32 scalars unless noted): loss, grad_norm, param_norm, update_norm, lr,
       finite (bool); with stats also ``kurtosis``, ``act_rms`` and ``act_amax`` ({tensor: [L]})
-      and ``fp8`` (flat ``fp8/...`` tags).
+      and ``fp8`` / ``fp4`` (flat ``fp8/...`` / ``fp4/...`` tags).
     """
 
     def train_step(
         state: State, batch: jax.Array, with_stats: bool = False
     ) -> tuple[State, Metrics]:
         params, fp8 = state["params"], state["fp8"]
+        rng = jax.random.fold_in(jax.random.key(rng_seed), state["step"])
         loss, grads, new_fp8, aux = compute_grads(
-            model, params, fp8, batch, micro_batches, with_stats, grad_dtype
+            model, params, fp8, batch, micro_batches, with_stats, grad_dtype, rng
         )
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
@@ -197,6 +230,9 @@ def make_train_step(
             metrics.update(activation_metrics(aux.get(PROBES_COLLECTION, {})))
             if fp8_stats_fn is not None and new_fp8:
                 metrics["fp8"] = fp8_stats_fn(new_fp8, aux.get(FP8_STATS_COLLECTION, {}))
+            if aux.get(FP4_STATS_COLLECTION):
+                # 'fp4/<layer path>/<lhs|rhs>_<zero_fraction|scale_min|scale_max>'
+                metrics["fp4"] = stats.fp8_operand_metrics(aux[FP4_STATS_COLLECTION], "fp4")
         new_state = {
             "step": state["step"] + 1,
             "params": new_params,

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from fogjax import checkpoint, data, metrics, optim, provenance, sharding
 from fogjax import state as state_lib
 from fogjax.evaluate import validation_loss
+from fogjax.fp4_training import QafHooks
 from fogjax.info import model_info
 from fogjax.monitor import KurtosisMonitor
 from fogjax.precision import stats as fp8_stats
@@ -93,6 +94,7 @@ def _host_metrics(raw: dict[str, Any]) -> dict[str, float]:
     tree = {"train": {k: host[k] for k in TRAIN_METRICS}}
     tree.update({k: host[k] for k in ACTIVATION_GROUPS if k in host})
     tree.update(host.get("fp8", {}))  # already 'fp8/...' tags
+    tree.update(host.get("fp4", {}))  # already 'fp4/...' tags
     return metrics.metrics_to_host(tree)
 
 
@@ -134,6 +136,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         num_workers=config.data.num_workers,
     )
     elapsed_before = 0.0
+    meta = None
     with sharding.sharding_context(mesh):
         if ckpt.latest_step() is not None:
             state, data_state, meta = ckpt.restore(run.abstract)
@@ -160,8 +163,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
     stats_fn = fp8_stats.fp8_metrics if recipe.quantizes_linears else None
     train_step = make_train_step(
-        model, run.tx, run.schedule, t.micro_batches, stats_fn, optim.grad_dtype(config.optim)
+        model,
+        run.tx,
+        run.schedule,
+        t.micro_batches,
+        stats_fn,
+        grad_dtype=optim.grad_dtype(config.optim),
+        rng_seed=config.seed,
     )
+    qaf_hooks = QafHooks.maybe(run, stats_fn, meta)  # FP4 QAF phase switch, None without QAF
     step_fn = state_lib.jit_train_step(run, train_step, with_stats=False)
     stats_step_fn = state_lib.jit_train_step(run, train_step, with_stats=True)
     eval_fn = jax.jit(
@@ -212,6 +222,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             "model": {k: v for k, v in config.model.items()},
             "recipe": config.precision.recipe,
             "config": json.loads(config.to_json_best_effort()),
+            **(qaf_hooks.metadata() if qaf_hooks else {}),
         }
 
     def save(step: int, force: bool = False) -> None:
@@ -270,6 +281,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 # resumed run's first step, so it runs the same compiled step a straight run does.
                 with_stats = (step + 1) % config.train.stats_every == 0 or step == 0
                 fn = stats_step_fn if with_stats else step_fn
+                if qaf_hooks:
+                    if with_stats:
+                        rho = qaf_hooks.before_stats_step(step, state, batch)
+                        writer.write_scalars(step + 1, {**rho, **qaf_hooks.phase_scalars()})
+                    fn = qaf_hooks.pick_step(step, with_stats, fn)
                 state, raw = fn(state, batch)
                 if step == start_step:
                     jax.block_until_ready(raw)

@@ -27,7 +27,8 @@ import ml_collections
 from fogjax.bench import hlo_stats, text_table
 from fogjax.model.attention import ATTENTION_FUNCTIONS, ATTENTION_IMPLS
 from fogjax.precision.cudnn_attention import require_cudnn_attention
-from fogjax.precision.recipes import Recipe, make_recipe
+from fogjax.precision.recipe import Recipe
+from fogjax.precision.registry import make_recipe
 
 FIELDS = (
     "label",  # 'impl:recipe'

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from fogjax import config_lib
-from fogjax.precision import recipes
+from fogjax.precision import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +31,8 @@ def split_list(text: str) -> list[str]:
 
 
 def _check_recipe(name: str) -> None:
-    from fogjax.precision import fp8_recipes  # noqa: F401  (registers fp8 and fp8dpa)
-
-    if name not in recipes.available():
-        raise ValueError(f"Unknown recipe {name!r}; choose from {recipes.available()}.")
+    if name not in registry.available():
+        raise ValueError(f"Unknown recipe {name!r}; choose from {registry.available()}.")
 
 
 def recipe_entries(config: ml_collections.ConfigDict, names: Sequence[str]) -> list[Entry]:

@@ -7,7 +7,8 @@ from typing import Any
 import ml_collections
 
 from fogjax.model.transformer import Transformer, validate_model_config, weight_decay_mask
-from fogjax.precision.recipes import Recipe, make_recipe
+from fogjax.precision.recipe import Recipe
+from fogjax.precision.registry import make_recipe
 
 __all__ = ["Transformer", "build_model", "validate_model_config", "weight_decay_mask"]
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from fogjax.model import probes
 from fogjax.model.layers import Linear, RMSNorm
 from fogjax.model.rope import apply_rope, rope_frequencies
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
 

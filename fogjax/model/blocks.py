@@ -20,7 +20,7 @@ from fogjax.model import probes
 from fogjax.model.attention import Attention
 from fogjax.model.layers import LayerScale, RMSNorm
 from fogjax.model.mlp import MLP
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
 

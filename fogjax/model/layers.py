@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from fogjax.model import probes
 from fogjax.model.layers import Linear
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
 

@@ -1,8 +1,9 @@
 """The decoder-only Transformer: embedding, input scaling, blocks (scanned), final norm, LM head.
 
 Collections: ``params`` (float32), ``fp8`` (FP8 scaling state, from FP8 recipes), ``probes``
-(activation statistics, only when mutable) and ``fp8_stats``; with ``decode_length`` > 0 also
-``cache`` (the decoding KV cache, attention.py). Under ``nn.scan`` every per-layer variable is
+(activation statistics, only when mutable), ``fp8_stats`` and ``fp4_stats``; with
+``decode_length`` > 0 also ``cache`` (the decoding KV cache, attention.py). The ``fp4`` rng stream
+(FP4 stochastic rounding) is split over the layers. Under ``nn.scan`` every per-layer variable is
 stacked along a leading ``layers`` axis.
 """
 
@@ -21,7 +22,8 @@ from fogjax.model.layers import RMSNorm
 from fogjax.model.mlp import ACTIVATIONS
 from fogjax.model.probes import KURTOSIS_FORMS
 from fogjax.precision.bf16_dot import bf16_dot_general
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
+from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
 
@@ -32,7 +34,7 @@ REMAT_POLICIES = {
 }
 
 # Collections whose per-layer variables are stacked by nn.scan.
-SCANNED_COLLECTIONS = ("params", "fp8", "probes", "fp8_stats")
+SCANNED_COLLECTIONS = ("params", "fp8", "probes", "fp8_stats", FP4_STATS_COLLECTION)
 
 
 def validate_model_config(cfg: Any) -> None:
@@ -129,7 +131,8 @@ class Transformer(nn.Module):
             stack = nn.scan(
                 block,
                 variable_axes={c: 0 for c in collections},
-                split_rngs={"params": True},
+                # Each layer draws its own FP4 stochastic-rounding keys.
+                split_rngs={"params": True, FP4_RNG: True},
                 in_axes=(nn.broadcast,),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},

@@ -1,4 +1,4 @@
-"""FP8 recipes (SPEC.md §3, paper Table 9), registered as ``fp8`` and ``fp8dpa``.
+"""FP8 recipes (SPEC.md §3, paper Table 9), named ``fp8`` and ``fp8dpa`` in registry.py.
 
 - ``fp8``: every block linear (fused QKV, attention out, FFN in/out) runs its three GEMMs in FP8;
   attention's QK^T and PV stay in the compute dtype.
@@ -17,10 +17,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fogjax.precision import recipes
 from fogjax.precision.cudnn_attention import CudnnFp8Attention
 from fogjax.precision.fp8_dot import Fp8DotGeneral
-from fogjax.precision.recipes import DotGeneral, Recipe
+from fogjax.precision.recipe import DotGeneral, Recipe, dtype_from_name
 from fogjax.precision.scaling import AMAX_REDUCTIONS
 
 BACKENDS = ("xla", "te")
@@ -118,7 +117,7 @@ def recipe_from_config(precision: Any, name: str, fp8_attention: bool) -> Fp8Rec
     here, at start-up, if Transformer Engine or a CUDA GPU is missing."""
     recipe = Fp8Recipe(
         name=name,
-        compute_dtype=recipes.dtype_from_name(precision.compute_dtype),
+        compute_dtype=dtype_from_name(precision.compute_dtype),
         fp8_attention=fp8_attention,
         amax_history_len=precision.amax_history_len,
         amax_reduction=precision.amax_reduction,
@@ -130,13 +129,3 @@ def recipe_from_config(precision: Any, name: str, fp8_attention: bool) -> Fp8Rec
 
         te.require_transformer_engine()
     return recipe
-
-
-@recipes.register("fp8")
-def _fp8(precision: Any) -> Fp8Recipe:
-    return recipe_from_config(precision, "fp8", fp8_attention=False)
-
-
-@recipes.register("fp8dpa")
-def _fp8dpa(precision: Any) -> Fp8Recipe:
-    return recipe_from_config(precision, "fp8dpa", fp8_attention=True)

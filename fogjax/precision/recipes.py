@@ -1,115 +1,22 @@
-"""Precision recipes: which `dot_general` each GEMM inside a transformer block gets.
+"""The precision-recipe API in one import, for existing callers.
 
-A recipe is the single hook between the model and number formats. The model asks it for two things,
-always from inside a Linen ``@nn.compact`` method (so that a returned Module binds to the caller):
-
-- ``recipe.linear_dot_general(name)``: the ``dot_general`` of a block linear layer (fused QKV,
-  attention output, FFN in, FFN out). Called like ``lax.dot_general(x, kernel, dimension_numbers)``.
-- ``recipe.attention_dot_general(name)``: the ``dot_general`` of attention's QK^T or PV product.
-- ``recipe.fused_fp8_attention(name)``: the whole FP8 attention as one fused cuDNN kernel, for
-  ``model.attention_impl='cudnn'`` under a recipe that quantises attention.
-
-Both return either a plain function or a Linen Module whose ``__call__`` has ``lax.dot_general``'s
-signature. FP8 modules keep their delayed-scaling state in the ``fp8`` variable collection. The
-embedding and LM head never go through a recipe: they stay in the compute dtype (SPEC.md §3).
-
-Recipes are registered by name (``bf16``, ``fp8``, ``fp8dpa``, ...) and built from the config's
-``precision`` section by :func:`make_recipe`.
+``Recipe``, ``DotGeneral``, ``FP8_COLLECTION`` and ``dtype_from_name`` live in recipe.py (the
+interface, which imports nothing else from fogjax); ``make_recipe`` and ``available`` in
+registry.py (the name table). Modules inside fogjax/precision import those two directly, never
+this one, which keeps the import graph a tree.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from collections.abc import Callable
-from typing import Any
+from fogjax.precision.recipe import FP8_COLLECTION, DotGeneral, Recipe, dtype_from_name
+from fogjax.precision.registry import RECIPES, available, make_recipe
 
-import jax
-import jax.numpy as jnp
-
-DotGeneral = Callable[..., jax.Array]
-
-# The variable collection that holds FP8 scaling state (amax histories and scales).
-FP8_COLLECTION = "fp8"
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """A precision recipe. Subclasses override the two hooks; this base is plain ``compute_dtype``.
-
-    Attributes:
-      name: registry name, e.g. ``bf16``.
-      compute_dtype: dtype of activations and of non-FP8 GEMM inputs (parameters stay float32).
-    """
-
-    name: str = "bf16"
-    compute_dtype: Any = jnp.bfloat16
-
-    @property
-    def quantizes_linears(self) -> bool:
-        return False
-
-    @property
-    def quantizes_attention(self) -> bool:
-        return False
-
-    def linear_dot_general(self, name: str) -> DotGeneral:
-        """The dot_general of a block linear; ``name`` names its FP8 state if it has any."""
-        del name
-        return functools.partial(jax.lax.dot_general, preferred_element_type=self.compute_dtype)
-
-    def attention_dot_general(self, name: str) -> DotGeneral:
-        """The dot_general of QK^T (``name='qk'``) or PV (``name='pv'``)."""
-        del name
-        return jax.lax.dot_general
-
-    def fused_fp8_attention(self, name: str) -> Callable[..., jax.Array]:
-        """The fused FP8 attention of ``model.attention_impl='cudnn'`` when ``quantizes_attention``:
-        ``f(q [B,T,G,R,H], k [B,S,G,H], v, scale) -> [B,T,G,R,H]``; its state is named ``name``."""
-        raise NotImplementedError(f"recipe {self.name!r} does not quantise attention")
-
-
-_REGISTRY: dict[str, Callable[..., Recipe]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., Recipe]], Callable[..., Recipe]]:
-    """Registers a recipe factory ``factory(precision_config) -> Recipe`` under ``name``."""
-
-    def wrap(factory: Callable[..., Recipe]) -> Callable[..., Recipe]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def dtype_from_name(name: str) -> Any:
-    try:
-        return {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}[name]
-    except KeyError:
-        raise ValueError(
-            f"precision.compute_dtype={name!r} is not supported; use 'bfloat16', 'float32' or "
-            "'float16'."
-        ) from None
-
-
-@register("bf16")
-def _bf16(precision: Any) -> Recipe:
-    return Recipe(name="bf16", compute_dtype=dtype_from_name(precision.compute_dtype))
-
-
-def make_recipe(precision: Any) -> Recipe:
-    """Builds the recipe named by ``precision.recipe`` (a ConfigDict or any attribute object)."""
-    # Importing the FP8 module registers its recipes; it is cheap and CPU-safe.
-    from fogjax.precision import fp8_recipes  # noqa: F401
-
-    name = precision.recipe
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"Unknown precision.recipe={name!r}. Choose one of {available()} "
-            "(e.g. --config.precision.recipe=fp8dpa)."
-        )
-    return _REGISTRY[name](precision)
+__all__ = [
+    "FP8_COLLECTION",
+    "RECIPES",
+    "DotGeneral",
+    "Recipe",
+    "available",
+    "dtype_from_name",
+    "make_recipe",
+]

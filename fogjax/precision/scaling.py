@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax.linen import fp8_ops
 
 from fogjax.precision.formats import saturating_cast
-from fogjax.precision.recipes import FP8_COLLECTION
+from fogjax.precision.recipe import FP8_COLLECTION
 
 AMAX_REDUCTIONS = ("max", "most_recent")
 

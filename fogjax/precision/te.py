@@ -26,7 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from fogjax.precision.recipes import FP8_COLLECTION
+from fogjax.precision.recipe import FP8_COLLECTION
 
 GPU_REQUIREMENTS = "requirements-gpu.txt"
 

@@ -1,0 +1,91 @@
+"""The trainer's FP4 hooks: the QAF phase switch and the rho statistic of ``precision.qaf_*``.
+
+:class:`QafHooks` owns what the loop needs beyond the ordinary step: the QAF twin of the model
+(same parameters, FP4 forward, BF16 backward; fp4_recipes.qaf_recipe) with its compiled steps,
+the jitted rho of ``qaf_auto`` and the host-side :class:`fp4_qaf.QafSwitch`. The trainer calls
+:meth:`pick_step` before every step, :meth:`before_stats_step` before statistics steps (the state
+is donated by the step) and saves :meth:`metadata` with each checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from fogjax import state as state_lib
+from fogjax.model import build_model
+from fogjax.precision import fp4_qaf
+from fogjax.precision.fp4_recipes import Fp4Recipe, qaf_recipe
+from fogjax.step import compute_grads, make_train_step
+
+METADATA_KEY = "fp4_qaf"
+
+
+def make_rho_fn(
+    fp4_model: Any, qaf_model: Any, micro_batches: int, rng_seed: int
+) -> Callable[[dict[str, Any], jax.Array], dict[str, jax.Array]]:
+    """``rho(state, batch) -> {'<kernel path>': rho}`` (jit it): the weight gradients of the FP4
+    model and of its QAF twin on the same batch with the train step's SR keys (same forward)."""
+    scanned = bool(fp4_model.cfg.scan_layers)
+
+    def rho(state: dict[str, Any], batch: jax.Array) -> dict[str, jax.Array]:
+        rng = jax.random.fold_in(jax.random.key(rng_seed), state["step"])
+        args = (state["params"], state["fp8"], batch, micro_batches, False, rng)
+        _, g_fp4, _, _ = compute_grads(fp4_model, *args)
+        _, g_ref, _, _ = compute_grads(qaf_model, *args)
+        return fp4_qaf.block_kernel_rho(g_fp4, g_ref, scanned)
+
+    return rho
+
+
+class QafHooks:
+    """QAF for one run (only built when the recipe is FP4 and ``qaf_start`` or ``qaf_auto`` is on).
+
+    Args:
+      run: the state.Run of the config.
+      stats_fn: the train step's FP8 statistics function (as for the ordinary step).
+      meta: restored checkpoint metadata (its ``fp4_qaf`` entry restores the phase), or None.
+    """
+
+    def __init__(self, run: state_lib.Run, stats_fn: Any, meta: dict[str, Any] | None) -> None:
+        config = run.config
+        self.switch = fp4_qaf.QafSwitch.from_config(config.precision, config.train.steps)
+        self.switch.restore((meta or {}).get(METADATA_KEY))
+        qaf_model = build_model(config, qaf_recipe(run.recipe))
+        micro, seed = config.train.micro_batches, config.seed
+        qaf_step = make_train_step(qaf_model, run.tx, run.schedule, micro, stats_fn, seed)
+        self._steps = {
+            s: state_lib.jit_train_step(run, qaf_step, with_stats=s) for s in (False, True)
+        }
+        self._rho = jax.jit(make_rho_fn(run.model, qaf_model, micro, seed))
+
+    @staticmethod
+    def maybe(run: state_lib.Run, stats_fn: Any, meta: dict[str, Any] | None) -> QafHooks | None:
+        """The hooks, or None when the run has no QAF (not FP4, or both triggers off)."""
+        if not isinstance(run.recipe, Fp4Recipe):
+            return None
+        if not fp4_qaf.QafSwitch.from_config(run.config.precision, run.config.train.steps).enabled:
+            return None
+        return QafHooks(run, stats_fn, meta)
+
+    def pick_step(self, step: int, with_stats: bool, fp4_step: Callable[..., Any]) -> Any:
+        """The compiled step to run at ``step``: the QAF one once the switch is on."""
+        return self._steps[with_stats] if self.switch.in_qaf(step) else fp4_step
+
+    def before_stats_step(self, step: int, state: Any, batch: jax.Array) -> dict[str, float]:
+        """On a statistics step still in FP4 with ``qaf_auto``: rho tags (``fp4/<layer>/rho``,
+        ``fp4/rho/avg``) of this state and batch, fed to the switch; else {}."""
+        if not self.switch.auto or self.switch.in_qaf(step):
+            return {}
+        scalars = fp4_qaf.rho_scalars(jax.device_get(self._rho(state, batch)))
+        self.switch.observe(step, scalars["fp4/rho/avg"])
+        return scalars
+
+    def phase_scalars(self) -> dict[str, float]:
+        """``fp4/qaf_phase``: 0 in FP4, 1 in QAF."""
+        return {"fp4/qaf_phase": float(self.switch.phase == "qaf")}
+
+    def metadata(self) -> dict[str, Any]:
+        return {METADATA_KEY: self.switch.to_metadata()}
