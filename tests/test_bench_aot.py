@@ -122,6 +122,8 @@ def test_bf16_has_no_fp8_gemm_and_no_non_fp8_list(cli_report):
     report, _ = cli_report
     row = _row(report, "llama3:bf16", False)
     assert row["gemm_counts"]["fp8_total"] == 0 and row["non_fp8_block_gemms"] is None
+    # Every GEMM BF16, backward passes included (no F32/TF32 GEMM from a float32 cotangent).
+    assert {(g["lhs_dtype"], g["rhs_dtype"]) for g in row["gemms"]} == {("bf16", "bf16")}
     assert row["estimated_speedup_vs_first"] == 1.0
 
 

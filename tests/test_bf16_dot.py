@@ -70,3 +70,22 @@ def test_backward_gemms_have_bf16_operands_in_the_jaxpr():
     visit(jaxpr.jaxpr)
     # The forward (also inside the custom_vjp record) and both backward GEMMs: all BF16.
     assert len(dots) >= 3 and set(dots) == {("bfloat16", "bfloat16")}
+
+
+def test_low_precision_dot_general_routes_only_bf16_products_with_float32_output():
+    from fogjax.precision.bf16_dot import low_precision_dot_general
+
+    x, w, g = _operands()
+    # bf16 x bf16 -> f32: the custom rule, whose backward rounds the cotangent to bf16.
+    _, vjp = jax.vjp(
+        lambda a, b: low_precision_dot_general(a, b, DIMS, preferred_element_type=jnp.float32), x, w
+    )
+    _, vjp_ref = jax.vjp(lambda a, b: bf16_dot_general(a, b, DIMS), x, w)
+    for got, ref in zip(vjp(g), vjp_ref(g), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    # Anything else is lax.dot_general itself.
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    out = low_precision_dot_general(x32, w32, DIMS, preferred_element_type=jnp.float32)
+    np.testing.assert_array_equal(out, jax.lax.dot_general(x32, w32, DIMS))
+    out16 = low_precision_dot_general(x, w, DIMS, preferred_element_type=jnp.bfloat16)
+    assert out16.dtype == jnp.bfloat16

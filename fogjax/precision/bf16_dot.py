@@ -48,3 +48,31 @@ def _bwd(dimension_numbers, residuals, g):
 
 
 bf16_dot_general.defvjp(_fwd, _bwd)
+
+
+def low_precision_dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.dot_general``, except that a float32 product of two BF16 (or F16) operands goes
+    through :func:`bf16_dot_general`, so its backward GEMMs stay BF16.
+
+    This is attention's QK^T outside FP8 recipes: float32 logits for the softmax, and the float32
+    softmax cotangent rounded to BF16 before the dQ / dK GEMMs, as flash-attention kernels do
+    (otherwise XLA runs both as float32 GEMMs, TF32 on Hopper). Anything else is unchanged.
+    """
+    low = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)
+    if low and precision is None and preferred_element_type == jnp.float32:
+        (lc, rc), (lb, rb) = dimension_numbers
+        dims = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+        return bf16_dot_general(lhs, rhs, dims)
+    return lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )

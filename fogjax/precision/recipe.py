@@ -13,9 +13,9 @@ Both return either a plain function or a Linen Module whose ``__call__`` has ``l
 signature. FP8 modules keep their delayed-scaling state in the ``fp8`` variable collection. The
 embedding and LM head never go through a recipe: they stay in the compute dtype (SPEC.md §3).
 
-This module is the interface only; it imports nothing else from fogjax. registry.py maps recipe
-names (``bf16``, ``fp8``, ``fp8dpa``, ``nvfp4``, ``mxfp4``) to factories and builds one from the
-config's ``precision`` section (``registry.make_recipe``).
+This module is the interface only; of fogjax it imports only bf16_dot (a leaf). registry.py maps
+recipe names (``bf16``, ``fp8``, ``fp8dpa``, ``nvfp4``, ``mxfp4``) to factories and builds one
+from the config's ``precision`` section (``registry.make_recipe``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from fogjax.precision.bf16_dot import low_precision_dot_general
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -60,9 +62,10 @@ class Recipe:
         return functools.partial(jax.lax.dot_general, preferred_element_type=self.compute_dtype)
 
     def attention_dot_general(self, name: str) -> DotGeneral:
-        """The dot_general of QK^T (``name='qk'``) or PV (``name='pv'``)."""
+        """The dot_general of QK^T (``name='qk'``) or PV (``name='pv'``): BF16 GEMMs forward and
+        backward (bf16_dot.low_precision_dot_general)."""
         del name
-        return jax.lax.dot_general
+        return low_precision_dot_general
 
     def fused_fp8_attention(self, name: str) -> Callable[..., jax.Array]:
         """The fused FP8 attention of ``model.attention_impl='cudnn'`` when ``quantizes_attention``:
