@@ -41,7 +41,7 @@ def test_full_disk_warns_once_and_training_goes_on(tmp_path):
     w.write_scalars(1, {"train/loss": 3.5})
     w.flush()
     # A real ENOSPC on every write, as on a full disk (unbuffered, so the first write fails).
-    w._events._py_recordio_writer._writer = open("/dev/full", "wb", buffering=0)
+    w._events._py_recordio_writer._writer = open("/dev/full", "wb", buffering=0)  # noqa: SIM115
     start = time.monotonic()
     for step in range(2, 200):  # Far more than tensorboardX's queue of 10 events.
         w.write_scalars(step, {"train/loss": 1.0, "train/lr": 2.0})
