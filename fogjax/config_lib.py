@@ -46,7 +46,7 @@ def arch_spec(arch: str) -> ArchSpec:
     """The ARCHITECTURES entry of ``arch``; ValueError naming the choices if there is none."""
     if arch not in ARCHITECTURES:
         raise ValueError(
-            f"Unknown model.arch={arch!r}; choose one of {list(ARCHS)} "
+            f"Invalid model config: unknown model.arch={arch!r}; choose one of {list(ARCHS)} "
             "(or --config=configs/<arch>.py:<size>)."
         )
     return ARCHITECTURES[arch]

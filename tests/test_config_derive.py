@@ -112,5 +112,5 @@ def test_explicit_values_win_over_derivations():
 
 
 def test_unknown_arch_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"Unknown model.arch='fog_fast'; choose one of"):
+    with pytest.raises(ValueError, match=r"unknown model.arch='fog_fast'; choose one of"):
         config_lib.get_config("fog_fast", "tiny")
