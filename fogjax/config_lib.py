@@ -191,6 +191,11 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.train.eval_batches = 4 if size == "tiny" else 20
     c.train.log_every = 10 if size == "tiny" else 50  # Console line and TensorBoard scalars.
     c.train.stats_every = 50 if size == "tiny" else 250  # Kurtosis and FP8 statistics.
+    # Resume although model fields that keep every shape changed (rope_base, softmax_scale,
+    # seq_len, ...); refused by default. Every config a run used stays in config_history/.
+    c.train.allow_config_change = False
+    # 'FIRST,LAST': a jax.profiler trace of those steps into <workdir>/profile ('' = none).
+    c.train.profile_steps = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes.

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +119,26 @@ class WorkdirLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str) -> Iterator[None]:
+    """The workdir's lock for the block, taken by process 0 for the whole job; every process
+    raises :class:`WorkdirLockedError` if it cannot be taken (they agree, so none trains alone)."""
+    import jax
+
+    from fogjax.distributed import all_processes
+
+    lock = WorkdirLock(workdir)
+    error: WorkdirLockedError | None = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirLockedError as e:
+            error = e
+    if not all_processes(error is None):
+        raise error or WorkdirLockedError(f"{workdir} is locked (see process 0's error).")
+    try:
+        yield
+    finally:
+        lock.release()
