@@ -2,7 +2,7 @@
 
     python -m fogjax.train                                   # the embedded default, ~5 min on CPU
     python -m fogjax.train --config=configs/fog_flash.py:1.5b --workdir=runs/fog-flash-1.5b
-    python -m fogjax.train --config=configs/llama3.py:tiny --config.train.steps=50 \\
+    python -m fogjax.train --config=configs/llama3.py:tiny --config.train.steps=100 \\
         --config.precision.recipe=fp8dpa --config.model.num_layers=2
 
 --config=configs/ARCH.py:SIZE picks an architecture and a size:
