@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fogjax.data.tokenizer import load_tokenizer
+
 FORMAT = "fogjax-token-shards"
 VERSION = 1
 METADATA = "metadata.json"
@@ -154,8 +156,6 @@ class DatasetInfo:
 
     def load_tokenizer(self):
         """The tokenizer the shards were written with (for decoding samples)."""
-        from fogjax.data.tokenizer import load_tokenizer
-
         return load_tokenizer(self.tokenizer, eos_token=self.eos_token)
 
 
@@ -255,17 +255,3 @@ def scan_max_token_id(info: DatasetInfo) -> int:
     except OSError:  # A read-only shared dataset: scan again next time.
         pass
     return largest
-
-
-def load_dataset_info(path: str | os.PathLike | DatasetInfo) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``path``: a prepared folder, or 'embedded' (prepared and cached
-    on first use, see :mod:`fogjax.data.corpus`; 'embedded:bytes' uses the byte tokenizer)."""
-    if isinstance(path, DatasetInfo):
-        return path
-    if isinstance(path, str) and (path == EMBEDDED or path.startswith(EMBEDDED + ":")):
-        # Imported here: corpus builds on prepare, which builds on this module.
-        from fogjax.data import corpus
-
-        _, _, tokenizer = path.partition(":")
-        return read_dataset_info(corpus.embedded_dataset_dir(tokenizer or corpus.DEFAULT_TOKENIZER))
-    return read_dataset_info(path)
