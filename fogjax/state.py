@@ -27,9 +27,6 @@ from fogjax.step import make_eval_step, make_train_step
 
 State = dict[str, Any]
 
-# Collections of the model's variables that belong to the train state.
-STATE_COLLECTIONS = ("params", "fp8")
-
 
 def make_init_fn(
     model: nn.Module, tx: optax.GradientTransformation, seq_len: int
