@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -112,14 +113,15 @@ class _Profiler:
             jax.profiler.stop_trace()
 
 
-def _compile(run: state_lib.Run, state: Any, batch: Any, stop: _StopRequest) -> dict[bool, Any]:
-    """Both train steps compiled ahead of time in a worker thread, so that a signal (handled by
-    the main thread, which XLA's compile would block) aborts a long first compile."""
+def _interruptible(fn: Callable[[], Any], mesh: Any, stop: _StopRequest) -> Any:
+    """``fn()`` in a worker thread, inside the mesh context (thread-local, like flax's logical
+    rules), while the main thread, which XLA's compile would block, stays free for signals."""
     out: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            out["steps"] = {k: f.lower(state, batch).compile() for k, f in run.train_steps.items()}
+            with sharding.sharding_context(mesh):
+                out["value"] = fn()
         except BaseException as e:  # Re-raised in the main thread.
             out["error"] = e
 
@@ -132,16 +134,28 @@ def _compile(run: state_lib.Run, state: Any, batch: Any, stop: _StopRequest) -> 
                 "Interrupted during the first compilation: no step ran, nothing saved."
             )
     if "error" in out:
-        if "RESOURCE_EXHAUSTED" in str(out["error"]):
-            t = run.config.train
-            raise ValueError(
-                "The train step does not fit in device memory (RESOURCE_EXHAUSTED at compile, "
-                f"batch_size={t.batch_size}, seq_len={t.seq_len}, micro_batches={t.micro_batches}"
-                "): raise train.micro_batches, lower train.batch_size or train.seq_len, set "
-                "--config.model.remat=full, or shard parameters with --config.mesh.fsdp=N."
-            ) from None
         raise out["error"]
-    return out["steps"]
+    return out["value"]
+
+
+def _compile(run: state_lib.Run, state: Any, batch: Any, stop: _StopRequest) -> dict[bool, Any]:
+    """Both train steps compiled ahead of time, so that a signal aborts a long first compile."""
+    try:
+        return _interruptible(
+            lambda: {k: f.lower(state, batch).compile() for k, f in run.train_steps.items()},
+            run.mesh,
+            stop,
+        )
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        t = run.config.train
+        raise ValueError(
+            "The train step does not fit in device memory (RESOURCE_EXHAUSTED at compile, "
+            f"batch_size={t.batch_size}, seq_len={t.seq_len}, micro_batches={t.micro_batches}"
+            "): raise train.micro_batches, lower train.batch_size or train.seq_len, set "
+            "--config.model.remat=full, or shard parameters with --config.mesh.fsdp=N."
+        ) from None
 
 
 def _restore_or_init(

@@ -249,3 +249,36 @@ def test_cli_errors_are_one_clean_line():
     for needle in ("configs/ARCH.py:SIZE", "fog_flash", "1.5b", "--config.SECTION.FIELD=VALUE",
                    "fogjax/config_lib.py", "--workdir"):  # fmt: skip
         assert needle in out.stdout, (needle, out.stdout[-2000:])
+
+
+def test_the_compile_thread_sees_the_mesh_and_logical_rules():
+    """The first compile runs in a worker thread (so Ctrl-C works); the mesh and flax's logical
+    rules are thread-local, and without them the step lowers with no sharding constraints."""
+    import threading
+
+    import jax
+
+    from fogjax import sharding
+    from fogjax import state as state_lib
+    from fogjax.trainer import _interruptible, _StopRequest
+
+    c = config_lib.get_config("llama3", "tiny")
+    m = c.model
+    m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.vocab_size = 1, 64, 2, 1, 256
+    m.ffn_base_dim = 128
+    c.train.seq_len, c.train.batch_size = 16, 8
+    c.mesh.data, c.mesh.fsdp = 2, jax.device_count() // 2
+    run = state_lib.build_run(c)
+    batch = jax.ShapeDtypeStruct((8, 17), np.int32, sharding=sharding.batch_sharding(run.mesh))
+
+    def lower():
+        return run.train_steps[False].lower(run.abstract, batch).as_text()
+
+    with sharding.sharding_context(run.mesh):
+        expected = lower()
+    assert _interruptible(lower, run.mesh, _StopRequest()) == expected
+    bare = {}  # A plain thread, as the first version of the compile thread was.
+    worker = threading.Thread(target=lambda: bare.setdefault("text", lower()))
+    worker.start()
+    worker.join()
+    assert bare["text"] != expected
