@@ -165,11 +165,13 @@ def _restore_or_init(
     config = run.config
     if ckpt.latest_step() is None:
         return state_lib.create_state(run.init, run.shardings, config.seed), 0.0
+    # Shapes first (a different model is refused whatever the flags), then the fields that
+    # keep every shape; restoring reads only, so a refusal still leaves the workdir untouched.
+    state, data_state, meta = ckpt.restore(run.abstract)
     saved = run_config.load_saved(workdir)
     changes = run_config.config_changes(saved, config) if saved is not None else []
     if changes and not config.train.allow_config_change:
         run_config.refuse_changes(changes, workdir)
-    state, data_state, meta = ckpt.restore(run.abstract)
     if data_state is None:
         # Written by another process layout: one batch per step, and global batch n is the
         # same windows on any layout, so the step gives the exact position.
