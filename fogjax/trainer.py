@@ -138,24 +138,37 @@ def _interruptible(fn: Callable[[], Any], mesh: Any, stop: _StopRequest) -> Any:
     return out["value"]
 
 
-def _compile(run: state_lib.Run, state: Any, batch: Any, stop: _StopRequest) -> dict[bool, Any]:
-    """Both train steps compiled ahead of time, so that a signal aborts a long first compile."""
-    try:
-        return _interruptible(
-            lambda: {k: f.lower(state, batch).compile() for k, f in run.train_steps.items()},
-            run.mesh,
-            stop,
-        )
-    except Exception as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        t = run.config.train
-        raise ValueError(
-            "The train step does not fit in device memory (RESOURCE_EXHAUSTED at compile, "
-            f"batch_size={t.batch_size}, seq_len={t.seq_len}, micro_batches={t.micro_batches}"
-            "): raise train.micro_batches, lower train.batch_size or train.seq_len, set "
-            "--config.model.remat=full, or shard parameters with --config.mesh.fsdp=N."
-        ) from None
+class _CompiledSteps:
+    """The train step variants (plain, statistics), each compiled ahead of time when first
+    needed, in a worker thread so that a signal aborts a long compile."""
+
+    def __init__(self, run: state_lib.Run, stop: _StopRequest, reporter: Reporter):
+        self._run, self._stop, self._reporter = run, stop, reporter
+        self._compiled: dict[bool, Any] = {}
+
+    def get(self, with_stats: bool, state: Any, batch: Any) -> Any:
+        if with_stats not in self._compiled:
+            start = time.time()
+            what = " with statistics" if with_stats else ""
+            self._reporter.print(f"Compiling the train step{what} (Ctrl-C aborts)...")
+            jitted = self._run.train_steps[with_stats]
+            self._compiled[with_stats] = self._compile(lambda: jitted.lower(state, batch).compile())
+            self._reporter.print(f"Compiled in {time.time() - start:.1f}s")
+        return self._compiled[with_stats]
+
+    def _compile(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return _interruptible(fn, self._run.mesh, self._stop)
+        except Exception as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            t = self._run.config.train
+            raise ValueError(
+                "The train step does not fit in device memory (RESOURCE_EXHAUSTED at compile, "
+                f"batch_size={t.batch_size}, seq_len={t.seq_len}, micro_batches={t.micro_batches}"
+                "): raise train.micro_batches, lower train.batch_size or train.seq_len, set "
+                "--config.model.remat=full, or shard parameters with --config.mesh.fsdp=N."
+            ) from None
 
 
 def _restore_or_init(
@@ -264,18 +277,14 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             ckpt.save(done, state, train_iter.get_state(), meta, force=force)
 
         summary: dict[str, Any] = {"start_step": start}
-        steps, pending = None, None
+        steps, pending = _CompiledSteps(run, stop, reporter), None
         with sharding.sharding_context(run.mesh):
             for step in range(start, t.steps):
                 batch = sharding.global_batch_from_local(next(train_iter), run.mesh)
-                if steps is None:
-                    compile_start = time.time()
-                    reporter.print("Compiling the train step (Ctrl-C aborts)...")
-                    steps = _compile(run, state, batch, stop)
-                    reporter.print(f"Compiled in {time.time() - compile_start:.1f}s")
+                step_fn = steps.get(cadence.stats(step), state, batch)
                 done = step + 1
                 profiler.before(done)
-                state, raw = steps[cadence.stats(step)](state, batch)
+                state, raw = step_fn(state, batch)
                 profiler.after(done, raw)
                 if pending is not None:
                     reporter.on_step(*pending)

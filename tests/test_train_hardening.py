@@ -171,6 +171,7 @@ def full_disk_run(tmp_path_factory):
         "--config.train.ckpt_every=2",
         "--config.train.eval_every=0",
         "--config.train.profile_steps=1,2",
+        "--config.precision.recipe=bf16",  # Compiles faster; FP8 is not what these tests test.
     )[3:]  # Drop "python -m fogjax.train".
     out = run([sys.executable, "-c", FULL_DISK, *args])
     return workdir, out
@@ -189,7 +190,12 @@ def test_failing_writer_warns_once_and_the_run_completes(full_disk_run):
 def test_shape_compatible_model_change_is_refused_then_allowed(full_disk_run):
     workdir, _ = full_disk_run
     before = pathlib.Path(workdir, "config.json").read_text()
-    changed = train_cmd(workdir, "--config.train.steps=3", "--config.model.rope_base=10000.0")
+    changed = train_cmd(
+        workdir,
+        "--config.train.steps=3",
+        "--config.precision.recipe=bf16",
+        "--config.model.rope_base=10000.0",
+    )
     out = run(changed)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "model.rope_base: 500000.0 -> 10000.0" in out.stderr
