@@ -15,7 +15,7 @@ def get_config(arg: str = ""):
     del arg
     config = config_lib.get_config("fog_flash", "tiny")
     config.precision.recipe = "fp8dpa"  # every GEMM in the blocks in FP8, attention included
-    config.data.path = "embedded"  # Python's bundled documentation text, BPE-tokenised offline
+    config.data.path = "embedded"  # Python's own docs and stdlib sources, BPE-tokenised offline
     config.train.steps = 300
     config.train.batch_size = 16
     config.train.seq_len = 128

@@ -10,7 +10,10 @@ One step directory holds three items:
 Saves are asynchronous and atomic: orbax writes ``<step>.orbax-checkpoint-tmp-*`` and renames it
 when complete, so a crash mid-save leaves the previous checkpoint as the latest. Restore checks
 the saved tree against the expected one before reading any array, and falls back from an
-unreadable latest checkpoint to the one before it.
+unreadable latest checkpoint to the one before it. Every array's checksum
+(:mod:`fogjax.array_checksums`) is recorded in ``meta`` at save and verified after restore, so a
+checkpoint whose bytes were changed in place counts as unreadable too. A reader
+(``read_only=True``, e.g. ``fogjax.evaluate`` on a live run) never deletes or creates anything.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from fogjax.array_checksums import checksums, mismatches
+from fogjax.distributed import all_processes
+
 log = logging.getLogger(__name__)
 
 _BYTES_KEY = "__base64__"
+# The key of ``meta`` under which save() records the state's per-array checksums.
+_CHECKSUMS_KEY = "array_checksums"
 
 # The optim.* fields that decide the layout of params and opt_state (fogjax/optim_precision.py).
 _PRECISION_FIELDS = (
@@ -190,13 +198,6 @@ def _abstract(tree: Any) -> Any:
     return tree
 
 
-def _all_processes(flag: bool) -> bool:
-    """True iff ``flag`` is true on every process (a host collective when multi-process)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.process_allgather(np.array(flag)).all())
-
-
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -210,11 +211,20 @@ class Checkpointer:
       keep: how many of the latest checkpoints to keep.
       async_save: write in a background thread; :meth:`save` returns once arrays are on host.
       save_every: :meth:`save` writes only on multiples of this, unless ``force=True``.
+      read_only: a reader beside a live trainer: never creates, cleans or deletes anything
+        (orbax's cleanup would delete the trainer's in-flight ``<step>.orbax-checkpoint-tmp``).
 
     Every process must call :meth:`save` and :meth:`restore` (orbax synchronises them).
     """
 
-    def __init__(self, directory: str, keep: int, async_save: bool = True, save_every: int = 1):
+    def __init__(
+        self,
+        directory: str,
+        keep: int,
+        async_save: bool = True,
+        save_every: int = 1,
+        read_only: bool = False,
+    ):
         if "://" not in str(directory):
             directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
@@ -226,13 +236,17 @@ class Checkpointer:
         registry.add("data", _DataRestore, data_handler)
         registry.add("meta", ocp.args.JsonSave)
         registry.add("meta", ocp.args.JsonRestore)
-        options = ocp.CheckpointManagerOptions(
-            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
-            enable_async_checkpointing=async_save,
-            # Leftovers of a save that crashed midway: never steps, so safe to remove.
-            cleanup_tmp_directories=True,
-        )
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+                preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+                enable_async_checkpointing=async_save,
+                # Leftovers of a save that crashed midway: never steps, so safe to remove.
+                cleanup_tmp_directories=True,
+            )
+        self.read_only = read_only
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
@@ -263,6 +277,8 @@ class Checkpointer:
         when the step is not a multiple of ``save_every`` (unless ``force``) or already saved.
         Blocks only for the device-to-host copy, so ``state`` may be donated right after.
         """
+        if self.read_only:
+            raise ValueError(f"Checkpointer({self.directory}, read_only=True) cannot save.")
         self._move_stale_aside()
         existing = self.all_steps()
         if step in existing:
@@ -272,12 +288,15 @@ class Checkpointer:
                 f"Cannot save step {step} in {self.directory}: it already holds the newer step "
                 f"{existing[-1]}. Restore from it first, or use another --workdir."
             )
+        if not self._manager.should_save(step) and not force:
+            return False
+        meta = {**metadata, _CHECKSUMS_KEY: checksums(state)}
         return self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=_DataSave(data_state),
-                meta=ocp.args.JsonSave(_encode(metadata)),
+                meta=ocp.args.JsonSave(_encode(meta)),
             ),
             force=force,
         )
@@ -343,7 +362,16 @@ class Checkpointer:
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return restored["state"], restored["data"], _decode(restored["meta"])
+        meta = _decode(restored["meta"])
+        saved_sums = meta.pop(_CHECKSUMS_KEY, None)
+        if saved_sums is not None:  # Checkpoints written before checksums have none.
+            bad = mismatches(saved_sums, restored["state"])
+            if bad:
+                raise ValueError(
+                    f"checksum mismatch in {len(bad)} array(s) of step {step}, e.g. {bad[0]!r}: "
+                    "its files were changed after they were written"
+                )
+        return restored["state"], restored["data"], meta
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, Any, dict]:
         """(state, data_state, metadata) of ``step``, or of the newest readable step if None.
@@ -377,7 +405,7 @@ class Checkpointer:
             except Exception as e:  # Any read failure means: try the previous step.
                 failure = e
             # Every process must resume from the same step: one failure is everyone's failure.
-            if not _all_processes(failure is None):
+            if not all_processes(failure is None):
                 e = failure or RuntimeError("unreadable on another process")
                 log.warning(
                     "Checkpoint step %d in %s is unreadable (%s: %s); falling back to the "

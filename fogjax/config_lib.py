@@ -3,15 +3,27 @@
 `configs/<arch>.py` files call :func:`get_config` with their architecture and the size given after
 the colon on the command line (``--config=configs/fog_flash.py:1.5b``). Every field carries a
 comment; the config is locked, so a typo in ``--config.x.y=...`` fails loudly.
+
+Fields that follow from others are derived when read (:func:`_derived`, an ml_collections lazy
+reference): the architecture's fields from ``model.arch`` (ARCHITECTURES, the one table), the
+post-norm gain from ``model.num_layers``, the softmax scale from the head dim. So
+``--config.model.num_layers=8`` gives FOG's 1/sqrt(8) gain and ``--config.model.arch=llama3``
+builds Llama3; setting a derived field explicitly replaces its derivation.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
-from fogjax.model.blocks import ARCHITECTURES, SIGMA0, post_norm_init
+# ml_collections' lazy op record: a FieldReference built with it is computed from other fields
+# each time it is read (the mechanism behind FieldReference's own arithmetic).
+from ml_collections.config_dict.config_dict import _Op
+
+from fogjax.model.blocks import ARCHITECTURES, SIGMA0, ArchSpec, post_norm_init
 
 ARCHS = tuple(ARCHITECTURES)
 SIZES = ("tiny", "390m", "1.5b", "8b")
@@ -26,35 +38,92 @@ _SIZE_TABLE = {
 }
 
 GATED_ACTIVATIONS = ("swiglu", "smooth_swiglu")
+# Head dim of every paper size; FOG's table softmax scales are for it.
+PAPER_HEAD_DIM = 128
+
+
+def arch_spec(arch: str) -> ArchSpec:
+    """The ARCHITECTURES entry of ``arch``; ValueError naming the choices if there is none."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"Invalid model config: unknown model.arch={arch!r}; choose one of {list(ARCHS)} "
+            "(or --config=configs/<arch>.py:<size>)."
+        )
+    return ARCHITECTURES[arch]
+
+
+def ffn_dim(activation: str, f: int) -> int:
+    """FFN width for SwiGLU-equivalent width F: F when gated, 3F/2 otherwise (same count)."""
+    return f if activation in GATED_ACTIVATIONS else 3 * f // 2
+
+
+def softmax_scale(arch: str, head_dim: int, fog_scale_at_128: float) -> float:
+    """s of SPEC.md §1: 1/sqrt(d_h) for the baselines; for FOG the paper's fixed scale (the
+    frozen QK gain g folded in, s = g/sqrt(d_h)) at d_h = 128, so s = s_128 * sqrt(128/d_h)."""
+    if arch_spec(arch).fog_softmax_scale:
+        return fog_scale_at_128 * math.sqrt(PAPER_HEAD_DIM / head_dim)
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _derived(field_type: type, fn: Callable[..., Any], *refs: Any) -> ml_collections.FieldReference:
+    """A field equal to ``fn(*values of refs)`` whenever it is read; setting it (config file or
+    ``--config.model.x=``) replaces the derivation with the value set."""
+    return ml_collections.FieldReference(
+        field_type(), field_type=field_type, op=_Op(lambda _, *values: fn(*values), list(refs))
+    )
 
 
 def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
     """The `model` section for one architecture and size."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"Unknown architecture {arch!r}; choose one of {list(ARCHS)}.")
+    arch_spec(arch)
     if size not in _SIZE_TABLE:
         raise ValueError(f"Unknown size {size!r}; choose one of {list(SIZES)}.")
     layers, d, f, h, g, tied, *_, fog_scale = _SIZE_TABLE[size]
-    a = ARCHITECTURES[arch]
-    gated = a.ffn_activation in GATED_ACTIVATIONS
     m = ml_collections.ConfigDict()
-    m.arch = arch  # Registry name (fogjax.model.blocks.ARCHITECTURES).
+    m.arch = arch  # Registry name (fogjax.model.blocks.ARCHITECTURES); the fields below follow it.
+    arch_ref = m.get_ref("arch")
+
+    def from_arch(field: str, field_type: type) -> ml_collections.FieldReference:
+        return _derived(field_type, lambda a: getattr(arch_spec(a), field), arch_ref)
+
     m.vocab_size = 4096 if size == "tiny" else 131072  # Must cover the tokenizer's vocabulary.
     m.d_model = d  # D, the residual width.
     m.num_layers = layers  # L.
     m.num_heads = h  # H query heads; head dim d_h = D / H (128 at every paper size).
     m.num_kv_heads = g  # G key/value groups (GQA).
-    m.ffn_activation = a.ffn_activation  # 'gelu' | 'swiglu' | 'smooth_swiglu' | 'xielu'.
-    m.ffn_dim = f if gated else 3 * f // 2  # Gated FFNs use F; non-gated use 3F/2 (same count).
-    m.input_scale = a.input_scale  # Embedding output multiplier: 1/sigma0 for FOG and OP.
-    m.pre_norm = a.pre_norm  # RMSNorm before attention and FFN (Llama).
-    m.post_norm = a.post_norm  # 'none' | 'rms' | 'layerscale' on each branch output.
-    m.post_norm_init = post_norm_init(arch, layers)  # 1/sqrt(L) for FOG and OP, 1 for OLMo2.
-    m.qk_norm = a.qk_norm  # 'none' | 'rms' (learnable gain) | 'frozen_rms' | 'tanh'.
+    # 'gelu' | 'swiglu' | 'smooth_swiglu' | 'xielu'; from model.arch.
+    m.ffn_activation = from_arch("ffn_activation", str)
+    m.ffn_base_dim = f  # F of paper Table 6 (SwiGLU-equivalent FFN width).
+    # Gated FFNs use F, non-gated 3F/2 (same parameter count); derived from the two above.
+    m.ffn_dim = _derived(int, ffn_dim, m.get_ref("ffn_activation"), m.get_ref("ffn_base_dim"))
+    # Embedding output multiplier: 1/sigma0 for FOG and OP; from model.arch.
+    m.input_scale = from_arch("input_scale", float)
+    m.pre_norm = from_arch("pre_norm", bool)  # RMSNorm before attention and FFN (Llama).
+    # 'none' | 'rms' | 'layerscale' on each branch output; from model.arch.
+    m.post_norm = from_arch("post_norm", str)
+    # Initial post-norm / LayerScale gain: 1/sqrt(L) for FOG and OP, 1 for OLMo2 (derived).
+    m.post_norm_init = _derived(
+        float,
+        lambda a, layers: post_norm_init(arch_spec(a) and a, layers),
+        arch_ref,
+        m.get_ref("num_layers"),
+    )
+    # 'none' | 'rms' (learnable gain) | 'frozen_rms' | 'tanh'; from model.arch.
+    m.qk_norm = from_arch("qk_norm", str)
     m.tanh_alpha_init = 0.5  # alpha0 of FOG-flash's tanh(alpha x) QK regulariser.
-    # Softmax scale s (logits = s q.k): FOG folds the frozen QK gain into a larger fixed scale.
-    m.softmax_scale = fog_scale if a.fog_softmax_scale else 1.0 / math.sqrt(d // h)
-    m.final_norm = a.final_norm  # RMSNorm before the LM head (not in FOG or OP).
+    # FOG's fixed softmax scale at head dim 128 (paper: 0.17678 at 390M, 0.125 at 1.5B and 8B).
+    m.fog_softmax_scale_at_128 = fog_scale
+    # Softmax scale s (logits = s q.k), derived: 1/sqrt(d_h) for the baselines; FOG folds the
+    # frozen QK gain into a larger fixed scale, s = fog_softmax_scale_at_128 * sqrt(128 / d_h).
+    m.softmax_scale = _derived(
+        float,
+        lambda a, width, heads, s128: softmax_scale(a, width // heads, s128),
+        arch_ref,
+        m.get_ref("d_model"),
+        m.get_ref("num_heads"),
+        m.get_ref("fog_softmax_scale_at_128"),
+    )
+    m.final_norm = from_arch("final_norm", bool)  # RMSNorm before the LM head (not FOG or OP).
     m.norm_eps = 1e-5  # RMSNorm epsilon (reduced in float32).
     m.rope_base = 500_000.0  # RoPE base frequency.
     m.rope_scaling = True  # Llama-3.1 frequency scaling (on in the released code).
@@ -156,6 +225,11 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.train.eval_batches = 4 if size == "tiny" else 20
     c.train.log_every = 10 if size == "tiny" else 50  # Console line and TensorBoard scalars.
     c.train.stats_every = 50 if size == "tiny" else 250  # Kurtosis and FP8 statistics.
+    # Resume although model fields that keep every shape changed (rope_base, softmax_scale,
+    # seq_len, ...); refused by default. Every config a run used stays in config_history/.
+    c.train.allow_config_change = False
+    # 'FIRST,LAST': a jax.profiler trace of those steps into <workdir>/profile ('' = none).
+    c.train.profile_steps = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes.

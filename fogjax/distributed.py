@@ -26,6 +26,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -336,3 +337,18 @@ def initialize(
         ", ".join(str(d) for d in jax.local_devices()),
     )
     return info
+
+
+def all_processes(flag: bool) -> bool:
+    """True iff ``flag`` is true on every process: the one place processes agree on a decision
+    (a host collective when multi-process, so every process must call it at the same point)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.array(bool(flag))).all())
+
+
+def any_process(flag: bool) -> bool:
+    """True iff ``flag`` is true on at least one process (see :func:`all_processes`)."""
+    return not all_processes(not flag)

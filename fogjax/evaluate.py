@@ -26,7 +26,6 @@ from absl import logging as absl_logging
 
 from fogjax import checkpoint, data, sharding
 from fogjax import state as state_lib
-from fogjax.step import make_eval_step
 
 
 def validation_loss(
@@ -65,19 +64,16 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | No
     """{step, loss, perplexity, tokens} of the checkpoint ``step`` (latest if None) in workdir."""
     config = load_run_config(workdir)
     run = state_lib.build_run(config)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6)
+    # Read-only: a live trainer may be saving into this folder right now.
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, read_only=True)
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first.")
         with sharding.sharding_context(run.mesh):
             state, _, _ = ckpt.restore(run.abstract, step=step)
-            eval_fn = jax.jit(
-                make_eval_step(run.model),
-                in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
-            )
             info = data.load_dataset_info(config.data.path)
             result = validation_loss(
-                eval_fn, state, info, config, run.mesh, batches or config.train.eval_batches
+                run.eval_step, state, info, config, run.mesh, batches or config.train.eval_batches
             )
     finally:
         ckpt.close()

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from fogjax import optim
 from fogjax import state as state_lib
 from fogjax.model import build_model
 from fogjax.precision import fp4_qaf
@@ -32,9 +33,9 @@ def make_rho_fn(
 
     def rho(state: dict[str, Any], batch: jax.Array) -> dict[str, jax.Array]:
         rng = jax.random.fold_in(jax.random.key(rng_seed), state["step"])
-        args = (state["params"], state["fp8"], batch, micro_batches, False, rng)
-        _, g_fp4, _, _ = compute_grads(fp4_model, *args)
-        _, g_ref, _, _ = compute_grads(qaf_model, *args)
+        args = (state["params"], state["fp8"], batch, micro_batches, False)
+        _, g_fp4, _, _ = compute_grads(fp4_model, *args, rng=rng)
+        _, g_ref, _, _ = compute_grads(qaf_model, *args, rng=rng)
         return fp4_qaf.block_kernel_rho(g_fp4, g_ref, scanned)
 
     return rho
@@ -55,7 +56,15 @@ class QafHooks:
         self.switch.restore((meta or {}).get(METADATA_KEY))
         qaf_model = build_model(config, qaf_recipe(run.recipe))
         micro, seed = config.train.micro_batches, config.seed
-        qaf_step = make_train_step(qaf_model, run.tx, run.schedule, micro, stats_fn, seed)
+        qaf_step = make_train_step(
+            qaf_model,
+            run.tx,
+            run.schedule,
+            micro,
+            stats_fn,
+            grad_dtype=optim.grad_dtype(config.optim),
+            rng_seed=seed,
+        )
         self._steps = {
             s: state_lib.jit_train_step(run, qaf_step, with_stats=s) for s in (False, True)
         }

@@ -1,7 +1,7 @@
 """Metrics out of the device and into TensorBoard and the console.
 
 - :class:`MetricWriter`: tensorboardX events, written by process 0 only (tensorboardX, never
-  TensorFlow: clu and flax.metrics.tensorboard import it).
+  TensorFlow: clu and flax.metrics.tensorboard import it); a write error never stops training.
 - :func:`peak_flops` / :func:`mfu`: an explicit peak table keyed by ``jax.Device.device_kind``;
   an unknown device (CPU) has no peak and no MFU rather than a made-up one.
 - :class:`Throughput`: step time, tokens/s, TFLOP/s per device, MFU and ETA between host ticks.
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -19,38 +20,76 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorboardX
 import tqdm
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
 
 
 class MetricWriter:
-    """Scalars and text to TensorBoard event files in ``logdir``; a no-op on processes != 0."""
+    """Scalars and text to a TensorBoard event file in ``logdir``; a no-op on processes != 0.
 
-    def __init__(self, logdir: str, *, enabled: bool | None = None):
+    Events are written synchronously in the caller's thread (tensorboardX's ``EventsWriter``, not
+    its ``SummaryWriter``): SummaryWriter's background thread dies on a write error (a full disk)
+    and the next ``add_scalar`` then blocks on its queue for ever, signals included. Here the
+    first write error is reported once (``warn``) and the writer turns itself off, so training
+    goes on without events; :attr:`error` says why.
+    """
+
+    def __init__(
+        self,
+        logdir: str,
+        *,
+        enabled: bool | None = None,
+        warn: Callable[[str], None] | None = None,
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._writer = tensorboardX.SummaryWriter(logdir) if self.enabled else None
+        self.error: str | None = None
+        self._warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._events: EventsWriter | None = None
+        if self.enabled:
+            os.makedirs(logdir, exist_ok=True)
+            self._guarded(
+                lambda: setattr(self, "_events", EventsWriter(os.path.join(logdir, "events")))
+            )
+
+    def _guarded(self, write: Callable[[], Any]) -> None:
+        """Runs ``write``; on the first failure warns once and stops writing events."""
+        try:
+            write()
+        except Exception as e:  # OSError (full disk, read-only), or anything under it.
+            self.error = f"{type(e).__name__}: {e}"
+            self._events = None
+            self._warn(
+                f"WARNING: TensorBoard events can no longer be written ({self.error}); training "
+                "continues without them (console and checkpoints are unaffected)."
+            )
+
+    def _write(self, step: int, summary: Any) -> None:
+        events = self._events
+        if events is not None:
+            event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+            self._guarded(lambda: events.write_event(event))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
         """One value per tag at ``step``; None values (e.g. MFU on CPU) are skipped."""
-        if self._writer is None:
-            return
         for tag, value in scalars.items():
-            if value is not None:
-                self._writer.add_scalar(tag, float(value), global_step=int(step))
+            if value is not None and self._events is not None:
+                self._write(step, tb_summary.scalar(tag, float(value)))
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Markdown ``text`` under ``tag`` (TensorBoard's Text tab)."""
-        if self._writer is not None:
-            self._writer.add_text(tag, text, global_step=int(step))
+        self._write(step, tb_summary.text(tag, text))
 
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        events = self._events
+        if events is not None:
+            self._guarded(events.flush)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        events, self._events = self._events, None
+        if events is not None:
+            self._guarded(events.close)
 
 
 # Dense (no 2:4 sparsity) peak tensor-core FLOP/s per device, from NVIDIA's datasheets.

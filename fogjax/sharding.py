@@ -55,6 +55,19 @@ LOGICAL_AXIS_RULES: LogicalRules = (
 )
 
 
+def mesh_axis_of(logical: str, rules: LogicalRules = LOGICAL_AXIS_RULES) -> str | None:
+    """The single mesh axis ``rules`` map the logical axis ``logical`` onto (None: replicated),
+    for shard_map code that must name the same axes as the rules (e.g. the embedding lookup)."""
+    for name, mesh_axis in rules:
+        if name == logical:
+            if isinstance(mesh_axis, tuple):
+                raise ValueError(
+                    f"Logical axis {logical!r} maps onto several mesh axes {mesh_axis}."
+                )
+            return mesh_axis
+    raise KeyError(f"Logical axis {logical!r} is not in the rules ({[n for n, _ in rules]}).")
+
+
 def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
     """The (data, fsdp, tensor) sizes for ``num_devices``, with at most one -1 filled in.
 

@@ -9,6 +9,7 @@ shardings) is the restore target for checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,14 +20,13 @@ import optax
 
 from fogjax import optim, sharding
 from fogjax.model import build_model, weight_decay_mask
+from fogjax.precision import stats as fp8_stats
 from fogjax.precision.cudnn_attention import require_cudnn_attention
 from fogjax.precision.recipe import Recipe
 from fogjax.precision.registry import make_recipe
+from fogjax.step import make_eval_step, make_train_step
 
 State = dict[str, Any]
-
-# Collections of the model's variables that belong to the train state.
-STATE_COLLECTIONS = ("params", "fp8")
 
 
 def make_init_fn(
@@ -105,6 +105,30 @@ class Run:
     @property
     def num_params(self) -> int:
         return count_params(self.abstract)
+
+    @functools.cached_property
+    def train_steps(self) -> dict[bool, Callable[..., Any]]:
+        """``{with_stats: step(state, batch) -> (state, metrics)}``, jitted once per run: the plain
+        step and the statistics step (kurtosis, FP8 statistics) share one train_step."""
+        stats_fn = fp8_stats.fp8_metrics if self.recipe.quantizes_linears else None
+        train_step = make_train_step(
+            self.model,
+            self.tx,
+            self.schedule,
+            self.config.train.micro_batches,
+            stats_fn,
+            grad_dtype=optim.grad_dtype(self.config.optim),
+            rng_seed=self.config.seed,
+        )
+        return {flag: jit_train_step(self, train_step, with_stats=flag) for flag in (False, True)}
+
+    @functools.cached_property
+    def eval_step(self) -> Callable[..., Any]:
+        """``eval_step(state, batch) -> {'loss_sum', 'tokens'}``, jitted once per run."""
+        return jax.jit(
+            make_eval_step(self.model),
+            in_shardings=(self.shardings, sharding.batch_sharding(self.mesh)),
+        )
 
 
 def build_run(config: Any, mesh: jax.sharding.Mesh | None = None, target: Any = None) -> Run:

@@ -1,336 +1,336 @@
 """train_and_evaluate(config, workdir): restore-or-init, the training loop, eval, checkpoints.
 
 The workdir is the unit of a run: config, TensorBoard events and checkpoints live there, and a run
-started on a workdir that holds a checkpoint resumes from it, batches included. SIGTERM / SIGINT
-save a checkpoint at the next step boundary and exit cleanly. Metrics of step k are fetched after
-step k+1 is dispatched, so logging never stalls the device.
+started on a workdir that holds a checkpoint resumes from it, batches included. One trainer holds
+a workdir at a time (``trainer.lock``). Everything that can be checked is checked before anything
+is written (:mod:`fogjax.preflight`). SIGTERM / SIGINT save a checkpoint at the next step boundary
+and exit cleanly; a second Ctrl-C aborts at once, and so does the first during the first compile.
+Metrics of step k are fetched after step k+1 is dispatched, so logging never stalls the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
-from fogjax import checkpoint, data, metrics, optim, provenance, sharding
+from fogjax import checkpoint, data, distributed, preflight, provenance, run_config, sharding
 from fogjax import state as state_lib
 from fogjax.evaluate import validation_loss
 from fogjax.fp4_training import QafHooks
 from fogjax.info import model_info
-from fogjax.monitor import KurtosisMonitor
 from fogjax.precision import stats as fp8_stats
-from fogjax.step import ACTIVATION_GROUPS, make_eval_step, make_train_step
+from fogjax.preflight import validate_train_config
+from fogjax.reporter import Reporter, TrainingDiverged
+from fogjax.workdir_lock import hold_workdir
+
+__all__ = ["TrainingDiverged", "train_and_evaluate", "validate_train_config"]
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN or inf."""
-
-
-def validate_train_config(config: Any, num_devices: int | None = None) -> None:
-    """Raises ValueError naming the field and the fix for train settings that cannot work.
-    ``num_devices``: the devices the run will use (default all of ``jax.devices()``)."""
-    t = config.train
-    for field in ("steps", "batch_size", "micro_batches", "log_every", "stats_every", "ckpt_every"):
-        if getattr(t, field) < 1:
-            raise ValueError(f"train.{field}={getattr(t, field)} must be >= 1.")
-    if t.seq_len < 2:
-        raise ValueError(f"train.seq_len={t.seq_len} must be >= 2.")
-    if t.batch_size % t.micro_batches:
-        raise ValueError(
-            f"train.batch_size={t.batch_size} is not divisible by train.micro_batches="
-            f"{t.micro_batches}; choose micro_batches that divides the batch."
-        )
-    n = jax.device_count() if num_devices is None else num_devices
-    mesh_batch = sharding.resolve_mesh_shape(config.mesh, n)
-    shards = mesh_batch[0] * mesh_batch[1]
-    if (t.batch_size // t.micro_batches) % shards:
-        raise ValueError(
-            f"train.batch_size / train.micro_batches = {t.batch_size // t.micro_batches} "
-            f"sequences cannot be split over mesh data x fsdp = {shards} devices; make the batch a "
-            f"multiple of {shards * t.micro_batches}."
-        )
+class Interrupted(RuntimeError):
+    """A signal arrived before the first step ran: there is nothing to save."""
 
 
 class _StopRequest:
-    """Set by SIGTERM/SIGINT; the loop checks it at step boundaries."""
+    """Set by SIGTERM/SIGINT; the loop checks it at step boundaries. A second Ctrl-C aborts."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def __enter__(self) -> _StopRequest:
         for sig in (signal.SIGTERM, signal.SIGINT):
             # signal.signal raises ValueError off the main thread (e.g. a test's thread).
             with contextlib.suppress(ValueError):
                 self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # The second Ctrl-C: the user does not want to wait.
         self.signal = signum
 
-    def restore(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def requested(self) -> bool:
-        flag = self.signal is not None
-        if jax.process_count() > 1:  # all processes must agree, or a save would deadlock
-            flag = bool(multihost_utils.process_allgather(np.array(flag)).any())
-        return flag
+    def agreed(self) -> bool:
+        """True if any process was signalled (all must stop together, or a save deadlocks)."""
+        return distributed.any_process(self.signal is not None)
 
 
-TRAIN_METRICS = ("loss", "lr", "grad_norm", "param_norm", "update_norm", "finite")
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """When each periodic action happens; ``done`` counts the optimizer steps finished."""
+
+    steps: int
+    log_every: int
+    stats_every: int
+    ckpt_every: int
+    eval_every: int
+
+    def stats(self, step: int) -> bool:
+        # The very first step too; not a resumed run's first step, so it runs the same compiled
+        # step as a straight run does.
+        return (step + 1) % self.stats_every == 0 or step == 0
+
+    def checkpoint(self, done: int) -> bool:
+        return done % self.ckpt_every == 0 or done == self.steps
+
+    def evaluate(self, done: int) -> bool:
+        return bool(self.eval_every) and (done % self.eval_every == 0 or done == self.steps)
+
+    def stop_check(self, done: int) -> bool:
+        # Multi-process, agreeing costs a host collective: only at the log cadence.
+        return done < self.steps and (jax.process_count() == 1 or done % self.log_every == 0)
 
 
-def _host_metrics(raw: dict[str, Any]) -> dict[str, float]:
-    """One step's device metrics -> flat TensorBoard tags (one device-to-host transfer)."""
-    host = jax.device_get(raw)
-    tree = {"train": {k: host[k] for k in TRAIN_METRICS}}
-    tree.update({k: host[k] for k in ACTIVATION_GROUPS if k in host})
-    tree.update(host.get("fp8", {}))  # already 'fp8/...' tags
-    tree.update(host.get("fp4", {}))  # already 'fp4/...' tags
-    return metrics.metrics_to_host(tree)
+class _Profiler:
+    """A jax.profiler trace of steps FIRST..LAST (1-based) into ``<workdir>/profile``."""
+
+    def __init__(self, workdir: str, steps: tuple[int, int] | None):
+        self.dir, self.steps, self.active = os.path.join(workdir, "profile"), steps, False
+
+    def before(self, done: int) -> None:
+        if self.steps and done == self.steps[0]:
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+
+    def after(self, done: int, raw: Any) -> None:
+        if self.active and done >= self.steps[1]:
+            jax.block_until_ready(raw)
+            self.close()
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
-    t0 = time.time()
-    validate_train_config(config)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    info = data.load_dataset_info(config.data.path)
-    if info.vocab_size > config.model.vocab_size:
-        raise ValueError(
-            f"The data's tokenizer has {info.vocab_size} tokens but model.vocab_size="
-            f"{config.model.vocab_size}; set --config.model.vocab_size={info.vocab_size} (or more)."
-        )
+def _interruptible(fn: Callable[[], Any], mesh: Any, stop: _StopRequest) -> Any:
+    """``fn()`` in a worker thread, inside the mesh context (thread-local, like flax's logical
+    rules), while the main thread, which XLA's compile would block, stays free for signals."""
+    out: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with sharding.sharding_context(mesh):
+                out["value"] = fn()
+        except BaseException as e:  # Re-raised in the main thread.
+            out["error"] = e
+
+    worker = threading.Thread(target=work, name="fogjax-compile", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+        if stop.signal is not None:
+            raise Interrupted(
+                "Interrupted during the first compilation: no step ran, nothing saved."
+            )
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+class _CompiledSteps:
+    """The train step variants (plain, statistics), each compiled ahead of time when first
+    needed, in a worker thread so that a signal aborts a long compile."""
+
+    def __init__(self, run: state_lib.Run, stop: _StopRequest, reporter: Reporter):
+        self._run, self._stop, self._reporter = run, stop, reporter
+        self._compiled: dict[bool, Any] = {}
+
+    def get(self, with_stats: bool, state: Any, batch: Any) -> Any:
+        if with_stats not in self._compiled:
+            start = time.time()
+            what = " with statistics" if with_stats else ""
+            self._reporter.print(f"Compiling the train step{what} (Ctrl-C aborts)...")
+            jitted = self._run.train_steps[with_stats]
+            self._compiled[with_stats] = self._compile(lambda: jitted.lower(state, batch).compile())
+            self._reporter.print(f"Compiled in {time.time() - start:.1f}s")
+        return self._compiled[with_stats]
+
+    def _compile(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return _interruptible(fn, self._run.mesh, self._stop)
+        except Exception as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            t = self._run.config.train
+            raise ValueError(
+                "The train step does not fit in device memory (RESOURCE_EXHAUSTED at compile, "
+                f"batch_size={t.batch_size}, seq_len={t.seq_len}, micro_batches={t.micro_batches}"
+                "): raise train.micro_batches, lower train.batch_size or train.seq_len, set "
+                "--config.model.remat=full, or shard parameters with --config.mesh.fsdp=N."
+            ) from None
+
+
+def _restore_or_init(
+    run: state_lib.Run, ckpt: checkpoint.Checkpointer, train_iter: Any, workdir: str
+) -> tuple[Any, float, dict[str, Any] | None]:
+    """(state, seconds trained before, checkpoint metadata): the latest checkpoint, or a fresh
+    state (metadata None)."""
+    config = run.config
+    if ckpt.latest_step() is None:
+        return state_lib.create_state(run.init, run.shardings, config.seed), 0.0, None
+    # Shapes first (a different model is refused whatever the flags), then the fields that
+    # keep every shape; restoring reads only, so a refusal still leaves the workdir untouched.
+    state, data_state, meta = ckpt.restore(run.abstract)
+    saved = run_config.load_saved(workdir)
+    changes = run_config.config_changes(saved, config) if saved is not None else []
+    if changes and not config.train.allow_config_change:
+        run_config.refuse_changes(changes, workdir)
+    if data_state is None:
+        # Written by another process layout: one batch per step, and global batch n is the
+        # same windows on any layout, so the step gives the exact position.
+        data_state = {"batches_consumed": int(state["step"])}
+    train_iter.set_state(data_state)
+    if changes:
+        print(f"Resuming with a changed model config (allowed): {'; '.join(changes)}")
+    return state, float(meta.get("elapsed_s", 0.0)), meta
+
+
+def _train_iterator(config: Any, info: data.DatasetInfo, mesh: Any) -> Any:
+    index, count = sharding.process_batch_shard(mesh)
     t = config.train
-    if t.eval_every and info.val_tokens <= t.seq_len:
-        raise ValueError(
-            f"{info.dir} has no usable validation split ({info.val_tokens} tokens) but "
-            f"train.eval_every={t.eval_every}; prepare it with --val-fraction > 0, or set "
-            "--config.train.eval_every=0."
-        )
-    run = state_lib.build_run(config)
-    mesh, recipe, model, shardings = run.mesh, run.recipe, run.model, run.shardings
-    n_params = run.num_params
-    flops_per_token = model_info(config, run.abstract["params"])["flops_per_token"]
-
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints, save_every=t.ckpt_every
-    )
-    batch_index, batch_count = sharding.process_batch_shard(mesh)
-    train_iter = data.make_train_iterator(
+    return data.make_train_iterator(
         info,
         seq_len=t.seq_len,
         global_batch_size=t.batch_size,
         seed=config.seed,
-        process_index=batch_index,
-        process_count=batch_count,
+        process_index=index,
+        process_count=count,
         num_workers=config.data.num_workers,
     )
-    elapsed_before = 0.0
-    meta = None
-    with sharding.sharding_context(mesh):
-        if ckpt.latest_step() is not None:
-            state, data_state, meta = ckpt.restore(run.abstract)
-            if data_state is None:
-                # Written by another process layout: one batch per step, and global batch n is
-                # the same windows on any layout, so the step gives the exact position.
-                data_state = {"batches_consumed": int(state["step"])}
-            train_iter.set_state(data_state)
-            elapsed_before = float(meta.get("elapsed_s", 0.0))
-        else:
-            state = state_lib.create_state(run.init, shardings, config.seed)
-    start_step = int(state["step"])
 
-    writer = metrics.MetricWriter(os.path.join(workdir, "tb"))
-    record = provenance.provenance(config, n_params)
-    if jax.process_index() == 0:
-        # Atomic: a crash mid-write must not leave a truncated config.json behind.
-        tmp = os.path.join(workdir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(tmp, os.path.join(workdir, "config.json"))
-        writer.write_text(start_step, "run/provenance", provenance.to_markdown(record))
-        writer.write_text(start_step, "run/config", "```\n" + str(config) + "\n```")
 
-    stats_fn = fp8_stats.fp8_metrics if recipe.quantizes_linears else None
-    train_step = make_train_step(
-        model,
-        run.tx,
-        run.schedule,
-        t.micro_batches,
-        stats_fn,
-        grad_dtype=optim.grad_dtype(config.optim),
-        rng_seed=config.seed,
-    )
-    qaf_hooks = QafHooks.maybe(run, stats_fn, meta)  # FP4 QAF phase switch, None without QAF
-    step_fn = state_lib.jit_train_step(run, train_step, with_stats=False)
-    stats_step_fn = state_lib.jit_train_step(run, train_step, with_stats=True)
-    eval_fn = jax.jit(
-        make_eval_step(model), in_shardings=(shardings, sharding.batch_sharding(mesh))
-    )
+def _metadata(
+    config: Any, step: int, elapsed_s: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        **(extra or {}),
+        "step": step,
+        "tokens_seen": step * config.train.batch_size * config.train.seq_len,
+        "elapsed_s": elapsed_s,
+        "model": dict(config.model.items()),
+        "recipe": config.precision.recipe,
+        "config": json.loads(config.to_json_best_effort()),
+    }
 
-    tokens_per_step = t.batch_size * t.seq_len
-    throughput = metrics.Throughput(
-        t.steps,
-        tokens_per_step,
-        flops_per_token * tokens_per_step,
-        jax.device_count(),
-        jax.devices()[0].device_kind,
-        "bf16",
-        peak_override=config.log.peak_tflops * 1e12 or None,
+
+def _announce(reporter: Reporter, run: state_lib.Run, ckpt: Any, workdir: str, start: int) -> None:
+    c, steps = run.config, run.config.train.steps
+    reporter.print(
+        f"fogjax: {c.model.arch} {run.num_params / 1e6:.1f}M params, recipe "
+        f"{c.precision.recipe}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"mesh {dict(run.mesh.shape)}, process {jax.process_index()}/{jax.process_count()}, "
+        f"steps {start}->{steps}, workdir {workdir}"
     )
-    console = metrics.Console(t.steps, start_step)
-    console.print(
-        f"fogjax: {config.model.arch} {n_params / 1e6:.1f}M params, recipe "
-        f"{config.precision.recipe}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"mesh {dict(mesh.shape)}, process {jax.process_index()}/{jax.process_count()}, "
-        f"steps {start_step}->{t.steps}, workdir {workdir}"
-    )
-    if start_step:
-        console.print(f"Resumed from {ckpt.directory} at step {start_step}.")
-    if start_step >= t.steps:
-        console.print(
-            f"Nothing to do: the run already reached train.steps={t.steps}. To train further, "
-            f"raise it (e.g. --config.train.steps={2 * t.steps}) or use another --workdir."
+    if start:
+        reporter.print(f"Resumed from {ckpt.directory} at step {start}.")
+    if start >= steps:
+        reporter.print(
+            f"Nothing to do: the run already reached train.steps={steps}. To train further, "
+            f"raise it (e.g. --config.train.steps={2 * steps}) or use another --workdir."
         )
-    kurtosis_monitor = KurtosisMonitor(
-        config.log.kurtosis_alarm_ratio,
-        config.log.kurtosis_alarm_patience,
-        start_step=config.optim.warmup_steps,
-    )
-    stop = _StopRequest()
-    stop.install()
-    pending: tuple[int, Any] | None = None
-    last: dict[str, float] = {}
-    last_kurtosis: dict[str, float] = {}
-    summary: dict[str, Any] = {"start_step": start_step}
+    record = provenance.provenance(c, run.num_params)
+    reporter.writer.write_text(start, "run/provenance", provenance.to_markdown(record))
+    reporter.writer.write_text(start, "run/config", "```\n" + str(c) + "\n```")
 
-    def metadata(step: int) -> dict[str, Any]:
-        return {
-            "step": step,
-            "tokens_seen": step * tokens_per_step,
-            "elapsed_s": elapsed_before + time.time() - t0,
-            "model": {k: v for k, v in config.model.items()},
-            "recipe": config.precision.recipe,
-            "config": json.loads(config.to_json_best_effort()),
-            **(qaf_hooks.metadata() if qaf_hooks else {}),
-        }
 
-    def save(step: int, force: bool = False) -> None:
-        ckpt.save(step, state, train_iter.get_state(), metadata(step), force=force)
-
-    def flush(entry: tuple[int, Any]) -> None:
-        nonlocal last, last_kurtosis
-        step, raw = entry
-        scalars = _host_metrics(raw)
-        if not scalars["train/finite"]:
-            good = ckpt.latest_step()
-            raise TrainingDiverged(
-                f"Loss or gradients became NaN/inf at step {step} "
-                f"(loss={scalars['train/loss']}, grad_norm={scalars['train/grad_norm']}). "
-                f"Last good checkpoint: {'step ' + str(good) if good is not None else 'none'} in "
-                f"{ckpt.directory}. Latest kurtosis (layer average): "
-                f"{json.dumps(last_kurtosis) if last_kurtosis else 'not yet measured'}. "
-                "Rerun on this workdir to resume from that checkpoint with a lower optim.peak_lr, "
-                "or compare the kurtosis trend in TensorBoard to find the layer that diverged."
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
+    t0, t = time.time(), config.train
+    validate_train_config(config)
+    info = data.load_dataset_info(config.data.path)
+    preflight.check_dataset(info, config)
+    run = state_lib.build_run(config)
+    workdir = os.path.abspath(workdir)
+    preflight.check_workdir(workdir)
+    cadence = Cadence(t.steps, t.log_every, t.stats_every, t.ckpt_every, t.eval_every)
+    with hold_workdir(workdir), contextlib.ExitStack() as stack:
+        ckpt = stack.enter_context(
+            checkpoint.Checkpointer(
+                os.path.join(workdir, "checkpoints"),
+                keep=t.keep_checkpoints,
+                save_every=t.ckpt_every,
             )
-        scalars.update(throughput.tick(step))
-        trend, warnings = kurtosis_monitor.update(step, scalars)
-        scalars.update(trend)
-        for line in warnings:
-            console.print(line)
-        writer.write_scalars(step, scalars)
-        kurt = {
-            k: round(v, 3)
-            for k, v in scalars.items()
-            if k.startswith("kurtosis/") and k.endswith("/avg")
-        }
-        if kurt:
-            last_kurtosis = kurt
-        last = scalars
-        if step % config.train.log_every == 0 or step == t.steps:
-            console.print(
-                metrics.console_line(
-                    step,
-                    t.steps,
-                    scalars["train/loss"],
-                    scalars["train/lr"],
-                    scalars.get("perf/tokens_per_sec"),
-                    scalars.get("perf/mfu"),
-                    scalars.get("perf/eta_s"),
-                )
-            )
-        console.update(step)
+        )
+        train_iter = _train_iterator(config, info, run.mesh)
+        with sharding.sharding_context(run.mesh):
+            state, elapsed_before, meta = _restore_or_init(run, ckpt, train_iter, workdir)
+        start = int(state["step"])
+        if jax.process_index() == 0:
+            run_config.record(workdir, config, start)
+        flops = model_info(config, run.abstract["params"])["flops_per_token"]
+        reporter = Reporter(config, workdir, flops, start, ckpt)
+        stack.callback(reporter.close)
+        _announce(reporter, run, ckpt, workdir, start)
+        stop = stack.enter_context(_StopRequest())
+        profiler = _Profiler(workdir, preflight.parse_profile_steps(t.profile_steps))
+        stack.callback(profiler.close)
 
-    try:
-        compile_start = time.time()
-        with sharding.sharding_context(mesh):
-            for step in range(start_step, t.steps):
-                local = next(train_iter)
-                batch = sharding.global_batch_from_local(local, mesh)
-                # Statistics at the very first step and every stats_every steps; not forced on a
-                # resumed run's first step, so it runs the same compiled step a straight run does.
-                with_stats = (step + 1) % config.train.stats_every == 0 or step == 0
-                fn = stats_step_fn if with_stats else step_fn
-                if qaf_hooks:
+        # FP4 quantisation-aware finetuning: its own compiled steps and phase (None without QAF).
+        stats_fn = fp8_stats.fp8_metrics if run.recipe.quantizes_linears else None
+        qaf = QafHooks.maybe(run, stats_fn, meta)
+
+        def save(done: int, force: bool) -> None:
+            extra = qaf.metadata() if qaf else None
+            meta = _metadata(config, done, elapsed_before + time.time() - t0, extra)
+            ckpt.save(done, state, train_iter.get_state(), meta, force=force)
+
+        summary: dict[str, Any] = {"start_step": start}
+        steps, pending = _CompiledSteps(run, stop, reporter), None
+        with sharding.sharding_context(run.mesh):
+            for step in range(start, t.steps):
+                batch = sharding.global_batch_from_local(next(train_iter), run.mesh)
+                with_stats, done = cadence.stats(step), step + 1
+                step_fn = steps.get(with_stats, state, batch)
+                if qaf:
                     if with_stats:
-                        rho = qaf_hooks.before_stats_step(step, state, batch)
-                        writer.write_scalars(step + 1, {**rho, **qaf_hooks.phase_scalars()})
-                    fn = qaf_hooks.pick_step(step, with_stats, fn)
-                state, raw = fn(state, batch)
-                if step == start_step:
-                    jax.block_until_ready(raw)
-                    console.print(
-                        f"First step compiled and ran in {time.time() - compile_start:.1f}s"
-                    )
+                        rho = qaf.before_stats_step(step, state, batch)
+                        reporter.writer.write_scalars(done, {**rho, **qaf.phase_scalars()})
+                    step_fn = qaf.pick_step(step, with_stats, step_fn)
+                profiler.before(done)
+                state, raw = step_fn(state, batch)
+                profiler.after(done, raw)
                 if pending is not None:
-                    flush(pending)
-                pending = (step + 1, raw)
-                done = step + 1
-                if done % t.ckpt_every == 0 or done == t.steps:
-                    flush(pending)
+                    reporter.on_step(*pending)
+                pending = (done, raw)
+                if cadence.checkpoint(done):
+                    reporter.on_step(*pending)
                     pending = None
                     save(done, force=done == t.steps)
-                    throughput.reset()
-                if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-                    result = validation_loss(eval_fn, state, info, config, mesh, t.eval_batches)
-                    ev = {f"eval/{k}": v for k, v in result.items()}
-                    writer.write_scalars(done, ev)
-                    console.print(
-                        f"eval step {done}: loss {ev['eval/loss']:.4f} "
-                        f"perplexity {ev['eval/perplexity']:.2f}"
+                    reporter.throughput.reset()
+                if cadence.evaluate(done):
+                    result = validation_loss(
+                        run.eval_step, state, info, config, run.mesh, t.eval_batches
                     )
-                    summary["eval_loss"] = ev["eval/loss"]
-                    throughput.reset()
-                if stop.requested() and done < t.steps:
+                    reporter.on_eval(done, result)
+                    summary["eval_loss"] = result["loss"]
+                if cadence.stop_check(done) and stop.agreed():
                     if pending is not None:
-                        flush(pending)
+                        reporter.on_step(*pending)
                         pending = None
                     save(done, force=True)
                     ckpt.wait()
-                    console.print(
+                    reporter.print(
                         f"Stopped by signal at step {done}: checkpoint saved in {ckpt.directory}. "
                         "Run the same command again to resume."
                     )
                     summary["stopped_at"] = done
                     break
             if pending is not None:
-                flush(pending)
-    finally:
-        stop.restore()
-        ckpt.wait()
-        ckpt.close()
-        writer.flush()
-        writer.close()
-        console.close()
-    summary.update({"final_step": int(jax.device_get(state["step"])), "last_metrics": last})
+                reporter.on_step(*pending)
+    summary.update(
+        {"final_step": int(jax.device_get(state["step"])), "last_metrics": reporter.last}
+    )
     return summary

@@ -226,3 +226,52 @@ def test_restore_onto_a_two_device_mesh(tmp_path):
     assert {s.data.shape for s in w.addressable_shards} == {(2, 8)}
     assert restored["fp8"]["scale"].sharding == replicated
     _assert_bitwise_equal(restored, state)
+
+
+def test_changed_bytes_fail_the_checksum_and_fall_back(tmp_path, caplog):
+    """One flipped bit in an array file: orbax and zstd read it without complaint."""
+    with Checkpointer(str(tmp_path), keep=3) as ckpt:
+        _save(ckpt, 1, seed=1, width=1024)
+        _save(ckpt, 2, seed=2, width=1024)
+    files = [f for f in (tmp_path / "2" / "state").rglob("*") if f.is_file()]
+    largest = max(files, key=lambda f: f.stat().st_size)  # Holds params/w's chunk.
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    largest.write_bytes(bytes(data))
+    with Checkpointer(str(tmp_path), keep=3) as ckpt, caplog.at_level(logging.WARNING):
+        restored, _, meta = ckpt.restore(_abstract(_state(width=1024)))
+    assert "step 2" in caplog.text and "checksum mismatch" in caplog.text, caplog.text
+    _assert_bitwise_equal(restored, _state(1, width=1024))
+    assert meta == {"tokens_seen": 100}  # The checksums stay internal.
+
+
+def test_checksum_matches_a_numpy_rederivation_on_any_mesh():
+    from fogjax.array_checksums import array_checksum
+
+    x = jax.random.normal(jax.random.key(3), (8, 6)).astype(jnp.bfloat16)
+    bits = np.asarray(x).view(np.uint16).astype(np.uint64).reshape(-1)
+    expected = int((bits * (2 * np.arange(bits.size, dtype=np.uint64) + 1)).sum() % 2**32)
+    assert int(array_checksum(x)) == expected
+    mesh = Mesh(np.array(jax.devices()[:2]), ("d",))
+    sharded = jax.device_put(x, NamedSharding(mesh, P("d", None)))
+    assert int(jax.jit(array_checksum)(sharded)) == expected
+    assert int(array_checksum(x.at[7, 5].set(1.0))) != expected
+
+
+def test_a_reader_never_deletes_a_save_in_flight(tmp_path):
+    """fogjax.evaluate beside a live trainer used to delete its <step>.orbax-checkpoint-tmp."""
+    with Checkpointer(str(tmp_path), keep=3) as ckpt:
+        _save(ckpt, 1, seed=1)
+    in_flight = tmp_path / "2.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(tmp_path / "1", in_flight)
+    before = _snapshot(tmp_path)
+    with Checkpointer(str(tmp_path), keep=1, read_only=True) as reader:
+        assert reader.latest_step() == 1
+        _assert_bitwise_equal(reader.restore(_abstract(_state()))[0], _state(1))
+        with pytest.raises(ValueError, match="read_only"):
+            reader.save(3, _state(), {}, {})
+    assert _snapshot(tmp_path) == before
+    missing = tmp_path / "absent"
+    with Checkpointer(str(missing), keep=1, read_only=True) as reader:
+        assert reader.latest_step() is None
+    assert not missing.exists()

@@ -1,4 +1,4 @@
-"""The embedded corpus: prepared offline from pydoc_data, cached atomically, reused."""
+"""The embedded corpus: prepared offline from pydoc_data and the stdlib, cached atomically."""
 
 import socket
 
@@ -9,15 +9,37 @@ from fogjax import data
 from fogjax.data import corpus
 
 
+def _no_network(*args, **kwargs):
+    raise AssertionError("the embedded corpus must not touch the network")
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FOGJAX_CACHE", str(tmp_path / "cache"))
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("the embedded corpus must not touch the network")
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect", _no_network)
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(cache folder, DatasetInfo) of one offline build of the BPE corpus, shared (it takes
+    seconds); tests that use it set FOGJAX_CACHE to it again."""
+    cache_dir = tmp_path_factory.mktemp("corpus") / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FOGJAX_CACHE", str(cache_dir))
+        mp.setattr(socket.socket, "connect", _no_network)
+        return cache_dir, data.load_dataset_info("embedded")
+
+
+def load_default_config():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
+    spec = importlib.util.spec_from_file_location("default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _decoded_documents(info, split):
@@ -27,11 +49,17 @@ def _decoded_documents(info, split):
     return [tok.decode(p[:-1]) for p in pieces]
 
 
-def test_embedded_prepares_offline_and_is_cached(cache, monkeypatch):
-    info = data.load_dataset_info("embedded")
+def test_embedded_prepares_offline_and_is_cached(built, monkeypatch):
+    cache, info = built
+    monkeypatch.setenv("FOGJAX_CACHE", str(cache))
     assert info.dir.parent == cache and info.dir.name.startswith("embedded-bpe-")
     assert (info.vocab_size, info.eos_id, info.dtype) == (4096, 0, "uint16")
-    assert info.train_tokens > 90_000 and info.val_tokens > 64 * 129  # Fills the tiny eval.
+    assert info.val_tokens > 64 * 129  # Fills the tiny eval.
+    # The default run sees each training token at most once (no memorisation to show).
+    default = load_default_config()
+    seen = default.train.steps * default.train.batch_size * default.train.seq_len
+    windows = info.train_tokens // (default.train.seq_len + 1)
+    assert seen <= info.train_tokens and default.train.steps * default.train.batch_size <= windows
     docs = corpus.documents()
     train, val = _decoded_documents(info, "train"), _decoded_documents(info, "val")
     assert sorted(train + val) == sorted(docs)  # Real text, exactly recoverable.
@@ -45,9 +73,8 @@ def test_embedded_prepares_offline_and_is_cached(cache, monkeypatch):
     assert data.load_dataset_info("embedded") == info
 
 
-def test_embedded_is_deterministic(cache, monkeypatch, tmp_path):
-    first = data.load_dataset_info("embedded")
-    monkeypatch.setenv("FOGJAX_CACHE", str(tmp_path / "other"))
+def test_embedded_is_deterministic(built, cache):
+    first = built[1]
     second = data.load_dataset_info("embedded")
     assert first.dir.name == second.dir.name and first.dir != second.dir
     for name in ("tokenizer.json", "train_00000.npy", "val_00000.npy"):
@@ -82,7 +109,8 @@ def test_embedded_race_and_crash_leave_one_complete_cache(cache, monkeypatch):
         data.load_dataset_info("embedded:wordpiece")
 
 
-def test_embedded_trains_the_tiny_config_shapes(cache):
+def test_embedded_trains_the_tiny_config_shapes(built, monkeypatch):
+    monkeypatch.setenv("FOGJAX_CACHE", str(built[0]))
     it = data.make_train_iterator("embedded", seq_len=128, global_batch_size=16, seed=0)
     batch = next(it)
     assert batch.shape == (16, 129) and batch.dtype == np.int32 and batch.max() < 4096

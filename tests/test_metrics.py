@@ -3,6 +3,7 @@
 import io
 import json
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,26 @@ def test_writer_round_trip(tmp_path):
     assert ea.Scalars("train/lr")[0].value == pytest.approx(1e-3)
     (text,) = ea.Tensors("provenance/text_summary")
     assert text.tensor_proto.string_val[0].decode() == "| field | value |"
+
+
+def test_full_disk_warns_once_and_training_goes_on(tmp_path):
+    """tensorboardX's SummaryWriter hangs for ever here (its thread dies, its queue fills)."""
+    warnings = []
+    w = metrics.MetricWriter(str(tmp_path), warn=warnings.append)
+    w.write_scalars(1, {"train/loss": 3.5})
+    w.flush()
+    # A real ENOSPC on every write, as on a full disk (unbuffered, so the first write fails).
+    w._events._py_recordio_writer._writer = open("/dev/full", "wb", buffering=0)  # noqa: SIM115
+    start = time.monotonic()
+    for step in range(2, 200):  # Far more than tensorboardX's queue of 10 events.
+        w.write_scalars(step, {"train/loss": 1.0, "train/lr": 2.0})
+        w.write_text(step, "t", "x")
+    w.flush()
+    w.close()
+    assert time.monotonic() - start < 5.0
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+    assert "No space left" in w.error
+    assert [(e.step, e.value) for e in _read(tmp_path).Scalars("train/loss")] == [(1, 3.5)]
 
 
 def test_writer_is_a_no_op_off_process_zero(tmp_path):

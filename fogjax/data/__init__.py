@@ -10,8 +10,9 @@
 Prepare a corpus with ``python -m fogjax.data.prepare`` (see :mod:`fogjax.data.prepare`).
 """
 
+from fogjax.data.datasets import load_dataset_info
 from fogjax.data.pipeline import TokenWindows, eval_batches, make_train_iterator
-from fogjax.data.shards import DatasetInfo, load_dataset_info, read_dataset_info, token_dtype
+from fogjax.data.shards import DatasetInfo, read_dataset_info, token_dtype
 from fogjax.data.tokenizer import load_tokenizer
 
 __all__ = [

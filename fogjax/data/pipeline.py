@@ -23,7 +23,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from fogjax.data import shards
+from fogjax.data import datasets, shards
 
 # One background reader keeps a few batches ready. Reads are memory-mapped copies (cheap), so more
 # threads would only contend for the GIL with the training loop on small CPU hosts.
@@ -132,7 +132,7 @@ def make_train_iterator(
       ValueError: the batch is not divisible by the process count, or seq_len exceeds the data.
     """
     local = _local_batch_size(global_batch_size, process_index, process_count)
-    info = shards.load_dataset_info(data_dir)
+    info = datasets.load_dataset_info(data_dir)
     windows = _windows(info, "train", seq_len)
     if len(windows) < global_batch_size:
         logging.warning(
@@ -227,7 +227,7 @@ def eval_batches(
       ValueError: as :func:`make_train_iterator`, or the validation split is empty.
     """
     local = _local_batch_size(batch_size, process_index, process_count)
-    info = shards.load_dataset_info(data_dir)
+    info = datasets.load_dataset_info(data_dir)
     if info.val_tokens == 0:
         raise ValueError(
             f"{info.dir} has no validation split (prepared with --val-fraction 0). Prepare it "

@@ -164,6 +164,7 @@ def _write_splits(
             "dtype": dtype.name,
             "val_fraction": split.fraction,
             "splits": {s: w.summary() for s, w in writers.items()},
+            "max_token_id": max(w.max_token_id for w in writers.values()),
             "sources": list(sources),
         },
     )

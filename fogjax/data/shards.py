@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fogjax.data.tokenizer import load_tokenizer
+
 FORMAT = "fogjax-token-shards"
 VERSION = 1
 METADATA = "metadata.json"
@@ -64,6 +66,7 @@ class ShardWriter:
         self.shards: list[str] = []
         self.tokens = 0
         self.documents = 0
+        self.max_token_id = -1
 
     def add_document(self, ids: np.ndarray, eos_id: int) -> None:
         """Appends one document's ids [n] followed by ``eos_id``."""
@@ -75,6 +78,7 @@ class ShardWriter:
                 f"(max {limit}): the tokenizer reports a vocabulary smaller than its largest id. "
                 "Pass --dtype uint32 to fogjax.data.prepare."
             )
+        self.max_token_id = max(self.max_token_id, int(doc.max()))
         self._pending.append(doc.astype(self._dtype))
         self._pending_len += len(ids) + 1
         self.tokens += len(ids) + 1
@@ -96,7 +100,12 @@ class ShardWriter:
         self.shards.append(name)
 
     def summary(self) -> dict:
-        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+        return {
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "shards": self.shards,
+            "max_token_id": self.max_token_id,
+        }
 
 
 def write_metadata(directory: Path, metadata: dict) -> None:
@@ -121,6 +130,8 @@ class DatasetInfo:
       train_tokens, val_tokens: tokens per split, EOS included.
       train_documents, val_documents: documents per split.
       train_shards, val_shards: shard files per split, in stream order.
+      max_token_id: the largest id in either split (recorded at preparation, or found by
+        :func:`scan_max_token_id` and cached in metadata.json); None if not yet known.
     """
 
     dir: Path
@@ -136,6 +147,7 @@ class DatasetInfo:
     val_documents: int
     train_shards: tuple[Path, ...]
     val_shards: tuple[Path, ...]
+    max_token_id: int | None = None
 
     def shards(self, split: str) -> tuple[Path, ...]:
         if split not in SPLITS:
@@ -144,8 +156,6 @@ class DatasetInfo:
 
     def load_tokenizer(self):
         """The tokenizer the shards were written with (for decoding samples)."""
-        from fogjax.data.tokenizer import load_tokenizer
-
         return load_tokenizer(self.tokenizer, eos_token=self.eos_token)
 
 
@@ -186,18 +196,62 @@ def read_dataset_info(directory: str | os.PathLike) -> DatasetInfo:
         val_documents=splits["val"]["documents"],
         train_shards=tuple(directory / s for s in splits["train"]["shards"]),
         val_shards=tuple(directory / s for s in splits["val"]["shards"]),
+        max_token_id=meta.get("max_token_id"),
     )
 
 
-def load_dataset_info(path: str | os.PathLike | DatasetInfo) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``path``: a prepared folder, or 'embedded' (prepared and cached
-    on first use, see :mod:`fogjax.data.corpus`; 'embedded:bytes' uses the byte tokenizer)."""
-    if isinstance(path, DatasetInfo):
-        return path
-    if isinstance(path, str) and (path == EMBEDDED or path.startswith(EMBEDDED + ":")):
-        # Imported here: corpus builds on prepare, which builds on this module.
-        from fogjax.data import corpus
+def open_shard(path: Path) -> np.ndarray:
+    """The memory-mapped 1-D token array of one shard; ValueError naming the file if it is
+    missing, empty, truncated or not a 1-D .npy of unsigned ids."""
+    fix = "Prepare the dataset again with python -m fogjax.data.prepare."
+    try:
+        array = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise ValueError(f"Shard {path} is missing. {fix}") from None
+    except Exception as e:  # Zero bytes, a cut-off header or body, not a .npy at all.
+        size = path.stat().st_size
+        raise ValueError(
+            f"Shard {path} ({size} bytes) is unreadable or truncated ({e}). {fix}"
+        ) from None
+    if array.ndim != 1 or array.dtype.kind != "u":
+        raise ValueError(f"Shard {path} holds {array.dtype}{list(array.shape)}, not 1-D ids. {fix}")
+    return array
 
-        _, _, tokenizer = path.partition(":")
-        return read_dataset_info(corpus.embedded_dataset_dir(tokenizer or corpus.DEFAULT_TOKENIZER))
-    return read_dataset_info(path)
+
+def check_shards(info: DatasetInfo) -> None:
+    """Every shard opens and the token counts add up to metadata.json's (a shard that is short
+    but well-formed, e.g. rewritten by hand, is caught by the count)."""
+    for split in SPLITS:
+        paths = info.shards(split)
+        total = sum(int(open_shard(p).shape[0]) for p in paths)
+        expected = info.train_tokens if split == "train" else info.val_tokens
+        if total != expected:
+            raise ValueError(
+                f"The {split} shards of {info.dir} hold {total} tokens but {METADATA} records "
+                f"{expected}: a shard was truncated or replaced. Prepare the dataset again."
+            )
+
+
+def scan_max_token_id(info: DatasetInfo) -> int:
+    """The largest token id in the dataset: from metadata.json, else scanned once (a pass over
+    every shard) and cached there when the folder is writable."""
+    if info.max_token_id is not None:
+        return info.max_token_id
+    largest = -1
+    for split in SPLITS:
+        for path in info.shards(split):
+            array = open_shard(path)
+            for start in range(0, array.shape[0], 1 << 24):  # Bounded memory per chunk.
+                chunk = array[start : start + (1 << 24)]
+                if chunk.size:
+                    largest = max(largest, int(chunk.max()))
+    meta_path = info.dir / METADATA
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta["max_token_id"] = largest
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, meta_path)
+    except OSError:  # A read-only shared dataset: scan again next time.
+        pass
+    return largest

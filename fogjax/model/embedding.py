@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fogjax.sharding import split_axis, split_batch_axes
+from fogjax.sharding import mesh_axis_of, split_axis, split_batch_axes
 
 # The mesh axes fogjax.sharding.LOGICAL_AXIS_RULES maps the table's 'vocab' and 'embed' onto.
-VOCAB_AXIS = "tensor"
-EMBED_AXIS = "fsdp"
+VOCAB_AXIS = mesh_axis_of("vocab")
+EMBED_AXIS = mesh_axis_of("embed")
 
 
 def _specs(

@@ -146,7 +146,12 @@ def _mesh_specs(mesh: Any, batch: int, kv_heads: int) -> tuple[P, tuple[str, ...
     if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
         return None
     batch_axes = sharding.split_batch_axes(mesh, batch)
-    spec = P(batch_axes or None, None, sharding.split_axis(mesh, "tensor", kv_heads), None)
+    spec = P(
+        batch_axes or None,
+        None,
+        sharding.split_axis(mesh, sharding.mesh_axis_of("heads"), kv_heads),
+        None,
+    )
     return spec, tuple(a for a, n in zip(mesh.axis_names, mesh.axis_sizes, strict=True) if n > 1)
 
 

@@ -1,0 +1,162 @@
+"""Checks made before a run writes anything: config values, the workdir, the dataset.
+
+Each failure is a ValueError whose message names the field, file or folder and the fix; the CLI
+prints it without a traceback and exits 2. Checked here rather than hours into a run: a
+``keep_checkpoints`` of 0 (which deleted every checkpoint), a truncated shard, a validation split
+shorter than one sequence, token ids beyond the model's vocabulary (which trained into NaN and
+read as a divergence), a ``checkpoints`` path that is a file, a read-only workdir.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from fogjax import data, sharding
+from fogjax.data import shards as shards_lib
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """'a,b' -> (a, b), the first and last step traced; '' -> None."""
+    if not text:
+        return None
+    parts = text.split(",")
+    try:
+        first, last = (int(p) for p in parts)
+    except ValueError:
+        first = last = -1
+    _require(
+        len(parts) == 2 and 0 <= first <= last,
+        f"train.profile_steps={text!r} must be 'FIRST,LAST' with 0 <= FIRST <= LAST, e.g. "
+        "--config.train.profile_steps=10,12.",
+    )
+    return first, last
+
+
+def validate_train_config(config: Any, num_devices: int | None = None) -> None:
+    """Raises ValueError naming the field and the fix for settings that cannot work.
+    ``num_devices``: the devices the run will use (default all of ``jax.devices()``; the
+    deviceless GPU compile of fogjax.bench passes its target's)."""
+    t, o = config.train, config.optim
+    for field in ("steps", "batch_size", "micro_batches", "log_every", "stats_every", "ckpt_every"):
+        _require(getattr(t, field) >= 1, f"train.{field}={getattr(t, field)} must be >= 1.")
+    _require(
+        t.keep_checkpoints >= 1,
+        f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1 (it is how many of the latest "
+        "checkpoints are kept; 0 would delete every one).",
+    )
+    _require(t.seq_len >= 2, f"train.seq_len={t.seq_len} must be >= 2.")
+    _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = no eval).")
+    _require(
+        not t.eval_every or t.eval_batches >= 1,
+        f"train.eval_batches={t.eval_batches} must be >= 1 when train.eval_every > 0.",
+    )
+    parse_profile_steps(t.profile_steps)
+    _require(o.peak_lr > 0, f"optim.peak_lr={o.peak_lr} must be > 0.")
+    _require(
+        0 <= o.min_lr <= o.peak_lr,
+        f"optim.min_lr={o.min_lr} must be in [0, optim.peak_lr={o.peak_lr}].",
+    )
+    _require(
+        o.warmup_steps >= 0 and o.cooldown_steps >= 0,
+        f"optim.warmup_steps={o.warmup_steps} and optim.cooldown_steps={o.cooldown_steps} must "
+        "be >= 0.",
+    )
+    _require(
+        o.warmup_steps + o.cooldown_steps <= t.steps,
+        f"optim.warmup_steps + optim.cooldown_steps = {o.warmup_steps + o.cooldown_steps} exceeds "
+        f"train.steps={t.steps}; shorten them or train longer.",
+    )
+    for field in ("b1", "b2"):
+        value = getattr(o, field)
+        _require(0 <= value < 1, f"optim.{field}={value} must be in [0, 1).")
+    _require(o.eps > 0, f"optim.eps={o.eps} must be > 0.")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0.")
+    _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0.")
+    _require(config.data.num_workers >= 0, "data.num_workers must be >= 0.")
+    _require(
+        config.log.kurtosis_alarm_patience >= 1,
+        f"log.kurtosis_alarm_patience={config.log.kurtosis_alarm_patience} must be >= 1.",
+    )
+    _require(config.log.peak_tflops >= 0, "log.peak_tflops must be >= 0 (0 = from the table).")
+    m = config.model
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim"):
+        _require(getattr(m, field) >= 1, f"model.{field}={getattr(m, field)} must be >= 1.")
+    _require(
+        t.batch_size % t.micro_batches == 0,
+        f"train.batch_size={t.batch_size} is not divisible by train.micro_batches="
+        f"{t.micro_batches}; choose micro_batches that divides the batch.",
+    )
+    n = jax.device_count() if num_devices is None else num_devices
+    mesh_batch = sharding.resolve_mesh_shape(config.mesh, n)
+    shards = mesh_batch[0] * mesh_batch[1]
+    _require(
+        (t.batch_size // t.micro_batches) % shards == 0,
+        f"train.batch_size / train.micro_batches = {t.batch_size // t.micro_batches} sequences "
+        f"cannot be split over mesh data x fsdp = {shards} devices; make the batch a multiple of "
+        f"{shards * t.micro_batches}.",
+    )
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates ``workdir`` and checks that the run can write there."""
+    _require(
+        not os.path.exists(workdir) or os.path.isdir(workdir),
+        f"--workdir={workdir} is a file, not a directory; choose another --workdir.",
+    )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"Cannot create --workdir={workdir} ({e}); choose another.") from None
+    for sub in ("checkpoints", "tb", "config_history"):
+        path = os.path.join(workdir, sub)
+        _require(
+            not os.path.exists(path) or os.path.isdir(path),
+            f"{path} is a file, but the run keeps a folder there; move it away.",
+        )
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"--workdir={workdir} is not writable ({e.strerror}); the run writes its "
+            "checkpoints and events there. Fix its permissions or choose another --workdir."
+        ) from None
+
+
+def check_dataset(info: data.DatasetInfo, config: Any) -> None:
+    """The shards are readable, long enough, and their ids fit the model's vocabulary."""
+    t, m = config.train, config.model
+    _require(
+        info.vocab_size <= m.vocab_size,
+        f"The data's tokenizer has {info.vocab_size} tokens but model.vocab_size="
+        f"{m.vocab_size}; set --config.model.vocab_size={info.vocab_size} (or more).",
+    )
+    shards_lib.check_shards(info)
+    _require(
+        info.train_tokens >= t.seq_len + 1,
+        f"The train split of {info.dir} has {info.train_tokens} tokens, fewer than one sequence "
+        f"(train.seq_len + 1 = {t.seq_len + 1}); use more data or a shorter train.seq_len.",
+    )
+    _require(
+        not t.eval_every or info.val_tokens >= t.seq_len + 1,
+        f"{info.dir} has no usable validation split ({info.val_tokens} tokens, fewer than "
+        f"train.seq_len + 1 = {t.seq_len + 1}) but train.eval_every={t.eval_every}; prepare it "
+        "with a larger --val-fraction, shorten train.seq_len, or set --config.train.eval_every=0.",
+    )
+    largest = shards_lib.scan_max_token_id(info)
+    _require(
+        largest < m.vocab_size,
+        f"{info.dir} holds token id {largest}, beyond model.vocab_size={m.vocab_size} (ids must "
+        f"be < vocab_size): set --config.model.vocab_size={largest + 1} or more, or prepare the "
+        "data with the model's tokenizer.",
+    )
