@@ -25,4 +25,4 @@ python -m fogjax.bench --target=h100 --gpus=1 --triton_gemm=off --config=configs
   --config.train.batch_size=1 --output="$out/aot-memory-1.5b-recipes-h100-1gpu.json"
 python -m fogjax.bench --target=h100 --gpus=1 --triton_gemm=off --plan --config=configs/fog_flash.py:1.5b \
   --compare=llama3:bf16:model.attention_impl=cudnn,$fog --plan_sizes=390m,1.5b \
-  --plan_remat=none,full --plan_max_batch=16 --output="$out/plan-h100-1gpu.json"
+  --plan_remat=none,full --plan_max_batch=8 --output="$out/plan-h100-1gpu.json"
