@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 from typing import Any
 
 from fogjax.bench import gemms as gemm_lib
@@ -53,10 +52,11 @@ _FREE = {
 _SLICING = ("dynamic-slice", "slice", "gather")
 
 
-def _gemm_family(dtype: str) -> str:
-    if is_fp8_hlo_type(dtype):
+def _gemm_family(lhs_dtype: str, rhs_dtype: str) -> str:
+    """The rate a GEMM runs at: FP8 needs both operands FP8; F32 operands run as TF32."""
+    if is_fp8_hlo_type(lhs_dtype) and is_fp8_hlo_type(rhs_dtype):
         return "fp8"
-    return "tf32" if dtype in ("f32", "f64") else "bf16"
+    return "tf32" if "f32" in (lhs_dtype, rhs_dtype) or "f64" in (lhs_dtype, rhs_dtype) else "bf16"
 
 
 def _peak(rates: Rates, family: str) -> float:
@@ -158,51 +158,45 @@ class StepEstimate:
         }
 
 
-def _collective_seconds(c: gemm_lib.Collective, rates: Rates) -> float:
-    n = max(c.group_size, 1)
+def _collective_seconds(kind: str, nbytes: float, group_size: int, rates: Rates) -> float:
+    n = max(group_size, 1)
     if n == 1:
         return 0.0
-    factor = 2 * (n - 1) / n if c.kind == "all-reduce" else (n - 1) / n
+    factor = 2 * (n - 1) / n if kind == "all-reduce" else (n - 1) / n
     link = rates.network_bytes_per_s if n > GPUS_PER_NODE else rates.nvlink_bytes_per_s
-    return c.bytes * factor / (link * rates.link_efficiency)
+    return nbytes * factor / (link * rates.link_efficiency)
 
 
-def kernel_seconds(module: HloModule, inst: HloInstruction, rates: Rates) -> tuple[str, float]:
-    """(category, seconds) of one execution of a top-level instruction; ('free', 0) for those
-    that launch no kernel."""
+def kernel_seconds(module: HloModule, inst: HloInstruction, rates: Rates) -> tuple[str, float, int]:
+    """(category, seconds, GEMM FLOPs) of one execution of a top-level instruction; ('free', 0,
+    0) for those that launch no kernel. FLOPs are 0 for everything but GEMMs."""
     if inst.opcode in _FREE or inst.opcode.endswith("-done"):
-        return "free", 0.0
+        return "free", 0.0, 0
     memory_rate = rates.memory_bytes_per_s * rates.memory_efficiency
     moved = _read_bytes(module, inst) + _written_bytes(module, inst)
     gemm = gemm_lib.gemm_of(module, inst)
     if gemm is not None:
         _, lhs_dtype, rhs_dtype, *_, flops = gemm
-        family = _gemm_family(lhs_dtype if is_fp8_hlo_type(lhs_dtype) else rhs_dtype)
-        if not (is_fp8_hlo_type(lhs_dtype) and is_fp8_hlo_type(rhs_dtype)) and family == "fp8":
-            family = "bf16"
+        family = _gemm_family(lhs_dtype, rhs_dtype)
         compute = flops / (_peak(rates, family) * rates.gemm_efficiency[family])
-        return f"gemm_{family}", max(compute, moved / memory_rate) + rates.kernel_overhead_s
+        seconds = max(compute, moved / memory_rate) + rates.kernel_overhead_s
+        return f"gemm_{family}", seconds, flops
     target = inst.target or ""
     if inst.opcode == "custom-call" and target.startswith(gemm_lib.CUDNN_ATTENTION_PREFIX):
         fp8 = target.endswith("F8") or any(map(is_fp8_hlo_type, inst.operand_dtypes))
-        flops = gemm_lib._attention_flops(inst)
         peak = rates.fp8_flops if fp8 else rates.bf16_flops
-        compute = flops / (peak * rates.attention_efficiency)
+        compute = gemm_lib.attention_flops(inst) / (peak * rates.attention_efficiency)
         category = "attention_fp8" if fp8 else "attention_bf16"
-        return category, max(compute, moved / memory_rate) + rates.kernel_overhead_s
+        return category, max(compute, moved / memory_rate) + rates.kernel_overhead_s, 0
     kind = gemm_lib.collective_kind(inst)
     if kind is not None:
-        site = ""
-        c = gemm_lib.Collective(
-            inst.name,
-            kind,
-            gemm_lib.collective_bytes(inst),
-            gemm_lib.group_size(inst),
-            1,
-            site,
+        nbytes, n = gemm_lib.collective_bytes(inst), gemm_lib.group_size(inst)
+        return (
+            "collective",
+            _collective_seconds(kind, nbytes, n, rates) + rates.kernel_overhead_s,
+            0,
         )
-        return "collective", _collective_seconds(c, rates) + rates.kernel_overhead_s
-    return "memory", moved / memory_rate + rates.kernel_overhead_s
+    return "memory", moved / memory_rate + rates.kernel_overhead_s, 0
 
 
 def estimate_step(module: HloModule, rates: Rates, top: int = 12) -> StepEstimate:
@@ -213,19 +207,14 @@ def estimate_step(module: HloModule, rates: Rates, top: int = 12) -> StepEstimat
     kernels = []
     for computation, runs in ex.runs.items():
         for inst in module.computations.get(computation, ()):
-            category, seconds = kernel_seconds(module, inst, rates)
+            category, seconds, flops = kernel_seconds(module, inst, rates)
             if category == "free":
                 continue
             est.by_category[category] += seconds * runs
             est.total_s += seconds * runs
             est.kernels_per_step += runs
             kernels.append((seconds * runs, category, inst.name, op_name(inst)))
-            gemm = gemm_lib.gemm_of(module, inst)
-            if gemm is not None:
-                est.gemm_flops[category.removeprefix("gemm_")] += gemm[-1] * runs
+            if flops:
+                est.gemm_flops[category.removeprefix("gemm_")] += flops * runs
     est.top_kernels = sorted(kernels, reverse=True)[:top]
     return est
-
-
-def tokens_per_second(tokens_per_step: int, step_s: float) -> float:
-    return tokens_per_step / step_s if step_s > 0 else math.nan

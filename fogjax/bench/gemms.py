@@ -114,26 +114,31 @@ def _contraction(lhs_shape: tuple[int, ...], contracting: list[int]) -> int:
     return math.prod(lhs_shape[d] for d in contracting if d < len(lhs_shape))
 
 
-def _cublas_gemm(inst: HloInstruction) -> tuple[str, str, tuple, tuple, str, tuple, int] | None:
+def _shapes_and_flops(
+    inst: HloInstruction, contracting: list[int]
+) -> tuple[str, str, tuple, tuple, str, tuple, int] | None:
+    """(lhs dtype, rhs dtype, lhs shape, rhs shape, out dtype, out shape, FLOPs) of a GEMM whose
+    lhs contracts ``contracting``; None when the operand types are unknown."""
     if len(inst.operand_shapes) < 2 or not inst.operand_shapes[0] or not inst.operand_shapes[1]:
         return None
     (lt, ls), (rt, rs) = inst.operand_shapes[0][0], inst.operand_shapes[1][0]
     ot, os_ = inst.shapes[0]
-    dims = backend_config(inst).get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
-    contracting = [int(d) for d in dims.get("lhs_contracting_dimensions", [])]
     return lt, rt, ls, rs, ot, os_, 2 * math.prod(os_) * _contraction(ls, contracting)
 
 
-def _dot(inst: HloInstruction) -> tuple[str, str, tuple, tuple, str, tuple, int] | None:
-    if len(inst.operand_shapes) < 2 or not inst.operand_shapes[0] or not inst.operand_shapes[1]:
-        return None
-    (lt, ls), (rt, rs) = inst.operand_shapes[0][0], inst.operand_shapes[1][0]
-    ot, os_ = inst.shapes[0]
+def _cublas_gemm(inst: HloInstruction) -> tuple | None:
+    """A cuBLAS custom call: its dimension numbers are in the backend_config."""
+    dims = backend_config(inst).get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
+    return _shapes_and_flops(inst, [int(d) for d in dims.get("lhs_contracting_dimensions", [])])
+
+
+def _dot(inst: HloInstruction) -> tuple | None:
+    """A ``dot`` instruction: its dimension numbers are attributes."""
     contracting = []
     for m in _DOT_DIMS.finditer(inst.attributes):
         if m["kind"] == "lhs_contracting_dims":
             contracting = [int(d) for d in m["dims"].split(",") if d]
-    return lt, rt, ls, rs, ot, os_, 2 * math.prod(os_) * _contraction(ls, contracting)
+    return _shapes_and_flops(inst, contracting)
 
 
 def triton_gemm_kind(inst: HloInstruction) -> str | None:
@@ -215,7 +220,7 @@ class AttentionCall:
     runs: int
 
 
-def _attention_flops(inst: HloInstruction) -> int:
+def attention_flops(inst: HloInstruction) -> int:
     """Model FLOPs of one fused attention call: the forward's two GEMMs 4 B N T S d (halved when
     causal); the backward recomputes QK^T and adds dV, dP, dQ, dK: 2.5 times the forward."""
     if len(inst.operand_shapes) < 2 or not inst.operand_shapes[0] or not inst.operand_shapes[1]:
@@ -243,7 +248,7 @@ def find_attention_calls(module: HloModule) -> list[AttentionCall]:
             fp8 = target.endswith("F8") or any(map(is_fp8_hlo_type, inst.operand_dtypes))
             calls.append(
                 AttentionCall(
-                    inst.name, target, fp8, "Backward" in target, _attention_flops(inst), times
+                    inst.name, target, fp8, "Backward" in target, attention_flops(inst), times
                 )
             )
     return calls

@@ -99,12 +99,6 @@ class HloModule:
     computations: dict[str, list[HloInstruction]]
     entry: str
 
-    def instruction(self, computation: str, name: str) -> HloInstruction | None:
-        for inst in self.computations.get(computation, ()):
-            if inst.name == name:
-                return inst
-        return None
-
     def fused(self, inst: HloInstruction) -> list[HloInstruction]:
         """The instructions of the computation a ``fusion`` (or ``async-start``) calls."""
         match = re.search(r"\bcalls=%?(?P<name>[\w.\-]+)", inst.attributes)

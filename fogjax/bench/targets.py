@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import jax
+import jaxlib
 
 _TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 GPUS_PER_NODE = 8
@@ -185,16 +185,10 @@ def _devices(proto_text: str, topology: str) -> tuple[Any, ...]:
         raise TargetUnavailable(
             f"Cannot make compile-only CUDA devices ({type(e).__name__}: {e}). Install the CUDA "
             f"plugin at jaxlib's version: `pip install -r {AOT_REQUIREMENTS}` (jaxlib "
-            f"{jax.lib.__version__ if hasattr(jax.lib, '__version__') else ''}), and run with "
-            "JAX_PLATFORMS=cpu on a machine without a GPU."
+            f"{jaxlib.__version__}), and run with JAX_PLATFORMS=cpu on a machine without a GPU."
         ) from e
 
 
 def target_devices(target: Target, gpus: int = 1) -> Sequence[Any]:
     """``gpus`` compile-only devices of ``target`` (several nodes of 8 for more than 8)."""
     return _devices(target.proto_text, topology_name(gpus))
-
-
-def devices_from_proto(proto_text: str, gpus: int = 1) -> Sequence[Any]:
-    """Compile-only devices from a proto's text (tests use edited copies of a target's)."""
-    return _devices(proto_text, topology_name(gpus))
