@@ -31,8 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--launch", choices=("local", "slurm"), default="local",
                    help="local: train here, one run after the other; slurm: write an sbatch "
                    "array job instead")  # fmt: skip
-    p.add_argument("--report-only", action="store_true",
-                   help="rebuild report.md, summary.json and the figures from the run folders")  # fmt: skip
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild report.md, summary.json and the figures from the run folders",
+    )
     return p
 
 
