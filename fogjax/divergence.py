@@ -5,7 +5,9 @@ Three signals, checked in this order on every step:
 - ``non_finite``: the loss or the gradients are NaN/inf (the parameters are lost from there on).
 - ``loss_spike``: the loss stays above its running minimum by more than ``loss_margin`` (nats)
   for ``loss_patience`` consecutive steps. A single bad batch is noise; a loss that stays up has
-  left its basin. The divergence step is the first step of that run of steps.
+  left its basin. The divergence step is the first step of that run of steps. The running
+  minimum is that of the mean over ``loss_patience`` consecutive normal steps: the minimum of
+  single steps would be a lucky batch, which small batches make far below the typical loss.
 - ``grad_spike``: the gradient norm stays above ``grad_ratio`` times its trailing baseline (an
   exponential moving average of the steps not above it) for ``grad_patience`` consecutive steps.
 
@@ -74,6 +76,7 @@ class DivergenceDetector:
             grad_min_history,
         )
         self.loss_min = math.inf
+        self.loss_window: list[float] = []  # the last loss_patience normal losses
         self.loss_onset: int | None = None  # first step of the current run above the margin
         self.grad_baseline = 0.0
         self.grad_history = 0
@@ -108,7 +111,9 @@ class DivergenceDetector:
                 return self._found("loss_spike", onset, step, detail)
             return None
         self.loss_onset = None
-        self.loss_min = min(self.loss_min, loss)
+        self.loss_window = [*self.loss_window, loss][-self.loss_patience :]
+        if len(self.loss_window) == self.loss_patience:
+            self.loss_min = min(self.loss_min, sum(self.loss_window) / self.loss_patience)
         return None
 
     def _grad(self, step: int, grad_norm: float) -> Divergence | None:
@@ -139,6 +144,7 @@ class DivergenceDetector:
         return {
             "loss_min": self.loss_min if math.isfinite(self.loss_min) else None,
             "loss_onset": self.loss_onset,
+            "loss_window": list(self.loss_window),
             "grad_baseline": self.grad_baseline,
             "grad_history": self.grad_history,
             "grad_onset": self.grad_onset,
@@ -149,6 +155,7 @@ class DivergenceDetector:
         loss_min = state.get("loss_min")
         self.loss_min = math.inf if loss_min is None else float(loss_min)
         self.loss_onset = state.get("loss_onset")
+        self.loss_window = [float(v) for v in state.get("loss_window", [])]
         self.grad_baseline = float(state.get("grad_baseline", 0.0))
         self.grad_history = int(state.get("grad_history", 0))
         self.grad_onset = state.get("grad_onset")

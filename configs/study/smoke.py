@@ -20,7 +20,7 @@ def get_config(arg: str = ""):
     c.common = {
         "model": {"num_layers": 2, "d_model": 64, "num_heads": 2, "num_kv_heads": 1,
                   "ffn_base_dim": 128},
-        "train": {"batch_size": 4, "seq_len": 32, "log_every": 4, "stats_every": 1,
+        "train": {"batch_size": 8, "seq_len": 32, "log_every": 4, "stats_every": 1,
                   "ckpt_every": steps, "eval_every": steps, "eval_batches": 1},
         "log": {"kurtosis_alarm_ratio": 1.01, "kurtosis_alarm_patience": 1},
     }  # fmt: skip
