@@ -155,6 +155,21 @@ def analyse(
     }
 
 
+@contextlib.contextmanager
+def _no_persistent_cache_writes() -> Iterator[None]:
+    """Keeps a deviceless compile out of jax's persistent compilation cache (when one is set,
+    e.g. by the tests): a compile-only client cannot load an executable back, so a cached entry
+    would fail to read ("PjRtCompiler must be constructed with a Client") and recompile anyway.
+    An infinite minimum compile time stops the write; a read of a key never written misses."""
+    option = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, option)
+    jax.config.update(option, float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update(option, before)
+
+
 def compile_for_target(
     config: ml_collections.ConfigDict, target: Target, gpus: int, triton_gemm: bool
 ) -> dict[str, Any]:
@@ -183,7 +198,8 @@ def compile_for_target(
         with sharding.sharding_context(run.mesh):
             start = time.perf_counter()
             lowered = jitted.trace(run.abstract, batch).lower()
-            compiled = lowered.compile({"xla_gpu_enable_triton_gemm": triton_gemm})
+            with _no_persistent_cache_writes():
+                compiled = lowered.compile({"xla_gpu_enable_triton_gemm": triton_gemm})
             compile_s = time.perf_counter() - start
     text = compiled.as_text()
     require_gpu_program(text)
