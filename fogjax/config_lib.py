@@ -253,6 +253,19 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     # log-trend on `kurtosis_alarm_patience` consecutive statistics steps prints a warning.
     c.log.kurtosis_alarm_ratio = 1.5
     c.log.kurtosis_alarm_patience = 2
+    # Divergence detection (fogjax/divergence.py), recorded in <workdir>/summary.json. A loss
+    # spike: the loss above its running minimum by more than `loss_spike_margin` nats (0 = off)
+    # on `loss_spike_patience` consecutive steps. A grad-norm spike: above `grad_spike_ratio`
+    # times its trailing average (0 = off) on `grad_spike_patience` consecutive steps. Steps up to
+    # `divergence_start_step` are ignored (-1: optim.warmup_steps, whose transients are normal).
+    c.log.loss_spike_margin = 1.0
+    c.log.loss_spike_patience = 10
+    c.log.grad_spike_ratio = 10.0
+    c.log.grad_spike_patience = 5
+    c.log.divergence_start_step = -1
+    # On a loss or grad-norm spike: 'stop' (exit code 3, like NaN) or 'continue' (record it, train
+    # on). A NaN/inf loss always stops: the parameters are lost from there on.
+    c.log.on_divergence = "stop"
     # MFU is always against the device's dense BF16 peak (so FP8's speed-up shows as higher MFU).
     # Devices missing from fogjax.metrics.PEAK_FLOPS report no MFU unless a peak is declared here.
     c.log.peak_tflops = 0.0

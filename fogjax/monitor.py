@@ -8,6 +8,9 @@ point) and reports the newest value's ratio to that fit. A ratio above ``thresho
 ``patience`` consecutive statistics steps raises a warning, once per (tensor, layer) until it
 returns under the threshold; the warnings of one step are reported as one line, worst first.
 Points before ``start_step`` (the LR warmup, where kurtosis moves fast anyway) are ignored.
+The monitor's whole state (every series and the warnings raised) round-trips through
+:meth:`KurtosisMonitor.state_dict`; the trainer saves it in each checkpoint, so a resumed run
+warns exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -55,6 +58,23 @@ class KurtosisMonitor:
         self.min_history = min_history
         self.start_step = start_step
         self._series: dict[tuple[str, str], _Series] = {}
+        self.warnings: list[dict[str, object]] = []  # {'step', 'where': [...], 'line'}, in order
+
+    @property
+    def first_warning_step(self) -> int | None:
+        return int(self.warnings[0]["step"]) if self.warnings else None
+
+    def state_dict(self) -> dict[str, object]:
+        """JSON-able state: every series (steps, values, counters) and the warnings so far."""
+        series = {f"{t}/{layer}": dataclasses.asdict(s) for (t, layer), s in self._series.items()}
+        return {"series": series, "warnings": list(self.warnings)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self._series = {}
+        for key, fields in dict(state.get("series", {})).items():
+            tensor, layer = key.rsplit("/", 1)
+            self._series[(tensor, layer)] = _Series(**fields)
+        self.warnings = list(state.get("warnings", []))
 
     @staticmethod
     def trend_ratio(steps: list[float], values: list[float], step: float, value: float) -> float:
@@ -92,12 +112,17 @@ class KurtosisMonitor:
         if not alarms:
             return out, []
         alarms.sort(reverse=True)
+        self.warnings.append(
+            {"step": step, "where": [w for _, w, _, _ in alarms], "line": self._line(step, alarms)}
+        )
+        return out, [self.warnings[-1]["line"]]
+
+    def _line(self, step: int, alarms: list[tuple[float, str, float, int]]) -> str:
         shown = ", ".join(f"{w} {v:.2f} ({r:.2f}x)" for r, w, v, _ in alarms[:4])
         more = f" and {len(alarms) - 4} more" if len(alarms) > 4 else ""
-        line = (
+        return (
             f"WARNING step {step}: kurtosis left its log-trend (> {self.threshold}x for "
             f"{self.patience}+ statistics steps) in {shown}{more}. In the paper such a departure "
             "preceded FP8 divergence by billions of tokens: watch train/grad_norm; a FOG block, a "
             "lower LR or BF16 attention are the remedies."
         )
-        return out, [line]

@@ -86,6 +86,7 @@ def validate_train_config(config: Any, num_devices: int | None = None) -> None:
         f"log.kurtosis_alarm_patience={config.log.kurtosis_alarm_patience} must be >= 1.",
     )
     _require(config.log.peak_tflops >= 0, "log.peak_tflops must be >= 0 (0 = from the table).")
+    _check_divergence_fields(config.log)
     m = config.model
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim"):
         _require(getattr(m, field) >= 1, f"model.{field}={getattr(m, field)} must be >= 1.")
@@ -102,6 +103,28 @@ def validate_train_config(config: Any, num_devices: int | None = None) -> None:
         f"train.batch_size / train.micro_batches = {t.batch_size // t.micro_batches} sequences "
         f"cannot be split over mesh data x fsdp = {shards} devices; make the batch a multiple of "
         f"{shards * t.micro_batches}.",
+    )
+
+
+def _check_divergence_fields(log: Any) -> None:
+    _require(
+        log.on_divergence in ("stop", "continue"),
+        f"log.on_divergence={log.on_divergence!r} must be 'stop' or 'continue'.",
+    )
+    _require(
+        log.loss_spike_margin >= 0,
+        f"log.loss_spike_margin={log.loss_spike_margin} must be >= 0 (nats; 0 = off).",
+    )
+    _require(
+        log.grad_spike_ratio == 0 or log.grad_spike_ratio > 1,
+        f"log.grad_spike_ratio={log.grad_spike_ratio} must be > 1 (or 0 = off).",
+    )
+    for field in ("loss_spike_patience", "grad_spike_patience"):
+        _require(getattr(log, field) >= 1, f"log.{field}={getattr(log, field)} must be >= 1.")
+    _require(
+        log.divergence_start_step >= -1,
+        f"log.divergence_start_step={log.divergence_start_step} must be >= 0 (or -1 = "
+        "optim.warmup_steps).",
     )
 
 

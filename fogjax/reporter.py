@@ -5,12 +5,16 @@
     reporter.on_eval(step, {"loss": ..., "perplexity": ...})
     reporter.close()
 
-:func:`check_finite` is the divergence check, kept apart so it reads (and is tested) on its own.
+:func:`check_finite` is the NaN check, kept apart so it reads (and is tested) on its own; loss and
+grad-norm spikes are found by :mod:`fogjax.divergence`. The reporter's state (kurtosis monitor,
+divergence detector, the numbers of the run summary) is saved in every checkpoint
+(:meth:`Reporter.state_dict`), so a resumed run reports what an uninterrupted one does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -18,6 +22,7 @@ import jax
 
 from fogjax import metrics
 from fogjax.checkpoint import Checkpointer
+from fogjax.divergence import Divergence, detector_from_config
 from fogjax.monitor import KurtosisMonitor
 from fogjax.step import ACTIVATION_GROUPS
 
@@ -25,7 +30,8 @@ TRAIN_METRICS = ("loss", "lr", "grad_norm", "param_norm", "update_norm", "finite
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradients became NaN or inf."""
+    """The loss or the gradients became NaN or inf, or the loss or grad norm spiked (and
+    ``log.on_divergence='stop'``)."""
 
 
 def host_metrics(raw: dict[str, Any]) -> dict[str, float]:
@@ -72,10 +78,11 @@ class Reporter:
     ):
         t = config.train
         self._ckpt = checkpointer  # Named in the divergence message (its last good step).
+        self._stop_on_divergence = config.log.on_divergence == "stop"
         self._steps, self._log_every = t.steps, t.log_every
         self.console = metrics.Console(t.steps, start_step)
         self.writer = metrics.MetricWriter(os.path.join(workdir, "tb"), warn=self.console.print)
-        tokens_per_step = t.batch_size * t.seq_len
+        tokens_per_step = self.tokens_per_step = t.batch_size * t.seq_len
         self.throughput = metrics.Throughput(
             t.steps,
             tokens_per_step,
@@ -90,18 +97,77 @@ class Reporter:
             config.log.kurtosis_alarm_patience,
             start_step=config.optim.warmup_steps,
         )
+        self.divergence = detector_from_config(config)
+        self.last_step = start_step  # The last step reported with a finite loss.
         self.last: dict[str, float] = {}
         self.last_kurtosis: dict[str, float] = {}
+        # Numbers of the run summary that outlive a restart (saved with the checkpoint).
+        self.record: dict[str, float | None] = {
+            "final_train_loss": None,
+            "final_eval_loss": None,
+            "max_qkv_kurtosis": None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state of everything that looks back over the run (saved per checkpoint)."""
+        return {
+            "kurtosis": self.kurtosis.state_dict(),
+            "divergence": self.divergence.state_dict(),
+            "record": dict(self.record),
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restores :meth:`state_dict`'s output; None (a fresh run or an older checkpoint) keeps
+        the fresh state."""
+        if not state:
+            return
+        self.kurtosis.load_state_dict(state["kurtosis"])
+        self.divergence.load_state_dict(state["divergence"])
+        self.record.update(state["record"])
+
+    def summary(self) -> dict[str, Any]:
+        """The run's divergence, kurtosis-warning and loss numbers (tokens = steps x batch x
+        seq_len), for ``<workdir>/summary.json``."""
+        found, tps = self.divergence.found, self.tokens_per_step
+        warnings = self.kurtosis.warnings
+        qkv = [w for w in warnings if any(str(p).startswith("qkv/") for p in w["where"])]
+
+        def first(ws: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+            step = int(ws[0]["step"]) if ws else None
+            return step, None if step is None else step * tps
+
+        warn_step, warn_tokens = first(warnings)
+        qkv_step, qkv_tokens = first(qkv)
+        return {
+            "tokens_per_step": tps,
+            "diverged": found is not None,
+            "divergence": None
+            if found is None
+            else {**found.to_dict(), "tokens": found.step * tps},
+            "first_kurtosis_warning_step": warn_step,
+            "first_kurtosis_warning_tokens": warn_tokens,
+            "first_qkv_warning_step": qkv_step,
+            "first_qkv_warning_tokens": qkv_tokens,
+            "kurtosis_warnings": [{"step": w["step"], "where": w["where"]} for w in warnings],
+            **self.record,
+        }
 
     def on_step(self, step: int, raw: dict[str, Any]) -> None:
         """Reports the finished ``step`` (the optimizer steps done) from its device metrics."""
         scalars = host_metrics(raw)
+        loss = scalars["train/loss"] if scalars["train/finite"] else math.nan
+        found = self.divergence.update(step, loss, scalars["train/grad_norm"])
         check_finite(
             step, scalars, self._ckpt.latest_step(), str(self._ckpt.directory), self.last_kurtosis
         )
+        self.last_step = step
+        self.record["final_train_loss"] = scalars["train/loss"]
         scalars.update(self.throughput.tick(step))
         trend, warnings = self.kurtosis.update(step, scalars)
         scalars.update(trend)
+        qkv = [v for k, v in scalars.items() if k.startswith("kurtosis/qkv/layer_")]
+        if qkv:
+            self.record["max_qkv_kurtosis"] = max(qkv + [self.record["max_qkv_kurtosis"] or 0.0])
         for line in warnings:
             self.console.print(line)
         self.writer.write_scalars(step, scalars)
@@ -125,9 +191,29 @@ class Reporter:
                 )
             )
         self.console.update(step)
+        if found is not None:
+            self._diverged(found)
+
+    def _diverged(self, found: Divergence) -> None:
+        """Prints a detected loss or grad-norm spike; raises if the run stops on it."""
+        good = self._ckpt.latest_step()
+        message = (
+            f"Training diverged ({found.reason}) at step {found.step} (confirmed at step "
+            f"{found.detected_at}): {found.detail}. Last good checkpoint: "
+            f"{'none' if good is None else f'step {good}'} in {self._ckpt.directory}."
+        )
+        if not self._stop_on_divergence:
+            self.console.print(f"WARNING: {message} Training on (log.on_divergence=continue).")
+            return
+        raise TrainingDiverged(
+            f"{message} Rerun on this workdir with a lower optim.peak_lr to resume from that "
+            "checkpoint, or with --config.log.on_divergence=continue to train through it "
+            "(log.loss_spike_* and log.grad_spike_* tune the detection)."
+        )
 
     def on_eval(self, step: int, result: dict[str, float]) -> None:
         ev = {f"eval/{k}": v for k, v in result.items()}
+        self.record["final_eval_loss"] = float(result["loss"])
         self.writer.write_scalars(step, ev)
         self.console.print(
             f"eval step {step}: loss {ev['eval/loss']:.4f} perplexity {ev['eval/perplexity']:.2f}"

@@ -6,6 +6,9 @@ a workdir at a time (``trainer.lock``). Everything that can be checked is checke
 is written (:mod:`fogjax.preflight`). SIGTERM / SIGINT save a checkpoint at the next step boundary
 and exit cleanly; a second Ctrl-C aborts at once, and so does the first during the first compile.
 Metrics of step k are fetched after step k+1 is dispatched, so logging never stalls the device.
+A run that ends (completed, stopped by a signal, diverged) leaves ``<workdir>/summary.json``
+(:data:`SUMMARY_FILE`): its status, the divergence found (step, tokens, reason), the first kurtosis
+warning, the final losses and the largest QKV kurtosis; ``fogjax.study`` builds its report from it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from fogjax.preflight import validate_train_config
 from fogjax.reporter import Reporter, TrainingDiverged
 from fogjax.workdir_lock import hold_workdir
 
-__all__ = ["TrainingDiverged", "train_and_evaluate", "validate_train_config"]
+__all__ = ["SUMMARY_FILE", "TrainingDiverged", "train_and_evaluate", "validate_train_config"]
+
+SUMMARY_FILE = "summary.json"
 
 
 class Interrupted(RuntimeError):
@@ -246,6 +251,36 @@ def _announce(reporter: Reporter, run: state_lib.Run, ckpt: Any, workdir: str, s
     reporter.writer.write_text(start, "run/config", "```\n" + str(c) + "\n```")
 
 
+def _write_summary(workdir: str, status: str, config: Any, reporter: Reporter, step: int) -> dict:
+    """Writes ``<workdir>/summary.json`` atomically (process 0); returns its contents."""
+    t = config.train
+    record = {
+        "status": status,  # 'completed' | 'stopped' (by a signal; resumable) | 'diverged'
+        "step": step,
+        "steps": t.steps,
+        "tokens_seen": step * t.batch_size * t.seq_len,
+        "arch": config.model.arch,
+        "recipe": config.precision.recipe,
+        **reporter.summary(),
+    }
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, SUMMARY_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+    return record
+
+
+@contextlib.contextmanager
+def _summary_on_divergence(workdir: str, config: Any, reporter: Reporter) -> Any:
+    """A run stopped by a divergence leaves its summary too (status 'diverged')."""
+    try:
+        yield
+    except TrainingDiverged:
+        _write_summary(workdir, "diverged", config, reporter, reporter.last_step)
+        raise
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
     t0, t = time.time(), config.train
@@ -273,6 +308,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         flops = model_info(config, run.abstract["params"])["flops_per_token"]
         reporter = Reporter(config, workdir, flops, start, ckpt)
         stack.callback(reporter.close)
+        reporter.load_state_dict((meta or {}).get("monitor"))
+        stack.enter_context(_summary_on_divergence(workdir, config, reporter))
         _announce(reporter, run, ckpt, workdir, start)
         stop = stack.enter_context(_StopRequest())
         profiler = _Profiler(workdir, preflight.parse_profile_steps(t.profile_steps))
@@ -283,7 +320,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         qaf = QafHooks.maybe(run, stats_fn, meta)
 
         def save(done: int, force: bool) -> None:
-            extra = qaf.metadata() if qaf else None
+            extra = {**(qaf.metadata() if qaf else {}), "monitor": reporter.state_dict()}
             meta = _metadata(config, done, elapsed_before + time.time() - t0, extra)
             ckpt.save(done, state, train_iter.get_state(), meta, force=force)
 
@@ -330,7 +367,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     break
             if pending is not None:
                 reporter.on_step(*pending)
-    summary.update(
-        {"final_step": int(jax.device_get(state["step"])), "last_metrics": reporter.last}
-    )
+        status = "stopped" if "stopped_at" in summary else "completed"
+        final_step = int(jax.device_get(state["step"]))
+        summary.update(_write_summary(workdir, status, config, reporter, final_step))
+    summary.update({"final_step": final_step, "last_metrics": reporter.last})
     return summary

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -105,11 +107,36 @@ def test_evaluate_prints_json_for_a_checkpoint(trained):
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-6)
     assert result["tokens"] == 2 * 8 * 64
     _, values = scalars(workdir)
-    latest = run([sys.executable, "-m", "fogjax.evaluate", f"--workdir={workdir}"])
+    # Beside a live trainer (its lock held by this process, a save of step 9 in flight), the
+    # evaluating process reads the latest finished step and writes, moves or deletes nothing:
+    # a reader used to delete the in-flight folder and kill the trainer.
+    checkpoints = pathlib.Path(workdir, "checkpoints")
+    in_flight = checkpoints / "9.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(checkpoints / "6", in_flight)
+    lock = pathlib.Path(workdir, "trainer.lock")
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}))
+    before = _snapshot(workdir)
+    try:
+        latest = run([sys.executable, "-m", "fogjax.evaluate", f"--workdir={workdir}"])
+        assert latest.returncode == 0, latest.stderr[-2000:]
+        assert _snapshot(workdir) == before
+    finally:
+        shutil.rmtree(in_flight)
+        lock.unlink()
     final = json.loads(latest.stdout.strip().splitlines()[-1])
     assert final["step"] == 6
     # The trainer's own eval at step 6 used the same batches.
     assert final["loss"] == pytest.approx(values["eval/loss"][6], rel=1e-6)
+
+
+def _snapshot(root):
+    """{path: (size, mtime_ns)} of every file and folder under ``root``."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.stat(os.path.join(dirpath, name))
+            out[os.path.join(dirpath, name)] = (st.st_size, st.st_mtime_ns)
+    return out
 
 
 def test_resume_after_sigterm_matches_straight_run_bitwise(tmp_path):

@@ -220,7 +220,8 @@ def test_shape_compatible_model_change_is_refused_then_allowed(full_disk_run):
 def test_ctrl_c_during_the_first_compile_aborts(tmp_path):
     workdir = str(tmp_path / "compile")
     proc = subprocess.Popen(
-        train_cmd(workdir, "--config.train.steps=2"), cwd=ROOT, env=ENV,
+        train_cmd(workdir, "--config.train.steps=2"), cwd=ROOT,
+        env={**ENV, "JAX_ENABLE_COMPILATION_CACHE": "false"},  # A real compile to interrupt.
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -288,3 +289,36 @@ def test_the_compile_thread_sees_the_mesh_and_logical_rules():
     worker.start()
     worker.join()
     assert bare["text"] != expected
+
+
+def test_out_of_memory_at_compile_names_what_to_reduce():
+    """XLA's RESOURCE_EXHAUSTED at compile becomes a ValueError (the CLI's clean exit 2) naming
+    the config's sizes and what to lower; any other compile error is re-raised untouched."""
+    import types
+
+    import jax
+
+    from fogjax.trainer import _CompiledSteps, _StopRequest
+
+    config = _config(train__batch_size=64, train__seq_len=4096, train__micro_batches=2)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    steps = _CompiledSteps(types.SimpleNamespace(config=config, mesh=mesh), _StopRequest(), None)
+
+    def oom():
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.50GiB."
+        )
+
+    with pytest.raises(ValueError) as error:
+        steps._compile(oom)
+    message = str(error.value)
+    for needle in ("does not fit in device memory", "batch_size=64", "seq_len=4096",
+                   "micro_batches=2", "train.micro_batches", "remat=full", "mesh.fsdp"):  # fmt: skip
+        assert needle in message, (needle, message)
+    assert error.value.__cause__ is None  # No chained XLA traceback in the message.
+
+    def other():
+        raise jax.errors.JaxRuntimeError("INTERNAL: ptxas exited with non-zero error code")
+
+    with pytest.raises(jax.errors.JaxRuntimeError, match="ptxas"):
+        steps._compile(other)
