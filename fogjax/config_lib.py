@@ -170,6 +170,10 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.precision.fp4_weight_2d = False  # 16x16 weight block scales (W and W^T quantise alike), §4.3.
     c.precision.fp4_hadamard_wgrad = False  # 16x16 random Hadamard on weight-gradient inputs, §4.2.
     c.precision.fp4_sr_gradients_only = False  # SR on gradients only (RtN on X^T in dW), §4.4.
+    # (first, last): keep that many leading and trailing blocks entirely in BF16, §4.1 (their
+    # 12B model: about 16% of linear layers, mostly the last blocks). FP4 recipes only; at least
+    # one FP4 block must remain. Each run of blocks is its own nn.scan (model/transformer.py).
+    c.precision.high_precision_layers = (0, 0)
     # QAF ("FP4 All the Way" §5): FP4 forward, BF16 backward from step qaf_start (a step >= 1,
     # or a fraction of train.steps in (0, 1); < 0 is off), or automatically (qaf_auto) once the
     # layer-averaged rho = RMS(g_bf16) / std(g_fp4 - g_bf16) stays below sqrt(3) for qaf_patience
@@ -177,6 +181,13 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.precision.qaf_start = -1.0
     c.precision.qaf_auto = False
     c.precision.qaf_patience = 2
+    # The paper's LR reset and short warm-up at the switch (§5; 40 warm-up iterations for its 7B),
+    # both off by default. qaf_lr_reset: from the switch step s the LR restarts at optim.peak_lr
+    # and decays linearly to optim.min_lr at train.steps. qaf_warmup_steps W > 0: the QAF LR is
+    # multiplied by min(1, (t - s + 1) / W). s is passed to the compiled QAF step (qaf_auto finds
+    # it at run time) and saved in the checkpoint with the phase (fogjax/precision/fp4_qaf.py).
+    c.precision.qaf_lr_reset = False
+    c.precision.qaf_warmup_steps = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.path = "embedded"  # Directory of prepared shards, or 'embedded' (bundled corpus).

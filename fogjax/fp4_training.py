@@ -1,7 +1,8 @@
 """The trainer's FP4 hooks: the QAF phase switch and the rho statistic of ``precision.qaf_*``.
 
 :class:`QafHooks` owns what the loop needs beyond the ordinary step: the QAF twin of the model
-(same parameters, FP4 forward, BF16 backward; fp4_recipes.qaf_recipe) with its compiled steps,
+(same parameters, FP4 forward, BF16 backward; fp4_recipes.qaf_recipe) with its compiled steps
+(which take the switch step, for ``precision.qaf_lr_reset`` / ``qaf_warmup_steps``),
 the jitted rho of ``qaf_auto`` and the host-side :class:`fp4_qaf.QafSwitch`. The trainer calls
 :meth:`pick_step` before every step, :meth:`before_stats_step` before statistics steps (the state
 is donated by the step) and saves :meth:`metadata` with each checkpoint.
@@ -13,10 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from fogjax import optim
+from fogjax import optim, sharding
 from fogjax import state as state_lib
-from fogjax.model import build_model
+from fogjax.model import build_model, weight_decay_mask
+from fogjax.model.transformer import layer_segments
 from fogjax.precision import fp4_qaf
 from fogjax.precision.fp4_recipes import Fp4Recipe, qaf_recipe
 from fogjax.step import compute_grads, make_train_step
@@ -30,15 +33,30 @@ def make_rho_fn(
     """``rho(state, batch) -> {'<kernel path>': rho}`` (jit it): the weight gradients of the FP4
     model and of its QAF twin on the same batch with the train step's SR keys (same forward)."""
     scanned = bool(fp4_model.cfg.scan_layers)
+    fp4_layers = [
+        s.name
+        for s in layer_segments(fp4_model.cfg, fp4_model.recipe)
+        if isinstance(s.recipe, Fp4Recipe)
+    ]
 
     def rho(state: dict[str, Any], batch: jax.Array) -> dict[str, jax.Array]:
         rng = jax.random.fold_in(jax.random.key(rng_seed), state["step"])
         args = (state["params"], state["fp8"], batch, micro_batches, False)
         _, g_fp4, _, _ = compute_grads(fp4_model, *args, rng=rng)
         _, g_ref, _, _ = compute_grads(qaf_model, *args, rng=rng)
-        return fp4_qaf.block_kernel_rho(g_fp4, g_ref, scanned)
+        return fp4_qaf.block_kernel_rho(g_fp4, g_ref, scanned, fp4_layers)
 
     return rho
+
+
+def _jit_qaf_step(run: state_lib.Run, qaf_step: Callable[..., Any], with_stats: bool) -> Any:
+    """``qaf_step`` compiled like state.jit_train_step, with the switch step a third argument."""
+    return jax.jit(
+        lambda state, batch, switch_step: qaf_step(state, batch, with_stats, switch_step),
+        in_shardings=(run.shardings, sharding.batch_sharding(run.mesh), None),
+        out_shardings=(run.shardings, None),
+        donate_argnums=0,
+    )
 
 
 class QafHooks:
@@ -54,20 +72,30 @@ class QafHooks:
         config = run.config
         self.switch = fp4_qaf.QafSwitch.from_config(config.precision, config.train.steps)
         self.switch.restore((meta or {}).get(METADATA_KEY))
+        self.lr = fp4_qaf.QafLr.from_config(config.precision)
         qaf_model = build_model(config, qaf_recipe(run.recipe))
         micro, seed = config.train.micro_batches, config.seed
-        qaf_step = make_train_step(
-            qaf_model,
-            run.tx,
-            run.schedule,
-            micro,
-            stats_fn,
-            grad_dtype=optim.grad_dtype(config.optim),
-            rng_seed=seed,
-        )
-        self._steps = {
-            s: state_lib.jit_train_step(run, qaf_step, with_stats=s) for s in (False, True)
-        }
+
+        def qaf_step(state: Any, batch: jax.Array, with_stats: bool, switch_step: Any) -> Any:
+            schedule, tx = run.schedule, run.tx
+            if self.lr.active:  # the LR of the QAF phase depends on the (traced) switch step
+                o = config.optim
+                schedule = fp4_qaf.qaf_schedule(
+                    run.schedule, switch_step, self.lr, o.peak_lr, o.min_lr, config.train.steps
+                )
+                tx = optim.make_optimizer(o, config.train.steps, weight_decay_mask, schedule)
+            step = make_train_step(
+                qaf_model,
+                tx,
+                schedule,
+                micro,
+                stats_fn,
+                grad_dtype=optim.grad_dtype(config.optim),
+                rng_seed=seed,
+            )
+            return step(state, batch, with_stats)
+
+        self._steps = {s: _jit_qaf_step(run, qaf_step, s) for s in (False, True)}
         self._rho = jax.jit(make_rho_fn(run.model, qaf_model, micro, seed))
 
     @staticmethod
@@ -80,8 +108,12 @@ class QafHooks:
         return QafHooks(run, stats_fn, meta)
 
     def pick_step(self, step: int, with_stats: bool, fp4_step: Callable[..., Any]) -> Any:
-        """The compiled step to run at ``step``: the QAF one once the switch is on."""
-        return self._steps[with_stats] if self.switch.in_qaf(step) else fp4_step
+        """The step ``(state, batch) -> (state, metrics)`` to run at ``step``: the compiled QAF
+        one (given the switch step) once the switch is on, else ``fp4_step``."""
+        if not self.switch.in_qaf(step):
+            return fp4_step
+        compiled, switch_step = self._steps[with_stats], jnp.int32(self.switch.switch_step)
+        return lambda state, batch: compiled(state, batch, switch_step)
 
     def before_stats_step(self, step: int, state: Any, batch: jax.Array) -> dict[str, float]:
         """On a statistics step still in FP4 with ``qaf_auto``: rho tags (``fp4/<layer>/rho``,

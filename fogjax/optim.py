@@ -100,7 +100,10 @@ def make_schedule(optim_cfg: Any, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(
-    optim_cfg: Any, total_steps: int, weight_decay_mask: Any
+    optim_cfg: Any,
+    total_steps: int,
+    weight_decay_mask: Any,
+    schedule: optax.Schedule | None = None,
 ) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) followed by AdamW on the schedule of :func:`make_schedule`.
 
@@ -114,10 +117,13 @@ def make_optimizer(
     replace ``scale_by_adam`` by :func:`fogjax.optim_lowp.scale_by_adam_lowp`; a 16-bit master
     wraps Adam, decay and learning rate in :func:`fogjax.optim_lowp.master_weights`; bfloat16
     gradients are cast to float32 before clipping, so the clip norm is a float32 sum.
+
+    ``schedule`` replaces :func:`make_schedule`'s (QAF's LR reset, fogjax/precision/fp4_qaf.py);
+    the optimizer state does not depend on it.
     """
     precision = optim_precision.resolve(optim_cfg)
     clip = optim_cfg.grad_clip
-    schedule = make_schedule(optim_cfg, total_steps)
+    schedule = schedule or make_schedule(optim_cfg, total_steps)
     # grad_clip <= 0 turns clipping off (useful to study spikes unclipped).
     clipping = optax.clip_by_global_norm(clip) if clip and clip > 0 else optax.identity()
     if precision.is_float32:

@@ -169,20 +169,36 @@ ACTIVATION_GROUPS = {
 }
 
 
-def activation_metrics(probes: Any) -> Metrics:
-    """{'kurtosis': {tensor: [L]}, 'act_rms': {...}, 'act_amax': {...}} from the sown probes."""
-    out: Metrics = {group: {} for group in ACTIVATION_GROUPS}
+def activation_metrics(probes: Any, layer_order: tuple[str, ...] = ()) -> Metrics:
+    """{'kurtosis': {tensor: [L]}, 'act_rms': {...}, 'act_amax': {...}} from the sown probes.
+
+    ``layer_order``: the top-level block modules in layer order (``Transformer.layer_names``);
+    a tensor probed in several of them (unrolled blocks, or scanned runs of blocks under
+    ``precision.high_precision_layers``) gets their values concatenated in that order.
+    """
+    parts: dict[str, dict[str, list[jax.Array]]] = {group: {} for group in ACTIVATION_GROUPS}
 
     def visit(tree: Any) -> None:
         for name, value in tree.items():
             if isinstance(value, dict) and "kurtosis" in value:
                 for group, read in ACTIVATION_GROUPS.items():
-                    out[group][name] = read(value)
+                    parts[group].setdefault(name, []).append(read(value))
             elif isinstance(value, dict):
                 visit(value)
 
-    visit(probes)
-    return out
+    ordered = [k for k in layer_order if k in probes]
+    for key in ordered:
+        visit({key: probes[key]})
+    visit({k: v for k, v in probes.items() if k not in ordered})
+    return {
+        group: {
+            name: values[0]
+            if len(values) == 1
+            else jnp.concatenate([jnp.atleast_1d(v) for v in values])
+            for name, values in by_name.items()
+        }
+        for group, by_name in parts.items()
+    }
 
 
 def make_train_step(
@@ -227,7 +243,8 @@ def make_train_step(
         }
         metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
         if with_stats:
-            metrics.update(activation_metrics(aux.get(PROBES_COLLECTION, {})))
+            probes = aux.get(PROBES_COLLECTION, {})
+            metrics.update(activation_metrics(probes, getattr(model, "layer_names", ())))
             if fp8_stats_fn is not None and new_fp8:
                 metrics["fp8"] = fp8_stats_fn(new_fp8, aux.get(FP8_STATS_COLLECTION, {}))
             if aux.get(FP4_STATS_COLLECTION):

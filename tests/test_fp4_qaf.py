@@ -3,13 +3,17 @@ synthetic gradient stream whose RMS decays, the saved phase, and the trainer hoo
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fogjax import config_lib
+from fogjax import config_lib, optim
 from fogjax import state as state_lib
 from fogjax.fp4_training import METADATA_KEY, QafHooks
+from fogjax.model import weight_decay_mask
 from fogjax.precision import fp4_qaf
 from fogjax.precision.fp4_qaf import RHO_THRESHOLD, QafSwitch
 
@@ -98,6 +102,58 @@ def test_trainer_hooks_run_the_qaf_step_from_the_configured_step():
     fp4_step = object()
     picks = [hooks.pick_step(s, False, fp4_step) is fp4_step for s in range(8, 12)]
     assert picks == [True, True, False, False]  # QAF from step 10 = 0.5 * 20
-    assert hooks.pick_step(12, True, fp4_step) is hooks._steps[True]
+    assert hooks.pick_step(12, True, fp4_step) is not fp4_step
     resumed = QafHooks.maybe(run, None, hooks.metadata())
     assert resumed.switch.phase == "qaf" and resumed.metadata()[METADATA_KEY]["switch_step"] == 10
+
+
+def optim_config(total=100):
+    cfg = config_lib.get_config("fog_flash", "tiny")
+    cfg.optim.peak_lr, cfg.optim.min_lr = 1e-3, 1e-5
+    cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 10, 20
+    return cfg.optim, optim.make_schedule(cfg.optim, total)
+
+
+def hand_wsd(t, peak=1e-3, low=1e-5, warmup=10, cooldown=20, total=100):
+    if t < warmup:
+        return peak * t / warmup
+    if t < total - cooldown:
+        return peak
+    return low + (peak - low) * (1 - math.sqrt((t - (total - cooldown)) / cooldown))
+
+
+def test_qaf_lr_reset_and_warmup_around_the_switch_match_a_hand_computation():
+    o, base = optim_config()
+    both = fp4_qaf.QafLr(reset=True, warmup_steps=4)
+    warm = fp4_qaf.QafLr(reset=False, warmup_steps=4)
+    # One compiled schedule for any switch step (qaf_auto learns it at run time).
+    lr = jax.jit(
+        lambda t, s, reset: jax.lax.cond(
+            reset,
+            lambda: fp4_qaf.qaf_schedule(base, s, both, o.peak_lr, o.min_lr, 100)(t),
+            lambda: fp4_qaf.qaf_schedule(base, s, warm, o.peak_lr, o.min_lr, 100)(t),
+        )
+    )
+    for s in (60, 84):
+        for t in range(s - 2, s + 8):
+            ramp = min(1.0, (t - s + 1) / 4) if t >= s else 1.0
+            decay = 1e-3 + (1e-5 - 1e-3) * (t - s) / (100 - s)
+            want_reset = hand_wsd(t) if t < s else decay * ramp
+            want_warm = hand_wsd(t) * ramp
+            np.testing.assert_allclose(float(lr(t, s, True)), want_reset, rtol=1e-6)
+            np.testing.assert_allclose(float(lr(t, s, False)), want_warm, rtol=1e-6)
+    assert float(lr(60, 60, True)) == pytest.approx(1e-3 / 4)  # reset to peak, 1/W of it
+    assert not fp4_qaf.QafLr().active and fp4_qaf.QafLr(warmup_steps=1).active
+    with pytest.raises(ValueError, match="qaf_warmup_steps=-1"):
+        fp4_qaf.QafLr.from_config(type("P", (), {"qaf_warmup_steps": -1})())
+
+
+def test_optimizer_follows_the_schedule_it_is_given():
+    o, _ = optim_config()
+    params = {"kernel": jnp.ones((4, 4))}
+    grads = {"kernel": jnp.full((4, 4), 0.5)}
+    for lr in (0.0, 1e-2):
+        tx = optim.make_optimizer(o, 100, weight_decay_mask, schedule=lambda _, lr=lr: lr)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        # Adam's first step is g / |g| = 1 per entry, plus decay 0.1 * p, times -lr.
+        np.testing.assert_allclose(updates["kernel"], -lr * (1.0 + 0.1), rtol=1e-5)

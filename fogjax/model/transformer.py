@@ -5,10 +5,16 @@ Collections: ``params`` (float32), ``fp8`` (FP8 scaling state, from FP8 recipes)
 ``decode_length`` > 0 also ``cache`` (the decoding KV cache, attention.py). The ``fp4`` rng stream
 (FP4 stochastic rounding) is split over the layers. Under ``nn.scan`` every per-layer variable is
 stacked along a leading ``layers`` axis.
+
+The recipe may give runs of blocks different recipes (``Recipe.layer_recipes``: under an FP4 recipe
+with ``precision.high_precision_layers``, BF16 first and last blocks). Unrolled, block i is always
+``layers_<i>``; scanned, each run is its own nn.scan (:func:`layer_segments` names them), so a
+run's HLO holds only its own recipe's GEMMs and no per-layer branch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -35,6 +41,50 @@ REMAT_POLICIES = {
 
 # Collections whose per-layer variables are stacked by nn.scan.
 SCANNED_COLLECTIONS = ("params", "fp8", "probes", "fp8_stats", FP4_STATS_COLLECTION)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSegment:
+    """Consecutive blocks ``start .. start + length - 1`` under one recipe, one top-level module:
+    a scanned stack (variables [length, ...]) or, unrolled, a single block (length 1)."""
+
+    name: str
+    recipe: Recipe
+    start: int
+    length: int
+
+
+# Scanned module names when the recipe splits the stack: (first BF16 run, FP4 run, last BF16 run).
+SEGMENT_NAMES = {"first": "layers_bf16_first", "middle": "layers_fp4", "last": "layers_bf16_last"}
+
+
+def layer_segments(cfg: Any, recipe: Recipe) -> tuple[LayerSegment, ...]:
+    """The top-level block modules of a Transformer in layer order.
+
+    Unrolled: ``layers_<i>`` per block. Scanned with one recipe: ``layers`` (all blocks). Scanned
+    with runs (``recipe.layer_recipes``): ``layers_bf16_first``, ``layers_fp4``,
+    ``layers_bf16_last`` (the runs present), each stacked over its own blocks.
+    """
+    runs = recipe.layer_recipes(cfg.num_layers)
+    starts = [sum(n for _, n in runs[:i]) for i in range(len(runs))]
+    if not cfg.scan_layers:
+        return tuple(
+            LayerSegment(f"layers_{start + j}", run, start + j, 1)
+            for (run, n), start in zip(runs, starts, strict=True)
+            for j in range(n)
+        )
+    if len(runs) == 1:
+        return (LayerSegment("layers", recipe, 0, cfg.num_layers),)
+
+    def name(run: Recipe, start: int) -> str:
+        if run is recipe:
+            return SEGMENT_NAMES["middle"]
+        return SEGMENT_NAMES["first" if start == 0 else "last"]
+
+    return tuple(
+        LayerSegment(name(run, start), run, start, n)
+        for (run, n), start in zip(runs, starts, strict=True)
+    )
 
 
 def validate_model_config(cfg: Any) -> None:
@@ -94,11 +144,17 @@ class Transformer(nn.Module):
 
     def __post_init__(self) -> None:
         validate_model_config(self.cfg)
+        layer_segments(self.cfg, self.recipe)  # refuses a layer split that cannot work
         if self.kurtosis_form not in KURTOSIS_FORMS:
             raise ValueError(
                 f"log.kurtosis_form={self.kurtosis_form!r}; choose one of {KURTOSIS_FORMS}."
             )
         super().__post_init__()
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The top-level block modules in layer order (:func:`layer_segments`)."""
+        return tuple(s.name for s in layer_segments(self.cfg, self.recipe))
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
@@ -126,21 +182,21 @@ class Transformer(nn.Module):
         if REMAT_POLICIES[cfg.remat] is not None and not self.decode_length:
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         collections = SCANNED_COLLECTIONS + ((CACHE_COLLECTION,) if self.decode_length else ())
-        layer_args = (cfg, self.recipe, self.kurtosis_form, self.decode_length)
-        if cfg.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={c: 0 for c in collections},
-                # Each layer draws its own FP4 stochastic-rounding keys.
-                split_rngs={"params": True, FP4_RNG: True},
-                in_axes=(nn.broadcast,),
-                length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, _ = stack(*layer_args, name="layers")(x, positions)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block(*layer_args, name=f"layers_{i}")(x, positions)
+        for segment in layer_segments(cfg, self.recipe):
+            layer_args = (cfg, segment.recipe, self.kurtosis_form, self.decode_length)
+            if cfg.scan_layers:
+                stack = nn.scan(
+                    block,
+                    variable_axes={c: 0 for c in collections},
+                    # Each layer draws its own FP4 stochastic-rounding keys.
+                    split_rngs={"params": True, FP4_RNG: True},
+                    in_axes=(nn.broadcast,),
+                    length=segment.length,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                x, _ = stack(*layer_args, name=segment.name)(x, positions)
+            else:
+                x, _ = block(*layer_args, name=segment.name)(x, positions)
 
         if cfg.final_norm:
             x = RMSNorm(cfg.norm_eps, learnable=True, dtype=dtype, name="final_norm")(x)

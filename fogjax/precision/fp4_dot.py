@@ -43,6 +43,8 @@ FP4_RNG = "fp4"
 # Forward-operand statistics are sown here on statistics steps (when the collection is mutable).
 FP4_STATS_COLLECTION = "fp4_stats"
 BACKWARDS = ("fp4", "bf16")
+# The named scope of every emulated FP4 GEMM.
+FP4_GEMM_SCOPE = "fp4_gemm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +73,16 @@ def _q(x: jax.Array, fmt: Fp4Format, rounding: str, key: jax.Array | None) -> Qu
 
 
 def _gemm(a: Quantized, b_t: Quantized) -> jax.Array:
-    """a [P, R] @ b_t [Q, R]^T -> float32 [P, Q]: bf16 GEMM (exact operands), f32 accumulation."""
-    out = lax.dot_general(
-        a.values.astype(jnp.bfloat16),
-        b_t.values.astype(jnp.bfloat16),
-        (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32,
-    )
+    """a [P, R] @ b_t [Q, R]^T -> float32 [P, Q]: bf16 GEMM (exact operands), f32 accumulation.
+
+    Named ``fp4_gemm`` (jaxpr name stack, HLO op metadata): profiles and tests find FP4 GEMMs."""
+    with jax.named_scope(FP4_GEMM_SCOPE):
+        out = lax.dot_general(
+            a.values.astype(jnp.bfloat16),
+            b_t.values.astype(jnp.bfloat16),
+            (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
     return out * (a.tensor_scale * b_t.tensor_scale)
 
 

@@ -10,12 +10,17 @@ in (0, 1)) and ``precision.qaf_auto`` (on statistics steps, rho of every block l
 gradient, both ways on the same batch and the same SR keys; the switch fires once the average over
 layers stays below sqrt(3) for ``precision.qaf_patience`` consecutive statistics steps). The
 phase is saved in the checkpoint metadata (:meth:`QafSwitch.to_metadata`).
+
+The paper resets the LR at the switch with a short warm-up; ``precision.qaf_lr_reset`` and
+``precision.qaf_warmup_steps`` (off by default) do so (:func:`qaf_schedule`). The schedule takes
+the switch step as a traced value, so one compiled QAF step serves a switch found at run time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -42,6 +47,56 @@ def qaf_start_step(qaf_start: float, total_steps: int) -> int | None:
     return int(qaf_start)
 
 
+@dataclasses.dataclass(frozen=True)
+class QafLr:
+    """The LR options of the QAF phase (``precision.qaf_lr_reset``, ``qaf_warmup_steps``)."""
+
+    reset: bool = False
+    warmup_steps: int = 0
+
+    @classmethod
+    def from_config(cls, precision: Any) -> QafLr:
+        warmup = int(getattr(precision, "qaf_warmup_steps", 0))
+        if warmup < 0:
+            raise ValueError(f"precision.qaf_warmup_steps={warmup} must be >= 0 (0 is off).")
+        return cls(bool(getattr(precision, "qaf_lr_reset", False)), warmup)
+
+    @property
+    def active(self) -> bool:
+        return self.reset or self.warmup_steps > 0
+
+
+def qaf_schedule(
+    schedule: Callable[[Any], jax.Array],
+    switch_step: jax.Array | int,
+    lr: QafLr,
+    peak_lr: float,
+    min_lr: float,
+    total_steps: int,
+) -> Callable[[Any], jax.Array]:
+    """The learning rate of a run that switches to QAF at step s = ``switch_step`` (traceable):
+    ``schedule(t)`` before s; from s on, with t the optimizer step (float32),
+
+      base(t) = peak_lr + (min_lr - peak_lr) * clip((t - s) / max(T - s, 1), 0, 1)  if lr.reset
+                schedule(t)                                                        otherwise
+      lr(t)   = base(t) * min(1, (t - s + 1) / W)   (W = lr.warmup_steps; no factor when W = 0)
+    """
+
+    def learning_rate(count: Any) -> jax.Array:
+        t = jnp.asarray(count, jnp.float32)
+        s = jnp.asarray(switch_step, jnp.float32)
+        before = schedule(count)
+        base = before
+        if lr.reset:
+            frac = jnp.clip((t - s) / jnp.maximum(total_steps - s, 1.0), 0.0, 1.0)
+            base = peak_lr + (min_lr - peak_lr) * frac
+        if lr.warmup_steps > 0:
+            base = base * jnp.clip((t - s + 1.0) / lr.warmup_steps, 0.0, 1.0)
+        return jnp.where(t >= s, base, before).astype(jnp.float32)
+
+    return learning_rate
+
+
 def weight_grad_rho(g_fp4: jax.Array, g_ref: jax.Array, layer_axis: bool) -> jax.Array:
     """rho = RMS(g_ref) / std(g_fp4 - g_ref), float32; per layer ([L]) if ``layer_axis`` (the
     leading axis of an nn.scan-stacked kernel), else a scalar. std is the population std."""
@@ -51,14 +106,22 @@ def weight_grad_rho(g_fp4: jax.Array, g_ref: jax.Array, layer_axis: bool) -> jax
     return rms / jnp.std(noise, axis=axes)
 
 
-def block_kernel_rho(grads_fp4: Any, grads_ref: Any, scanned: bool) -> dict[str, jax.Array]:
-    """``{'<kernel path>': rho}`` for every block-linear kernel (paths under ``layers``)."""
+def block_kernel_rho(
+    grads_fp4: Any, grads_ref: Any, scanned: bool, fp4_layers: Collection[str] | None = None
+) -> dict[str, jax.Array]:
+    """``{'<kernel path>': rho}`` for every block-linear kernel (paths under ``layers``), or only
+    under the top-level modules ``fp4_layers`` (BF16 blocks of ``precision.high_precision_layers``
+    have no quantisation noise of their own)."""
     flat_fp4 = traverse_util.flatten_dict(grads_fp4)
     flat_ref = traverse_util.flatten_dict(grads_ref)
+
+    def wanted(top: str) -> bool:
+        return top in fp4_layers if fp4_layers is not None else top.startswith("layers")
+
     return {
         "/".join(path[:-1]): weight_grad_rho(flat_fp4[path], flat_ref[path], scanned)
         for path in flat_ref
-        if path[-1] == "kernel" and path[0].startswith("layers")
+        if path[-1] == "kernel" and wanted(path[0])
     }
 
 

@@ -8,7 +8,10 @@ path (delayed scaling from the same ``precision`` fields, FP8 state in the ``fp8
 Options (off by default), from NVIDIA's NVFP4 pretraining recipe (arXiv 2509.25149):
 ``precision.fp4_weight_2d`` (16x16 block scales for weights), ``precision.fp4_hadamard_wgrad``
 (16x16 random Hadamard transform on the weight-gradient inputs), ``precision.fp4_sr_gradients_only``
-(RtN instead of SR on the activation of the weight-gradient GEMM).
+(RtN instead of SR on the activation of the weight-gradient GEMM),
+``precision.high_precision_layers = (first, last)``: those first and last blocks run entirely in
+the compute dtype (linears and attention, as under ``bf16``), the blocks between in FP4
+(:meth:`Fp4Recipe.layer_recipes`; the model scans each run of blocks separately).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Fp4Recipe(Recipe):
       weight_2d: 16x16 (NVFP4) / 32x32 (MXFP4) block scales for weights.
       hadamard_wgrad: random Hadamard transform on the weight-gradient inputs.
       fp8_attention: an FP8DPA recipe whose attention path QK^T and PV use, or None.
+      high_precision_layers: (first, last): that many leading and trailing blocks in the
+        compute dtype (plain Recipe), the others in FP4.
     """
 
     name: str = "nvfp4"
@@ -44,12 +49,33 @@ class Fp4Recipe(Recipe):
     weight_2d: bool = False
     hadamard_wgrad: bool = False
     fp8_attention: fp8_recipes.Fp8Recipe | None = None
+    high_precision_layers: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if self.fmt_name not in FORMATS:
             raise ValueError(f"Unknown FP4 format {self.fmt_name!r}; use one of {sorted(FORMATS)}.")
         if self.backward not in BACKWARDS:
             raise ValueError(f"FP4 backward {self.backward!r}; use one of {BACKWARDS}.")
+        first_last = self.high_precision_layers
+        if len(first_last) != 2 or min(first_last) < 0:
+            raise ValueError(
+                f"precision.high_precision_layers={first_last!r} must be a pair (first, last) of "
+                "block counts >= 0, e.g. --config.precision.high_precision_layers='(1, 2)'."
+            )
+
+    def layer_recipes(self, num_layers: int) -> tuple[tuple[Recipe, int], ...]:
+        """(plain recipe, first), (self, the rest), (plain recipe, last), empty runs dropped."""
+        first, last = self.high_precision_layers
+        if first + last >= num_layers:
+            raise ValueError(
+                f"precision.high_precision_layers=({first}, {last}) keeps {first + last} of "
+                f"model.num_layers={num_layers} blocks in BF16, leaving no FP4 block; lower it "
+                f"(e.g. --config.precision.high_precision_layers='(0, {max(num_layers // 8, 1)})') "
+                "or use --config.precision.recipe=bf16."
+            )
+        plain = Recipe(name="bf16", compute_dtype=self.compute_dtype)
+        runs = ((plain, first), (self, num_layers - first - last), (plain, last))
+        return tuple(run for run in runs if run[1])
 
     @property
     def quantizes_linears(self) -> bool:
@@ -85,6 +111,11 @@ def qaf_recipe(recipe: Fp4Recipe) -> Fp4Recipe:
     return dataclasses.replace(recipe, backward="bf16")
 
 
+def high_precision_layers(precision: Any) -> tuple[int, ...]:
+    """``precision.high_precision_layers`` as a tuple of ints ((0, 0) in configs older than it)."""
+    return tuple(int(n) for n in getattr(precision, "high_precision_layers", (0, 0)))
+
+
 def recipe_from_config(precision: Any, name: str) -> Fp4Recipe:
     """Builds the ``nvfp4`` / ``mxfp4`` recipe from the config's ``precision`` section."""
     if precision.attention not in ATTENTION_PRECISIONS:
@@ -104,4 +135,5 @@ def recipe_from_config(precision: Any, name: str) -> Fp4Recipe:
         weight_2d=precision.fp4_weight_2d,
         hadamard_wgrad=precision.fp4_hadamard_wgrad,
         fp8_attention=fp8_attention,
+        high_precision_layers=high_precision_layers(precision),
     )

@@ -56,6 +56,12 @@ class Recipe:
     def quantizes_attention(self) -> bool:
         return False
 
+    def layer_recipes(self, num_layers: int) -> tuple[tuple[Recipe, int], ...]:
+        """The recipe of each run of consecutive blocks, in order: ``((recipe, count), ...)`` with
+        counts summing to ``num_layers``. This one recipe for every block, unless a subclass keeps
+        some blocks in higher precision (fp4_recipes: ``precision.high_precision_layers``)."""
+        return ((self, num_layers),)
+
     def linear_dot_general(self, name: str) -> DotGeneral:
         """The dot_general of a block linear; ``name`` names its FP8 state if it has any."""
         del name

@@ -41,4 +41,12 @@ def make_recipe(precision: Any) -> Recipe:
             f"Unknown precision.recipe={name!r}. Choose one of {available()} "
             "(e.g. --config.precision.recipe=fp8dpa)."
         )
-    return RECIPES[name](precision)
+    recipe = RECIPES[name](precision)
+    first_last = fp4_recipes.high_precision_layers(precision)
+    if any(first_last) and not isinstance(recipe, fp4_recipes.Fp4Recipe):
+        raise ValueError(
+            f"precision.high_precision_layers={first_last} keeps "
+            f"blocks in BF16 under an FP4 recipe only, not under {name!r}; use "
+            "--config.precision.recipe=nvfp4 (or mxfp4), or leave it at (0, 0)."
+        )
+    return recipe
