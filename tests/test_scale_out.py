@@ -44,6 +44,10 @@ from fogjax import checkpoint, config_lib, sharding
 from fogjax import state as state_lib
 from fogjax.step import make_train_step
 
+# One worker runs the whole module: its module-scoped fixtures are computed once (each xdist
+# worker would build its own), and the two-process test never overlaps test_distributed's.
+pytestmark = pytest.mark.xdist_group("coordinator")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 MESHES = {  # (data, fsdp, tensor)
@@ -305,7 +309,6 @@ def _losses(workdir: Path) -> dict[int, float]:
 # loadgroup). In two of four full-suite runs on 2 busy cores, the join test below timed out with
 # process 0 having printed "worker ok" but not exited; the cause is not established (it never
 # reproduced alone, even beside CPU hogs), so the overlap of two multi-process jobs is avoided.
-@pytest.mark.xdist_group("coordinator")
 def test_two_processes_train_like_one(tmp_path):
     """The embedded default on 2 processes x 1 CPU device (data=2, gloo collectives) logs the
     losses of the same run on 1 process x 1 device: the global batches are the same."""

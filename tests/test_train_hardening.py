@@ -25,6 +25,10 @@ from fogjax import config_lib, preflight
 from fogjax.data import load_dataset_info, load_tokenizer, prepare
 from fogjax.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 
+# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
+# worker that runs one of its tests would build its own).
+pytestmark = pytest.mark.xdist_group("train_hardening")
+
 
 def train_cmd(workdir, *overrides):
     """test_train's short run, with a schedule that fits 2-3 steps."""
@@ -312,8 +316,9 @@ def test_out_of_memory_at_compile_names_what_to_reduce():
     with pytest.raises(ValueError) as error:
         steps._compile(oom)
     message = str(error.value)
-    for needle in ("does not fit in device memory", "batch_size=64", "seq_len=4096",
-                   "micro_batches=2", "train.micro_batches", "remat=full", "mesh.fsdp"):  # fmt: skip
+    needles = ["does not fit in device memory", "batch_size=64", "seq_len=4096"]
+    needles += ["micro_batches=2", "train.micro_batches", "remat=full", "mesh.fsdp"]
+    for needle in needles:
         assert needle in message, (needle, message)
     assert error.value.__cause__ is None  # No chained XLA traceback in the message.
 
