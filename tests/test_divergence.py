@@ -60,6 +60,21 @@ def test_loss_spike_is_found_at_its_onset():
     assert run(DivergenceDetector(start_step=40, loss_patience=10), losses, grads) is None
 
 
+def test_a_blow_up_inside_the_warmup_is_found_right_after_it():
+    """The running minimum starts at the first loss: a loss that exploded during the warm-up and
+    stays above where it started diverged, though it may be falling from 1e8 (the tiny OP block
+    in BF16 at LR 3e-2); one that recovers below its initial loss + margin did not."""
+    rng = np.random.default_rng(2)
+    losses, grads = loss_curve(300, rng), grad_curve(300, rng)
+    exploded = losses.copy()
+    exploded[5:] = 10.0 ** np.interp(np.arange(5, 300), [5, 20, 300], [1.0, 8.0, 1.5])
+    found = run(DivergenceDetector(start_step=40, grad_ratio=0.0), exploded, grads)
+    assert found.reason == "loss_spike" and found.step == 41 and found.detected_at == 50
+    recovered = losses.copy()
+    recovered[5:35] += 30.0  # Within the warm-up, then back on its curve.
+    assert run(DivergenceDetector(start_step=40, grad_ratio=0.0), recovered, grads) is None
+
+
 def test_grad_norm_spike_is_found_at_its_onset():
     rng = np.random.default_rng(2)
     losses, grads = loss_curve(500, rng), grad_curve(500, rng)

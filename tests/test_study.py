@@ -140,7 +140,7 @@ def test_shipped_studies_validate():
         names[study.name] = {(r.arch, r.recipe) for r in study.runs}
     fp8dpa = {"llama3", "llama3_smooth_swiglu", "olmo2", "op", "fog_max", "fog_opt", "fog_flash"}
     for name in ("ordering_cpu", "ordering_390m"):
-        assert names[name] == {(a, "fp8dpa") for a in fp8dpa} | {("llama3", "bf16")}
+        assert names[name] == {(a, r) for a in fp8dpa for r in ("fp8dpa", "bf16")}
 
 
 def test_kurtosis_warnings_survive_sigterm_and_resume(smoke, tmp_path):
@@ -184,3 +184,25 @@ def test_kurtosis_warnings_survive_sigterm_and_resume(smoke, tmp_path):
     tag = "monitor/kurtosis_trend_ratio/qkv"
     after = [s for s in sorted(a[tag]) if s > stopped][:3]
     assert after and all(b[tag].get(s) == a[tag][s] for s in after), (stopped, after)
+
+
+def test_each_run_is_judged_against_its_bf16_twin():
+    """SPEC.md §4: only the FP8 run diverging is an FP8 failure; both diverging is the stress."""
+    from fogjax.study.report import _with_twins, bf16_twins
+
+    study = build_study(os.path.join(ROOT, "configs/study/ordering_cpu.py"))
+    twins = bf16_twins(study)
+    assert twins["fog_flash_fp8dpa"] == "fog_flash_bf16" and "llama3_bf16" not in twins
+    assert len(twins) == 7
+    diverged = {"llama3_fp8dpa": True, "llama3_bf16": False, "fog_flash_fp8dpa": True,
+                "fog_flash_bf16": True, "olmo2_fp8dpa": False, "olmo2_bf16": False}  # fmt: skip
+    rows = [{"name": r.name, "diverged": diverged.get(r.name), "final_train_loss": 3.0 + i}
+            for i, r in enumerate(study.runs)]  # fmt: skip
+    out = {r["name"]: r for r in _with_twins(study, rows)}
+    assert out["llama3_fp8dpa"]["verdict"] == "FP8 failure"
+    assert out["fog_flash_fp8dpa"]["verdict"] == "fails in BF16 too"
+    assert out["olmo2_fp8dpa"]["verdict"] == "stable"
+    assert out["op_fp8dpa"]["verdict"] is None  # Not run yet: no verdict.
+    names = [r.name for r in study.runs]
+    gap = names.index("llama3_fp8dpa") - names.index("llama3_bf16")
+    assert out["llama3_fp8dpa"]["gap_to_twin"] == gap

@@ -48,13 +48,51 @@ def _row(run: Any, summary: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def bf16_twins(study: Study) -> dict[str, str]:
+    """{run name: its BF16 twin's name}: the run of the same architecture and fields whose recipe
+    is bf16 (SPEC.md §4 judges an FP8 run against its twin, not against another block)."""
+
+    def key(run: Any) -> tuple:
+        fields = {k: v for k, v in run.fields.items() if k != "precision.recipe"}
+        return run.arch, tuple(sorted((k, repr(v)) for k, v in fields.items()))
+
+    bf16 = {key(r): r.name for r in study.runs if r.recipe == "bf16"}
+    return {r.name: bf16[key(r)] for r in study.runs if r.recipe != "bf16" and key(r) in bf16}
+
+
+def _verdict(row: dict[str, Any], twin: dict[str, Any] | None) -> str | None:
+    """What a divergence says about FP8 (SPEC.md §4), from a run and its BF16 twin."""
+    if twin is None or row["diverged"] is None or twin["diverged"] is None:
+        return None
+    if row["diverged"] and not twin["diverged"]:
+        return "FP8 failure"
+    if row["diverged"]:
+        return "fails in BF16 too"
+    return "twin diverged" if twin["diverged"] else "stable"
+
+
+def _with_twins(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adds ``bf16_twin``, ``gap_to_twin`` (final train loss minus the twin's) and ``verdict``."""
+    by_name, twins = {r["name"]: r for r in rows}, bf16_twins(study)
+    out = []
+    for row in rows:
+        twin = by_name.get(twins.get(row["name"], ""))
+        gap = None
+        if twin and row.get("final_train_loss") is not None and twin.get("final_train_loss"):
+            gap = row["final_train_loss"] - twin["final_train_loss"]
+        out.append({**row, "bf16_twin": twin["name"] if twin else None, "gap_to_twin": gap,
+                    "verdict": _verdict(row, twin)})  # fmt: skip
+    return out
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        # A diverged loss reaches 1e12: significant digits, not a 16-digit fixed point.
+        return f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
     if isinstance(value, int) and value >= 10_000:
         return f"{value / 1e6:.2f}M" if value < 1e9 else f"{value / 1e9:.2f}B"
     return str(value)
@@ -74,6 +112,8 @@ _COLUMNS = (
     ("final train loss", "final_train_loss"),
     ("final eval loss", "final_eval_loss"),
     ("max QKV kurtosis", "max_qkv_kurtosis"),
+    ("loss minus BF16 twin", "gap_to_twin"),
+    ("verdict", "verdict"),
 )
 
 
@@ -95,7 +135,10 @@ def markdown(study: Study, rows: list[dict[str, Any]]) -> str:
         "Diverged: a NaN/inf loss, or a loss or gradient-norm spike (`log.loss_spike_*`, "
         "`log.grad_spike_*`); the step is its onset. First kurtosis warning: the first step a "
         "layer's kurtosis left its log-trend (fogjax/monitor.py). Lead time: tokens from that "
-        "warning to the divergence. Max QKV kurtosis: the largest per-layer value measured.",
+        "warning to the divergence. Max QKV kurtosis: the largest per-layer value measured. "
+        "Verdict (SPEC.md §4, each run against its BF16 twin: same architecture, fields and "
+        "stress): 'FP8 failure' when only the FP8 run diverged, 'fails in BF16 too' when the "
+        "stress alone breaks the block, 'stable' when neither diverged.",
     ]
     if study.reference:
         ref = next((r for r in rows if r["name"] == study.reference), None)
@@ -104,7 +147,9 @@ def markdown(study: Study, rows: list[dict[str, Any]]) -> str:
             lines += ["", f"Final train loss minus the reference `{study.reference}`:", ""]
             for r in rows:
                 if r["name"] != study.reference and r.get("final_train_loss") is not None:
-                    lines.append(f"- {r['name']}: {r['final_train_loss'] - ref_loss:+.3f}")
+                    gap = r["final_train_loss"] - ref_loss
+                    lines.append(f"- {r['name']}: {gap:+.3g}" if abs(gap) >= 1e4 else
+                                 f"- {r['name']}: {gap:+.3f}")  # fmt: skip
     lines += ["", "## Figures", ""]
     titles = ("Loss", "QKV kurtosis (layer average, worst layer)", "Gradient norm",
               "FP8 saturation and underflow")  # fmt: skip
@@ -122,6 +167,7 @@ def write_report(study: Study, study_dir: str) -> dict[str, Any]:
         summary = read_summary(workdir)
         runs.append((run.name, summary, curves.read_scalars(workdir)))
         rows.append(_row(run, summary))
+    rows = _with_twins(study, rows)
     figures.write_figures(runs, study_dir)
     result = {
         "study": study.name,
