@@ -114,3 +114,15 @@ def test_options_reach_the_dot_and_bad_values_fail_clearly():
         registry.make_recipe(precision(recipe="nvfp4", attention="fp16"))
     with pytest.raises(ValueError, match="Unknown precision.recipe='fp3'"):
         registry.make_recipe(precision(recipe="fp3"))
+
+
+def test_only_fp8_recipes_promise_fp8_linear_gemms_to_the_gpu_bench():
+    """The deviceless bench flags block GEMMs that are not FP8 only where the recipe runs FP8
+    GEMMs: FP4's emulation is BF16 GEMMs by design (a false alarm for nvfp4 before)."""
+    expected = {"bf16": False, "fp8": True, "fp8dpa": True, "nvfp4": False, "mxfp4": False}
+    for name, fp8_gemms in expected.items():
+        precision = config_lib.get_config("fog_flash", "tiny").precision
+        precision.recipe = name
+        recipe = registry.make_recipe(precision)
+        assert recipe.runs_fp8_linear_gemms is fp8_gemms, name
+        assert recipe.quantizes_linears is (name != "bf16"), name

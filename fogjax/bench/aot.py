@@ -129,10 +129,10 @@ def gemm_counts(gemms: list[gemm_lib.Gemm]) -> dict[str, int]:
 
 
 def analyse(
-    hlo_text: str, target: Target, quantizes_linears: bool, quantizes_attention: bool
+    hlo_text: str, target: Target, fp8_linears: bool, quantizes_attention: bool
 ) -> dict[str, Any]:
     """Everything the bench reports about one optimized GPU HLO module. ``non_fp8_block_gemms``
-    is None under a recipe that quantises nothing (every GEMM is BF16 by design)."""
+    is None under a recipe whose linears are not FP8 GEMMs (BF16; FP4's BF16 emulation)."""
     module = parse_module(hlo_text)
     gemms = gemm_lib.find_gemms(module)
     attention = gemm_lib.find_attention_calls(module)
@@ -145,7 +145,7 @@ def analyse(
             f"{g.name} ({g.site or '?'} {g.pass_}: {g.lhs_dtype} x {g.rhs_dtype})"
             for g in gemm_lib.non_fp8_block_gemms(gemms, quantizes_attention)
         ]
-        if quantizes_linears
+        if fp8_linears
         else None,
         "cudnn_attention_calls": len(attention),
         "cudnn_fp8_attention_calls": sum(1 for a in attention if a.fp8),
@@ -205,7 +205,7 @@ def compile_for_target(
     require_gpu_program(text)
     out = {"compile_s": compile_s, "memory": _memory(compiled, target)}
     recipe = run.recipe
-    out.update(analyse(text, target, recipe.quantizes_linears, recipe.quantizes_attention))
+    out.update(analyse(text, target, recipe.runs_fp8_linear_gemms, recipe.quantizes_attention))
     step_s = out["estimate"]["step_s"]
     info = model_info(config, run.abstract["params"])
     tokens = t.batch_size * t.seq_len

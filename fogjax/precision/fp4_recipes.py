@@ -85,6 +85,10 @@ class Fp4Recipe(Recipe):
     def quantizes_attention(self) -> bool:
         return self.fp8_attention is not None
 
+    @property
+    def runs_fp8_linear_gemms(self) -> bool:
+        return False  # Emulated: every linear GEMM is BF16 x BF16 with FP32 accumulation.
+
     def linear_dot_general(self, name: str) -> DotGeneral:
         return Fp4DotGeneral(
             fmt_name=self.fmt_name,

@@ -56,6 +56,12 @@ class Recipe:
     def quantizes_attention(self) -> bool:
         return False
 
+    @property
+    def runs_fp8_linear_gemms(self) -> bool:
+        """The block linears run as FP8 GEMMs on the device (what the deviceless bench checks).
+        False for FP4, whose quantise-dequantise emulation runs BF16 GEMMs by design."""
+        return self.quantizes_linears
+
     def layer_recipes(self, num_layers: int) -> tuple[tuple[Recipe, int], ...]:
         """The recipe of each run of consecutive blocks, in order: ``((recipe, count), ...)`` with
         counts summing to ``num_layers``. This one recipe for every block, unless a subclass keeps
