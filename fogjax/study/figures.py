@@ -41,28 +41,46 @@ def _empty_note(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
+def _style(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """Line colour per architecture and line style per recipe, so that a run and its BF16 twin
+    share a colour (solid: the first recipe seen, dashed: BF16, dotted: any other)."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    archs: dict[str, str] = {}
+    out = {}
+    for name, summary, _ in runs:
+        arch, recipe = (summary or {}).get("arch", name), (summary or {}).get("recipe", "")
+        colour = archs.setdefault(arch, colours[len(archs) % len(colours)])
+        out[name] = {"color": colour, "ls": "--" if recipe == "bf16" else "-"}
+    return out
+
+
 def loss_figure(runs: list[Run], path: str) -> None:
-    """Train loss (lines) and eval loss (dots) of every run; x marks a detected divergence."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = False
+    """Train loss (lines) and eval loss (dots) of every run; x marks a detected divergence. The
+    y axis stops at 1.5x the largest initial loss: a diverged run leaves the top of the chart
+    (its loss may reach 1e12) instead of flattening every other curve."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    styles, lows, starts = _style(runs), [], []
     for name, summary, scalars in runs:
         steps, loss = curves.series(scalars, "train/loss")
-        if not steps:
+        finite = [v for v in loss if math.isfinite(v)]
+        if not finite:
             continue
-        x = _tokens(summary, steps)
-        (line,) = ax.plot(x, loss, lw=1, label=name)
+        lows.append(min(finite))
+        starts.append(finite[0])
+        ax.plot(_tokens(summary, steps), loss, lw=1, label=name, **styles[name])
         estep, eloss = curves.series(scalars, "eval/loss")
-        ax.plot(_tokens(summary, estep), eloss, "o", ms=4, color=line.get_color())
+        ax.plot(_tokens(summary, estep), eloss, "o", ms=4, color=styles[name]["color"])
         div = (summary or {}).get("divergence")
         if div and div["step"] in scalars["train/loss"]:
-            ax.plot(div["tokens"], scalars["train/loss"][div["step"]], "x", ms=10, mew=2,
-                    color=line.get_color())  # fmt: skip
-        drawn = True
+            top = 1.5 * max(starts)
+            y = min(scalars["train/loss"][div["step"]], top * 0.98)
+            ax.plot(div["tokens"], y, "x", ms=10, mew=2, color=styles[name]["color"])
     ax.set(
         xlabel="tokens", ylabel="loss", title="Train loss (lines), eval loss (dots); x: diverged"
     )
-    if drawn:
-        ax.legend(fontsize=8)
+    if starts:
+        ax.set_ylim(0.95 * min(lows), 1.5 * max(starts))
+        ax.legend(fontsize=7, ncol=2)
     else:
         _empty_note(ax, "no run has written a loss yet")
     _save(fig, path)
@@ -101,19 +119,19 @@ def kurtosis_figure(runs: list[Run], path: str) -> None:
 
 
 def grad_norm_figure(runs: list[Run], path: str) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
-    drawn = False
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    drawn, styles = False, _style(runs)
     for name, summary, scalars in runs:
         steps, grad = curves.series(scalars, "train/grad_norm")
         finite = [(s, g) for s, g in zip(steps, grad, strict=True) if math.isfinite(g) and g > 0]
         if finite:
             ax.plot(_tokens(summary, [s for s, _ in finite]), [g for _, g in finite], lw=1,
-                    label=name)  # fmt: skip
+                    label=name, **styles[name])  # fmt: skip
             drawn = True
     ax.set(xlabel="tokens", ylabel="gradient norm (before clipping)", title="Gradient norm")
     if drawn:
         ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     else:
         _empty_note(ax, "no run has written a gradient norm yet")
     _save(fig, path)

@@ -165,7 +165,11 @@ def write_report(study: Study, study_dir: str) -> dict[str, Any]:
     for run in study.runs:
         workdir = os.path.join(study_dir, run.name)
         summary = read_summary(workdir)
-        runs.append((run.name, summary, curves.read_scalars(workdir)))
+        # A run still going has no summary yet: its figures still need tokens and a style.
+        t = run.config.train
+        seen = summary or {"tokens_per_step": t.batch_size * t.seq_len, "arch": run.arch,
+                           "recipe": run.recipe}  # fmt: skip
+        runs.append((run.name, seen, curves.read_scalars(workdir)))
         rows.append(_row(run, summary))
     rows = _with_twins(study, rows)
     figures.write_figures(runs, study_dir)
