@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import signal
-import subprocess
 import sys
 
 import pytest
 from PIL import Image
-from test_train import ENV, ROOT, run, scalars
+from test_train import ROOT, run, scalars, sigterm_after
 
 from fogjax.study import figures
 from fogjax.study.__main__ import main as study_main
@@ -152,19 +150,7 @@ def test_kurtosis_warnings_survive_sigterm_and_resume(smoke, tmp_path):
     workdir = str(tmp_path / "resumed")
     cmd = [sys.executable, "-m", "fogjax.train", f"--workdir={workdir}", *args,
            "--config.train.log_every=1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 12/24"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0 and "Stopped by signal at step" in rest, rest[-3000:]
-    stopped = int(rest.split("Stopped by signal at step ")[1].split(":")[0])
+    stopped = sigterm_after(cmd, "step 12/24")
     assert 12 <= stopped < 20
     assert json.loads(pathlib.Path(workdir, "summary.json").read_text())["status"] == "stopped"
     out = run(cmd)

@@ -44,6 +44,24 @@ def run(cmd, timeout=400):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def sigterm_after(cmd, prefix, timeout=300):
+    """Runs ``cmd``, sends SIGTERM once it prints a line starting with ``prefix``, checks that it
+    saved and exited cleanly, and returns the step it stopped at."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if line.startswith(prefix):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "Stopped by signal at step" in rest, rest[-3000:]
+    return int(rest.split("Stopped by signal at step ")[1].split(":")[0])
+
+
 def scalars(workdir):
     acc = EventAccumulator(os.path.join(workdir, "tb"), size_guidance={"scalars": 0})
     acc.Reload()
@@ -154,22 +172,7 @@ def test_resume_after_sigterm_matches_straight_run_bitwise(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
 
     resumed = str(tmp_path / "resumed")
-    proc = subprocess.Popen(
-        train_cmd(resumed, *total), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 3/10"):
-                proc.send_signal(signal.SIGTERM)
-                break
-        rest, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, rest[-3000:]
-    assert "Stopped by signal at step" in rest
-    stopped = int(rest.split("Stopped by signal at step ")[1].split(":")[0])
+    stopped = sigterm_after(train_cmd(resumed, *total), "step 3/10")
     assert 3 <= stopped < 10
     out = run(train_cmd(resumed, *total))
     assert out.returncode == 0, out.stderr[-3000:]
