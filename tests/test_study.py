@@ -133,12 +133,15 @@ def test_bad_study_entry_fails_before_any_run_naming_it(tmp_path, arch, recipe, 
 def test_shipped_studies_validate():
     names = {}
     for source in ("configs/study/smoke.py", "configs/study/ordering_cpu.py",
-                   "configs/study/ordering_390m.py"):  # fmt: skip
+                   "configs/study/ordering_390m.py", "configs/study/kurtosis_cpu.py"):  # fmt: skip
         study = build_study(os.path.join(ROOT, source))
         names[study.name] = {(r.arch, r.recipe) for r in study.runs}
     fp8dpa = {"llama3", "llama3_smooth_swiglu", "olmo2", "op", "fog_max", "fog_opt", "fog_flash"}
     for name in ("ordering_cpu", "ordering_390m"):
         assert names[name] == {(a, r) for a in fp8dpa for r in ("fp8dpa", "bf16")}
+    assert names["kurtosis_cpu"] == {
+        (a, r) for a in ("llama3", "fog_flash") for r in ("fp8dpa", "bf16")
+    }
 
 
 def test_kurtosis_warnings_survive_sigterm_and_resume(smoke, tmp_path):
@@ -182,7 +185,7 @@ def test_each_run_is_judged_against_its_bf16_twin():
     assert len(twins) == 7
     diverged = {"llama3_fp8dpa": True, "llama3_bf16": False, "fog_flash_fp8dpa": True,
                 "fog_flash_bf16": True, "olmo2_fp8dpa": False, "olmo2_bf16": False}  # fmt: skip
-    rows = [{"name": r.name, "diverged": diverged.get(r.name), "final_train_loss": 3.0 + i}
+    rows = [{"name": r.name, "diverged": diverged.get(r.name), "final_eval_loss": 3.0 + i}
             for i, r in enumerate(study.runs)]  # fmt: skip
     out = {r["name"]: r for r in _with_twins(study, rows)}
     assert out["llama3_fp8dpa"]["verdict"] == "FP8 failure"
@@ -190,5 +193,6 @@ def test_each_run_is_judged_against_its_bf16_twin():
     assert out["olmo2_fp8dpa"]["verdict"] == "stable"
     assert out["op_fp8dpa"]["verdict"] is None  # Not run yet: no verdict.
     names = [r.name for r in study.runs]
-    gap = names.index("llama3_fp8dpa") - names.index("llama3_bf16")
-    assert out["llama3_fp8dpa"]["gap_to_twin"] == gap
+    gap = names.index("olmo2_fp8dpa") - names.index("olmo2_bf16")
+    assert out["olmo2_fp8dpa"]["gap_to_twin"] == gap  # Eval loss minus the twin's.
+    assert out["llama3_fp8dpa"]["gap_to_twin"] is None  # It diverged: no precision gap.

@@ -72,14 +72,17 @@ def _verdict(row: dict[str, Any], twin: dict[str, Any] | None) -> str | None:
 
 
 def _with_twins(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Adds ``bf16_twin``, ``gap_to_twin`` (final train loss minus the twin's) and ``verdict``."""
+    """Adds ``bf16_twin``, ``gap_to_twin`` and ``verdict``. The gap is the final eval loss minus
+    the twin's (several batches: steadier than one step's train loss), only where neither run
+    diverged (a diverged loss says nothing about precision)."""
     by_name, twins = {r["name"]: r for r in rows}, bf16_twins(study)
     out = []
     for row in rows:
         twin = by_name.get(twins.get(row["name"], ""))
         gap = None
-        if twin and row.get("final_train_loss") is not None and twin.get("final_train_loss"):
-            gap = row["final_train_loss"] - twin["final_train_loss"]
+        both = twin and row.get("diverged") is False and twin.get("diverged") is False
+        if both and row.get("final_eval_loss") is not None and twin.get("final_eval_loss"):
+            gap = row["final_eval_loss"] - twin["final_eval_loss"]
         out.append({**row, "bf16_twin": twin["name"] if twin else None, "gap_to_twin": gap,
                     "verdict": _verdict(row, twin)})  # fmt: skip
     return out
@@ -112,7 +115,7 @@ _COLUMNS = (
     ("final train loss", "final_train_loss"),
     ("final eval loss", "final_eval_loss"),
     ("max QKV kurtosis", "max_qkv_kurtosis"),
-    ("loss minus BF16 twin", "gap_to_twin"),
+    ("eval loss minus BF16 twin", "gap_to_twin"),
     ("verdict", "verdict"),
 )
 
@@ -144,9 +147,14 @@ def markdown(study: Study, rows: list[dict[str, Any]]) -> str:
         ref = next((r for r in rows if r["name"] == study.reference), None)
         ref_loss = ref and ref.get("final_train_loss")
         if ref_loss is not None:
-            lines += ["", f"Final train loss minus the reference `{study.reference}`:", ""]
+            lines += [
+                "",
+                f"Final train loss minus the reference `{study.reference}` (runs that "
+                "did not diverge):",
+                "",
+            ]
             for r in rows:
-                if r["name"] != study.reference and r.get("final_train_loss") is not None:
+                if r["name"] != study.reference and r.get("diverged") is False:
                     gap = r["final_train_loss"] - ref_loss
                     lines.append(f"- {r['name']}: {gap:+.3g}" if abs(gap) >= 1e4 else
                                  f"- {r['name']}: {gap:+.3f}")  # fmt: skip
