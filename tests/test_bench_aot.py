@@ -18,10 +18,6 @@ import pytest
 from fogjax import config_lib
 from fogjax.bench import aot, estimate, gemms, hlo_module, plan, targets
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("bench_aot")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 

@@ -8,10 +8,6 @@ import pytest
 from fogjax import data
 from fogjax.data import corpus
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("data_corpus")
-
 
 def _no_network(*args, **kwargs):
     raise AssertionError("the embedded corpus must not touch the network")

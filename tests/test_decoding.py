@@ -27,10 +27,6 @@ from fogjax.decoding import (
 from fogjax.model import build_model
 from fogjax.precision.recipes import make_recipe
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("decoding")
-
 CACHE, TOTAL, PREFILL = 16, 12, 6
 # Row 1's prompt is shorter than the prefill width: its padding slots must be overwritten.
 LENGTHS = np.array([PREFILL, 3])

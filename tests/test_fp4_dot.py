@@ -21,10 +21,6 @@ from fogjax.precision.fp4_dot import (
 )
 from fogjax.precision.fp4_quant import NVFP4
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("fp4_dot")
-
 M, K, N = 32, 48, 40  # tokens, input features, output features
 LINEAR_DIMS = (((1,), (0,)), ((), ()))
 KEY = jax.random.key_data(jax.random.key(42))

@@ -22,10 +22,6 @@ from fogjax.precision.recipe import Recipe
 from fogjax.precision.registry import make_recipe
 from fogjax.step import activation_metrics, make_train_step
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("fp4_layers")
-
 LAYERS, FIRST, LAST = 4, 1, 2
 SEQ, BATCH = 32, 8
 # Block linears of FOG-flash: fused QKV, attention out, FFN in, FFN out.

@@ -21,10 +21,6 @@ from fogjax import config_lib, data, sharding
 from fogjax import state as state_lib
 from fogjax.fp4_training import QafHooks
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("fp4_train")
-
 STEPS = 300
 RESUME_AT = 280  # mid-run resume of the plain nvfp4 run
 QAF_AT = 240  # precision.qaf_start

@@ -12,10 +12,6 @@ import jax
 import numpy as np
 import pytest
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("harness")
-
 pytest.importorskip("lm_eval", reason="needs requirements-eval.txt (lm-eval)")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

@@ -40,10 +40,6 @@ import pytest
 from fogjax import optim, optim_lowp, optim_precision
 from fogjax import optim_formats as fmts
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("optim_lowp")
-
 T, PEAK, WD, B1, B2, EPS = 200, 1e-3, 0.1, 0.9, 0.95, 1e-8
 SHAPES = {"kernel": (4, 256), "gain": (2, 64)}
 MASK = {"kernel": True, "gain": False}

@@ -18,10 +18,6 @@ from fogjax import config_lib, info, optim, sharding
 from fogjax import state as state_lib
 from fogjax.step import compute_grads, make_train_step
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("optim_training")
-
 STEPS, BATCH, SEQ_LEN, VOCAB = 300, 8, 32, 256
 PRESETS = ("fp32", "fog_fp16", "fog_fp8_m1")
 

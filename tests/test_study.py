@@ -17,10 +17,6 @@ from fogjax.study import figures
 from fogjax.study.__main__ import main as study_main
 from fogjax.study.spec import build_study
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("study")
-
 SMOKE = "configs/study/smoke.py"
 RUNS = ["llama3_bf16", "fog_flash_fp8dpa"]
 

@@ -25,10 +25,6 @@ from fogjax import config_lib, preflight
 from fogjax.data import load_dataset_info, load_tokenizer, prepare
 from fogjax.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 
-# One worker runs the whole module, so its module-scoped fixtures are computed once (each xdist
-# worker that runs one of its tests would build its own).
-pytestmark = pytest.mark.xdist_group("train_hardening")
-
 
 def train_cmd(workdir, *overrides):
     """test_train's short run, with a schedule that fits 2-3 steps."""
