@@ -337,3 +337,15 @@ def test_gpu_attention_benchmark_runs_cudnn_fp8_in_one_fused_call_each_way():
     assert [r["status"] for r in rows] == ["ok", "ok"], [r["error"] for r in rows]
     assert rows[0]["cudnn_attention_calls"] == 2 and rows[0]["cudnn_fp8_attention_calls"] == 0
     assert rows[1]["cudnn_fp8_attention_calls"] == 2 and rows[1]["fp8_dots_hlo"] == 0
+
+
+def test_default_output_is_the_repositorys_benchmarks_results():
+    """The bench moved into fogjax/bench/: its default JSON went to fogjax/benchmarks/results."""
+    from fogjax.bench.step import default_output_path
+
+    report = {"rows": [{"arch": "fog_flash"}], "devices": {"kind": "NVIDIA H100 80GB HBM3"}}
+    path = default_output_path(report)
+    assert os.path.dirname(path) == os.path.join(ROOT, "benchmarks", "results")
+    assert os.path.basename(path).startswith("fog_flash-") and path.endswith(
+        "-nvidia-h100-80gb-hbm3.json"
+    )

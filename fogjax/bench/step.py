@@ -50,7 +50,8 @@ from fogjax.trainer import validate_train_config
 
 log = logging.getLogger(__name__)
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# fogjax/bench/step.py -> the repository root, three levels up.
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _RESULTS_DIR = os.path.join(_REPO, "benchmarks", "results")
 
 # Every row has every field (None where it does not apply or was not reached before an error).

@@ -88,14 +88,15 @@ def _with_twins(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]
     return out
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def _fmt(value: Any, digits: int = 3, signed: bool = False) -> str:
     if value is None:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
         # A diverged loss reaches 1e12: significant digits, not a 16-digit fixed point.
-        return f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
+        sign = "+" if signed else ""
+        return f"{value:{sign}.{digits}{'g' if abs(value) >= 1e4 else 'f'}}"
     if isinstance(value, int) and value >= 10_000:
         return f"{value / 1e6:.2f}M" if value < 1e9 else f"{value / 1e9:.2f}B"
     return str(value)
@@ -156,8 +157,7 @@ def markdown(study: Study, rows: list[dict[str, Any]]) -> str:
             for r in rows:
                 if r["name"] != study.reference and r.get("diverged") is False:
                     gap = r["final_train_loss"] - ref_loss
-                    lines.append(f"- {r['name']}: {gap:+.3g}" if abs(gap) >= 1e4 else
-                                 f"- {r['name']}: {gap:+.3f}")  # fmt: skip
+                    lines.append(f"- {r['name']}: {_fmt(gap, signed=True)}")
     lines += ["", "## Figures", ""]
     titles = ("Loss", "QKV kurtosis (layer average, worst layer)", "Gradient norm",
               "FP8 saturation and underflow")  # fmt: skip
