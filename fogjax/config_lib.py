@@ -204,7 +204,7 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1  # On matrices only (embedding and LM head included).
     c.optim.grad_clip = 1.0  # Global-norm clip over parameters (never the FP8 state).
-    # Optimizer-state precision (fogjax/optim_precision.py; README "Optimizer-state precision").
+    # Optimizer-state precision (fogjax/optim/state_precision.py; README "Optimizer-state precision").
     # A preset setting the four dtypes below at once: 'fp32' | 'fog_fp16' | 'fog_fp8_m1' |
     # 'fog_fp8' | 'bf16', or 'custom' (take the four fields as given).
     c.optim.state_precision = "custom"
@@ -249,11 +249,11 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
 
     c.log = ml_collections.ConfigDict()
     c.log.kurtosis_form = "token"  # 'token' (paper) or 'sequence' (released code).
-    # Early warning (fogjax/monitor.py): a layer's kurtosis above this multiple of its own
+    # Early warning (fogjax/monitoring/kurtosis.py): a layer's kurtosis above this multiple of its own
     # log-trend on `kurtosis_alarm_patience` consecutive statistics steps prints a warning.
     c.log.kurtosis_alarm_ratio = 1.5
     c.log.kurtosis_alarm_patience = 2
-    # Divergence detection (fogjax/divergence.py), recorded in <workdir>/summary.json. A loss
+    # Divergence detection (fogjax/monitoring/divergence.py), recorded in <workdir>/summary.json. A loss
     # spike: the loss above its running minimum by more than `loss_spike_margin` nats (0 = off)
     # on `loss_spike_patience` consecutive steps. A grad-norm spike: above `grad_spike_ratio`
     # times its trailing average (0 = off) on `grad_spike_patience` consecutive steps. Steps up to
@@ -267,7 +267,7 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     # on). A NaN/inf loss always stops: the parameters are lost from there on.
     c.log.on_divergence = "stop"
     # MFU is always against the device's dense BF16 peak (so FP8's speed-up shows as higher MFU).
-    # Devices missing from fogjax.metrics.PEAK_FLOPS report no MFU unless a peak is declared here.
+    # Devices missing from fogjax.monitoring.throughput.PEAK_FLOPS report no MFU unless a peak is declared here.
     c.log.peak_tflops = 0.0
     c.lock()
     return c

@@ -5,7 +5,7 @@
         [--seed 0] [--recipe bf16]
 
 Loads the checkpoint read-only with the run's own config, tokenizer and precision recipe
-(fogjax/inference.py), prefills the prompt and decodes one token per step (fogjax/decoding.py),
+(fogjax/inference/load.py), prefills the prompt and decodes one token per step (fogjax/inference/decoding.py),
 stopping early at the end-of-document token. Prints the prompt followed by the generated text.
 Exit code 2 with a one-line error for a workdir without checkpoints or a prompt that does not
 fit in the model's context.
@@ -18,8 +18,8 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from fogjax.decoding import GREEDY, PromptTooLongError, Sampling
-from fogjax.inference import LoadedModel, NoCheckpointError, load_model
+from fogjax.inference.decoding import GREEDY, PromptTooLongError, Sampling
+from fogjax.inference.load import LoadedModel, NoCheckpointError, load_model
 
 
 def generate_text(

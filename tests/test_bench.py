@@ -17,7 +17,7 @@ from fogjax import config_lib
 from fogjax.bench import attention as bench_attention
 from fogjax.bench import entries as bench_entries
 from fogjax.bench import hlo_stats
-from fogjax.bench import step as bench
+from fogjax.bench import measure as bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device for the CLI run (this test process has 8 fake devices).
@@ -341,7 +341,7 @@ def test_gpu_attention_benchmark_runs_cudnn_fp8_in_one_fused_call_each_way():
 
 def test_default_output_is_the_repositorys_benchmarks_results():
     """The bench moved into fogjax/bench/: its default JSON went to fogjax/benchmarks/results."""
-    from fogjax.bench.step import default_output_path
+    from fogjax.bench.measure import default_output_path
 
     report = {"rows": [{"arch": "fog_flash"}], "devices": {"kind": "NVIDIA H100 80GB HBM3"}}
     path = default_output_path(report)

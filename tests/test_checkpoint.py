@@ -246,7 +246,7 @@ def test_changed_bytes_fail_the_checksum_and_fall_back(tmp_path, caplog):
 
 
 def test_checksum_matches_a_numpy_rederivation_on_any_mesh():
-    from fogjax.array_checksums import array_checksum
+    from fogjax.checkpoint.checksums import array_checksum
 
     x = jax.random.normal(jax.random.key(3), (8, 6)).astype(jnp.bfloat16)
     bits = np.asarray(x).view(np.uint16).astype(np.uint64).reshape(-1)

@@ -29,7 +29,7 @@ from fogjax.precision import cudnn_attention, scaling
 from fogjax.precision.cudnn_attention import TENSORS, CudnnAttentionUnavailable
 from fogjax.precision.formats import E4M3_MAX
 from fogjax.precision.stats import fp8_state_metrics
-from fogjax.state import build_run
+from fogjax.train.run import build_run
 
 SCALE = 0.25
 EMULATED = cudnn_attention.Kernel(emulation.forward, emulation.backward)

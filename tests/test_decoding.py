@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fogjax import config_lib, sharding
-from fogjax.decoding import (
+from fogjax.inference.decoding import (
     Decoder,
     PromptTooLongError,
     Sampling,
@@ -25,7 +25,7 @@ from fogjax.decoding import (
     sample_tokens,
 )
 from fogjax.model import build_model
-from fogjax.precision.recipes import make_recipe
+from fogjax.precision.registry import make_recipe
 
 CACHE, TOTAL, PREFILL = 16, 12, 6
 # Row 1's prompt is shorter than the prefill width: its padding slots must be overwritten.
@@ -210,8 +210,8 @@ def test_decoder_seed_and_stop(decoder):
 
 def test_fogjax_never_imports_lm_eval():
     code = (
-        "import sys, fogjax.evaluate, fogjax.generate, fogjax.downstream, fogjax.inference, "
-        "fogjax.decoding; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
+        "import sys, fogjax.evaluate, fogjax.generate, fogjax.evaluate.harness, fogjax.inference.load, "
+        "fogjax.inference.decoding; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

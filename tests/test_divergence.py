@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from fogjax import config_lib, preflight
-from fogjax.divergence import DivergenceDetector, detector_from_config
+from fogjax import config_lib
+from fogjax.monitoring.divergence import DivergenceDetector, detector_from_config
+from fogjax.train import preflight
 
 
 def loss_curve(steps, rng, noise=0.15):

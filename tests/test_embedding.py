@@ -125,7 +125,7 @@ def test_without_a_mesh_is_take():
 COMPILE_TINY = textwrap.dedent(
     """
     from fogjax import config_lib
-    from fogjax.bench import step as bench
+    from fogjax.bench import measure as bench
 
     c = config_lib.get_config("fog_flash", "tiny")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2

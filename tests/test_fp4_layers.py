@@ -20,7 +20,7 @@ from fogjax.precision import fp4_qaf
 from fogjax.precision.fp4_dot import FP4_GEMM_SCOPE
 from fogjax.precision.recipe import Recipe
 from fogjax.precision.registry import make_recipe
-from fogjax.step import activation_metrics, make_train_step
+from fogjax.train.step import activation_metrics, make_train_step
 
 LAYERS, FIRST, LAST = 4, 1, 2
 SEQ, BATCH = 32, 8

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from fogjax import config_lib, optim
-from fogjax import state as state_lib
-from fogjax.fp4_training import METADATA_KEY, QafHooks
 from fogjax.model import weight_decay_mask
 from fogjax.precision import fp4_qaf
 from fogjax.precision.fp4_qaf import RHO_THRESHOLD, QafSwitch
+from fogjax.train import run as state_lib
+from fogjax.train.qaf import METADATA_KEY, QafHooks
 
 
 def test_qaf_start_is_a_step_or_a_fraction_of_training():

@@ -12,7 +12,7 @@ import flax.linen as nn
 import pytest
 
 from fogjax import config_lib
-from fogjax.precision import recipes, registry
+from fogjax.precision import registry
 from fogjax.precision.fp4_dot import Fp4DotGeneral
 from fogjax.precision.fp4_recipes import Fp4Recipe, qaf_recipe
 from fogjax.precision.fp8_dot import Fp8DotGeneral
@@ -67,10 +67,8 @@ def test_importing_the_recipe_interface_registers_nothing_and_imports_no_recipe(
     assert "registry" not in loaded and "fp4" not in loaded, loaded
 
 
-def test_registry_names_every_recipe_and_the_facade_agrees():
+def test_registry_names_every_recipe():
     assert registry.available() == ["bf16", "fp8", "fp8dpa", "mxfp4", "nvfp4"]
-    assert recipes.available() == registry.available()
-    assert recipes.make_recipe is registry.make_recipe
 
 
 def precision(**overrides):

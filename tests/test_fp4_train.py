@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from fogjax import config_lib, data, sharding
-from fogjax import state as state_lib
-from fogjax.fp4_training import QafHooks
+from fogjax.train import run as state_lib
+from fogjax.train.qaf import QafHooks
 
 STEPS = 300
 RESUME_AT = 280  # mid-run resume of the plain nvfp4 run

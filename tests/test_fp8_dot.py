@@ -12,7 +12,7 @@ from flax.linen import fp8_ops
 
 from fogjax.precision import stats
 from fogjax.precision.fp8_dot import FP8_STATS_COLLECTION, Fp8DotGeneral, operand_stats
-from fogjax.precision.recipes import FP8_COLLECTION
+from fogjax.precision.recipe import FP8_COLLECTION
 
 LINEAR_DIMS = (((2,), (0,)), ((), ()))  # x [B, T, D] . w [D, F] -> [B, T, F]
 QK_DIMS = (((2,), (2,)), ((0,), (0,)))  # q [B, T, d] . k [B, S, d] -> [B, T, S]

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 from flax.linen import fp8_ops
 
-from fogjax.precision import recipes, te
+from fogjax.precision import te
+from fogjax.precision.recipe import Recipe
 from fogjax.precision.fp8_dot import Fp8DotGeneral
 from fogjax.precision.fp8_recipes import Fp8Recipe
-from fogjax.precision.recipes import FP8_COLLECTION, make_recipe
+from fogjax.precision.recipe import FP8_COLLECTION
+from fogjax.precision.registry import make_recipe
 
 LINEAR_DIMS = (((1,), (0,)), ((), ()))
 QK_DIMS = (((2,), (2,)), ((0,), (0,)))
@@ -43,7 +45,7 @@ def precision_config(**overrides) -> ml_collections.ConfigDict:
 class _Block(nn.Module):
     """Calls both recipe hooks from a compact method, as the model's Linear and attention do."""
 
-    recipe: recipes.Recipe
+    recipe: Recipe
 
     @nn.compact
     def __call__(self, x, w, q, k):
@@ -245,7 +247,7 @@ def test_te_backend_trains_a_linear_close_to_the_xla_backend():
     x, w, _, _ = _block_inputs()
 
     class Linear(nn.Module):
-        recipe: recipes.Recipe
+        recipe: Recipe
 
         @nn.compact
         def __call__(self, x, w):

@@ -16,12 +16,15 @@ pytest.importorskip("lm_eval", reason="needs requirements-eval.txt (lm-eval)")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from fogjax import trainer  # noqa: E402
-from fogjax.decoding import PromptTooLongError, Sampling  # noqa: E402
-from fogjax.downstream import run_downstream, scalar_tags  # noqa: E402
+from fogjax.evaluate.harness import (  # noqa: E402
+    FogjaxLM,  # noqa: E402
+    run_downstream,
+    scalar_tags,
+)
 from fogjax.generate import generate_text  # noqa: E402
-from fogjax.harness import FogjaxLM  # noqa: E402
-from fogjax.inference import NoCheckpointError, load_model  # noqa: E402
+from fogjax.inference.decoding import PromptTooLongError, Sampling  # noqa: E402
+from fogjax.inference.load import NoCheckpointError, load_model  # noqa: E402
+from fogjax.train import loop as trainer  # noqa: E402
 
 SEQ = 32
 

@@ -9,7 +9,7 @@ import pytest
 
 from fogjax import config_lib
 from fogjax.model import build_model
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.recipe import Recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ def test_info_cli_every_arch_and_size():
 
 
 def test_info_counts_from_first_principles():
-    from fogjax.info import model_info
+    from fogjax.accounting import model_info
 
     info = model_info(config_lib.get_config("llama3", "8b"))
     d, f, layers, v = 4096, 14336, 32, 131072
@@ -85,7 +85,7 @@ def test_odd_head_dim_rejected():
 
 
 def test_unknown_recipe_and_locked_config():
-    from fogjax.precision.recipes import make_recipe
+    from fogjax.precision.registry import make_recipe
 
     cfg = config_lib.get_config("fog_flash", "tiny")
     with cfg.unlocked():
@@ -101,8 +101,8 @@ def test_unknown_recipe_and_locked_config():
 
 
 def test_info_from_known_params_equals_traced():
-    from fogjax import state as state_lib
-    from fogjax.info import model_info
+    from fogjax.accounting import model_info
+    from fogjax.train import run as state_lib
 
     cfg = config_lib.get_config("fog_flash", "tiny")
     run = state_lib.build_run(cfg)

@@ -11,7 +11,8 @@ import ml_collections
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fogjax import metrics, provenance
+from fogjax.monitoring import throughput, writer
+from fogjax.train import provenance
 
 
 def _read(logdir):
@@ -21,7 +22,7 @@ def _read(logdir):
 
 
 def test_writer_round_trip(tmp_path):
-    w = metrics.MetricWriter(str(tmp_path))
+    w = writer.MetricWriter(str(tmp_path))
     w.write_scalars(1, {"train/loss": 3.5, "train/lr": 1e-3, "perf/mfu": None})
     w.write_scalars(2, {"train/loss": 3.25})
     w.write_text(0, "provenance", "| field | value |")
@@ -37,7 +38,7 @@ def test_writer_round_trip(tmp_path):
 def test_full_disk_warns_once_and_training_goes_on(tmp_path):
     """tensorboardX's SummaryWriter hangs for ever here (its thread dies, its queue fills)."""
     warnings = []
-    w = metrics.MetricWriter(str(tmp_path), warn=warnings.append)
+    w = writer.MetricWriter(str(tmp_path), warn=warnings.append)
     w.write_scalars(1, {"train/loss": 3.5})
     w.flush()
     # A real ENOSPC on every write, as on a full disk (unbuffered, so the first write fails).
@@ -55,7 +56,7 @@ def test_full_disk_warns_once_and_training_goes_on(tmp_path):
 
 
 def test_writer_is_a_no_op_off_process_zero(tmp_path):
-    w = metrics.MetricWriter(str(tmp_path / "x"), enabled=False)
+    w = writer.MetricWriter(str(tmp_path / "x"), enabled=False)
     w.write_scalars(1, {"a": 1.0})
     w.write_text(1, "t", "x")
     w.flush()
@@ -68,26 +69,26 @@ def test_no_tensorflow_import():
 
 
 def test_peak_table():
-    assert metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert metrics.peak_flops("NVIDIA H100 80GB HBM3", "fp8") == 1979e12
-    assert metrics.peak_flops("NVIDIA GH200 480GB", "fp8") == 1979e12
-    assert metrics.peak_flops("NVIDIA H200") == 989e12
-    assert metrics.peak_flops("NVIDIA H100 PCIe") == 756e12  # Not the SXM peak.
-    assert metrics.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert metrics.peak_flops("NVIDIA A100-SXM4-80GB", "fp8") is None
-    assert metrics.peak_flops("cpu") is None
+    assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert throughput.peak_flops("NVIDIA H100 80GB HBM3", "fp8") == 1979e12
+    assert throughput.peak_flops("NVIDIA GH200 480GB", "fp8") == 1979e12
+    assert throughput.peak_flops("NVIDIA H200") == 989e12
+    assert throughput.peak_flops("NVIDIA H100 PCIe") == 756e12  # Not the SXM peak.
+    assert throughput.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert throughput.peak_flops("NVIDIA A100-SXM4-80GB", "fp8") is None
+    assert throughput.peak_flops("cpu") is None
 
 
 def test_mfu_arithmetic_and_none_on_cpu():
     # 494.5 TFLOP in one second on an H100 is half its BF16 peak.
-    assert metrics.mfu(494.5e12, 1.0, "NVIDIA H100 80GB HBM3") == pytest.approx(0.5)
-    assert metrics.mfu(1979e12 / 2, 4.0, "NVIDIA H100 80GB HBM3", "fp8") == pytest.approx(0.125)
-    assert metrics.mfu(1e12, 1.0, jax.devices()[0].device_kind) is None  # Tests run on CPU.
+    assert throughput.mfu(494.5e12, 1.0, "NVIDIA H100 80GB HBM3") == pytest.approx(0.5)
+    assert throughput.mfu(1979e12 / 2, 4.0, "NVIDIA H100 80GB HBM3", "fp8") == pytest.approx(0.125)
+    assert throughput.mfu(1e12, 1.0, jax.devices()[0].device_kind) is None  # Tests run on CPU.
 
 
 def test_throughput_between_ticks():
     clock = iter([100.0, 102.0, 104.0]).__next__
-    t = metrics.Throughput(
+    t = throughput.Throughput(
         total_steps=100,
         tokens_per_step=8192,
         flops_per_step=8 * 989e12,  # 8 devices at full H100 peak for one second of work.
@@ -108,7 +109,7 @@ def test_throughput_between_ticks():
 
 def test_throughput_reset_excludes_eval_time():
     clock = iter([0.0, 1.0, 50.0, 51.0, 52.0]).__next__
-    t = metrics.Throughput(100, 100, 1e9, 1, "cpu", clock=clock)
+    t = throughput.Throughput(100, 100, 1e9, 1, "cpu", clock=clock)
     t.tick(0)
     assert t.tick(1)["perf/step_time"] == pytest.approx(1.0)
     t.reset()  # 48 s of evaluation happen here
@@ -118,7 +119,7 @@ def test_throughput_reset_excludes_eval_time():
 
 def test_throughput_has_no_mfu_on_unknown_devices():
     clock = iter([0.0, 1.0]).__next__
-    t = metrics.Throughput(10, 100, 1e9, 1, "cpu", clock=clock)
+    t = throughput.Throughput(10, 100, 1e9, 1, "cpu", clock=clock)
     t.tick(0)
     perf = t.tick(1)
     assert "perf/mfu" not in perf
@@ -131,7 +132,7 @@ def test_metrics_to_host_flattens_nested_and_per_layer():
         "kurtosis": {"qkv": jnp.array([3.0, 5.0, 7.0]), "block_out": jnp.arange(12.0)},
         "grad_norm": jnp.bfloat16(0.5),
     }
-    flat = metrics.metrics_to_host(tree, prefix="train")
+    flat = writer.metrics_to_host(tree, prefix="train")
     assert flat["train/loss"] == 2.0
     assert flat["train/grad_norm"] == 0.5
     assert flat["train/kurtosis/qkv/layer_00"] == 3.0
@@ -145,26 +146,26 @@ def test_metrics_to_host_flattens_nested_and_per_layer():
 
 def test_metrics_to_host_refuses_matrices():
     with pytest.raises(ValueError, match=r"'m/x'.*\(2, 2\)"):
-        metrics.metrics_to_host({"x": jnp.zeros((2, 2))}, prefix="m")
+        writer.metrics_to_host({"x": jnp.zeros((2, 2))}, prefix="m")
 
 
 def test_console_line():
-    line = metrics.console_line(120, 2000, 3.4121, 1e-3, 12_345.0, 0.4123, 312)
+    line = writer.console_line(120, 2000, 3.4121, 1e-3, 12_345.0, 0.4123, 312)
     assert line == "step 120/2000 | loss 3.412 | lr 1.0e-03 | 12.3k tok/s | mfu 41.2% | eta 5m12s"
-    assert metrics.console_line(5, 10, loss=2.0) == "step 5/10 | loss 2.000"
-    assert metrics.console_line(5, 10, loss=float("nan")) == "step 5/10 | loss nan"
+    assert writer.console_line(5, 10, loss=2.0) == "step 5/10 | loss 2.000"
+    assert writer.console_line(5, 10, loss=float("nan")) == "step 5/10 | loss nan"
 
 
 @pytest.mark.parametrize(
     "seconds,text", [(0, "0s"), (45, "45s"), (312, "5m12s"), (7380, "2h03m"), (273600, "3d04h")]
 )
 def test_format_duration(seconds, text):
-    assert metrics.format_duration(seconds) == text
+    assert writer.format_duration(seconds) == text
 
 
 def test_console_without_tty_prints_lines_and_no_bar():
     out = io.StringIO()  # isatty() is False, as in a SLURM log.
-    c = metrics.Console(100, enabled=True, stream=out)
+    c = writer.Console(100, enabled=True, stream=out)
     c.update(10)
     c.print("step 10/100")
     c.close()
@@ -177,7 +178,7 @@ def test_console_on_a_tty_draws_a_bar_and_prints_above_it():
             return True
 
     out = Tty()
-    c = metrics.Console(100, initial_step=5, enabled=True, stream=out)
+    c = writer.Console(100, initial_step=5, enabled=True, stream=out)
     c.update(10)
     c.print("step 10/100")
     c.close()

@@ -17,7 +17,7 @@ from fogjax.model import build_model, weight_decay_mask
 from fogjax.model.attention import xla_attention
 from fogjax.model.mlp import MLP
 from fogjax.model.rope import apply_rope, rope_frequencies
-from fogjax.precision.recipes import Recipe
+from fogjax.precision.recipe import Recipe
 
 F32 = Recipe(name="f32", compute_dtype=jnp.float32)
 PAPER_COUNTS = {"390m": 385.9e6, "1.5b": 1.544e9, "8b": 8.053e9}
@@ -58,7 +58,7 @@ def rel_err(a, b):
 @pytest.mark.parametrize("arch", config_lib.ARCHS)
 @pytest.mark.parametrize("size", ["390m", "1.5b", "8b"])
 def test_parameter_counts_match_paper(arch, size):
-    from fogjax.info import model_info
+    from fogjax.accounting import model_info
 
     info = model_info(config_lib.get_config(arch, size))
     assert info["params_total"] == pytest.approx(PAPER_COUNTS[size], rel=1e-3)

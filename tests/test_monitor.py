@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fogjax.monitor import KurtosisMonitor
+from fogjax.monitoring.kurtosis import KurtosisMonitor
 
 
 def feed(monitor, steps, values_by_tag):

@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from fogjax import checkpoint, config_lib, optim, sharding
-from fogjax import state as state_lib
-from fogjax.optim_formats import Quantized
+from fogjax.optim.moment_formats import Quantized
+from fogjax.train import run as state_lib
 
 # Every preset, and int8 moments (the one format no preset uses).
 PRECISIONS = {
@@ -46,7 +46,7 @@ def optim_config(preset: str, **fields):
 
 
 def init_fn(optim_cfg):
-    """``init(rng) -> state`` as fogjax.state.make_init_fn builds it, for PARAM_SHAPES."""
+    """``init(rng) -> state`` as fogjax.train.run.make_init_fn builds it, for PARAM_SHAPES."""
     tx = optim.make_optimizer(optim_cfg, 100, MASK)
 
     def init(rng):
@@ -172,7 +172,7 @@ def test_round_trip_across_meshes_is_bitwise(tmp_path):
 def test_new_state_leaves_are_sharded_like_their_parameters():
     """Stored moments and remainders carry their parameter's sharding; block scales
     [..., blocks] its partition spec wherever the block count divides the mesh axis, and the
-    real model's state gets them too (fogjax.state.build_run)."""
+    real model's state gets them too (fogjax.train.run.build_run)."""
     cfg = config_lib.get_config("fog_flash", "tiny")
     cfg.model.num_layers, cfg.model.num_kv_heads = 2, 2
     cfg.optim.state_precision, cfg.optim.master_dtype = "custom", "bfloat16"

@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fogjax import optim_formats as fmts
+from fogjax.optim import moment_formats as fmts
 
 RNG = np.random.default_rng(0)
 # Heavy-tailed rows of 256 with a few tiny coordinates, as moments are.

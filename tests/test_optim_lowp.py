@@ -9,7 +9,7 @@ with r_t the master's rounding error; since 0 < 1 - lr lam <= 1,
     |e_T| <= sum_t lr_t |u'_t - u_t| + |sum_t r_t|.
 Moments: the step uses mu'_t = b1 Q(mu'_{t-1}) + (1-b1) g'_t (nu' alike), so D_t >= |mu'_t - mu_t|
 follows D_t = b1 (D_{t-1} + q_{t-1}) + (1-b1) |g'_t - g_t| with q the storage error bound of
-fogjax.optim_formats: u |x| + 2 (min_positive / max) A for a float format with unit roundoff u and
+fogjax.optim.moment_formats: u |x| + 2 (min_positive / max) A for a float format with unit roundoff u and
 block amax A (the power-of-two scale puts A in (max/2, max]; the zero guard costs at most one
 min_positive), A / 127 (A / 255 for sqrt(nu)) for int8, u |x| for bfloat16, all doubled when the
 moments are requantised stochastically (either neighbour); the second moment is stored as
@@ -37,8 +37,10 @@ import numpy as np
 import optax
 import pytest
 
-from fogjax import optim, optim_lowp, optim_precision
-from fogjax import optim_formats as fmts
+from fogjax import optim
+from fogjax.optim import adam_lowp as optim_lowp
+from fogjax.optim import moment_formats as fmts
+from fogjax.optim import state_precision as optim_precision
 
 T, PEAK, WD, B1, B2, EPS = 200, 1e-3, 0.1, 0.9, 0.95, 1e-8
 SHAPES = {"kernel": (4, 256), "gain": (2, 64)}
@@ -180,7 +182,7 @@ _UNIT_ROUNDOFF["float8_e4m3fn"] = 2.0**-4
 
 
 def _block_amax(x: np.ndarray, block: int) -> np.ndarray:
-    """Per element, the amax of its storage block (fogjax.optim_formats' layout)."""
+    """Per element, the amax of its storage block (fogjax.optim.moment_formats' layout)."""
     n = fmts.block_count(x.shape, block)
     if not n:
         return np.full_like(x, np.abs(x).max())

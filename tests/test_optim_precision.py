@@ -1,5 +1,5 @@
 """optim.* precision fields: presets, refusals that name the fix, and bfloat16 gradients
-accumulated over micro-batches by fogjax.step.compute_grads."""
+accumulated over micro-batches by fogjax.train.step.compute_grads."""
 
 import flax.linen as nn
 import jax
@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fogjax import config_lib, optim, optim_precision
-from fogjax.step import compute_grads
+from fogjax import config_lib, optim
+from fogjax.optim import state_precision as optim_precision
+from fogjax.train.step import compute_grads
 
 
 def _optim(**fields):
@@ -55,7 +56,7 @@ def test_bad_precision_fields_are_refused_with_the_fix(fields, message):
 
 
 class _Bigram(nn.Module):
-    """Embedding + untied head: a model fogjax.step can differentiate, compiled in a second."""
+    """Embedding + untied head: a model fogjax.train.step can differentiate, compiled in a second."""
 
     @nn.compact
     def __call__(self, tokens):

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fogjax import config_lib, info, optim, sharding
-from fogjax import state as state_lib
-from fogjax.step import compute_grads, make_train_step
+from fogjax import accounting as info
+from fogjax import config_lib, optim, sharding
+from fogjax.train import run as state_lib
+from fogjax.train.step import compute_grads, make_train_step
 
 STEPS, BATCH, SEQ_LEN, VOCAB = 300, 8, 32, 256
 PRESETS = ("fp32", "fog_fp16", "fog_fp8_m1")

@@ -41,8 +41,8 @@ from jax.sharding import PartitionSpec as P
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fogjax import checkpoint, config_lib, sharding
-from fogjax import state as state_lib
-from fogjax.step import make_train_step
+from fogjax.train import run as state_lib
+from fogjax.train.step import make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ class StepResult:
 
 
 def one_step(recipe: str, shape: tuple[int, int, int]) -> StepResult:
-    """create_state and one jitted train step on ``shape``, as fogjax.trainer does them."""
+    """create_state and one jitted train step on ``shape``, as fogjax.train.loop does them."""
     cfg = small_config(recipe)
     mesh = mesh_of(shape)
     run = state_lib.build_run(cfg, mesh)

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from fogjax import config_lib, sharding
 from fogjax.model.transformer import Transformer
-from fogjax.precision.recipes import make_recipe
+from fogjax.precision.registry import make_recipe
 
 
 def mesh_cfg(data: int, fsdp: int, tensor: int) -> dict[str, int]:

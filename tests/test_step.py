@@ -13,7 +13,7 @@ from jax.extend import core as jex_core
 
 from fogjax import config_lib, optim
 from fogjax.model import build_model, weight_decay_mask
-from fogjax.step import compute_grads, make_train_step
+from fogjax.train.step import compute_grads, make_train_step
 
 E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)

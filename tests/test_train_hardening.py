@@ -21,9 +21,10 @@ import pytest
 from test_train import ENV, ROOT, run, scalars
 from test_train import train_cmd as _train_cmd
 
-from fogjax import config_lib, preflight
+from fogjax import config_lib
 from fogjax.data import load_dataset_info, load_tokenizer, prepare
-from fogjax.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
+from fogjax.train import preflight
+from fogjax.train.workdir import LOCK_FILE, WorkdirLock, WorkdirLockedError
 
 
 def train_cmd(workdir, *overrides):
@@ -136,7 +137,7 @@ def test_one_trainer_per_workdir_and_stale_locks(tmp_path):
             WorkdirLock(workdir).acquire()
     assert not os.path.exists(os.path.join(workdir, LOCK_FILE))  # Released.
     # A trainer killed without releasing (SIGKILL, OOM) leaves a lock naming a dead pid.
-    code = f"from fogjax.workdir_lock import WorkdirLock; WorkdirLock({workdir!r}).acquire()"
+    code = f"from fogjax.train.workdir import WorkdirLock; WorkdirLock({workdir!r}).acquire()"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, check=True)
     dead = json.loads(pathlib.Path(workdir, LOCK_FILE).read_text())["pid"]
     with WorkdirLock(workdir) as lock:
@@ -266,8 +267,8 @@ def test_the_compile_thread_sees_the_mesh_and_logical_rules():
     import jax
 
     from fogjax import sharding
-    from fogjax import state as state_lib
-    from fogjax.trainer import _interruptible, _StopRequest
+    from fogjax.train import run as state_lib
+    from fogjax.train.loop import _interruptible, _StopRequest
 
     c = config_lib.get_config("llama3", "tiny")
     m = c.model
@@ -298,7 +299,7 @@ def test_out_of_memory_at_compile_names_what_to_reduce():
 
     import jax
 
-    from fogjax.trainer import _CompiledSteps, _StopRequest
+    from fogjax.train.loop import _CompiledSteps, _StopRequest
 
     config = _config(train__batch_size=64, train__seq_len=4096, train__micro_batches=2)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))

@@ -26,8 +26,9 @@ if any(a.startswith("--target") for a in sys.argv[1:]):
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fogjax.bench import aot, plan, step  # noqa: E402
+from fogjax.bench import aot, plan
 from fogjax.bench import attention as bench_attention  # noqa: E402
+from fogjax.bench import measure as step  # noqa: E402
 from fogjax.bench.entries import (  # noqa: E402
     compare_entries,
     recipe_entries,

@@ -33,14 +33,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from fogjax import optim, sharding
-from fogjax import state as state_lib
+from fogjax.accounting import model_info
 from fogjax.bench import estimate as estimate_lib
 from fogjax.bench import gemms as gemm_lib
 from fogjax.bench.hlo_module import parse_module
 from fogjax.bench.targets import Target, target_devices
-from fogjax.info import model_info
-from fogjax.step import make_train_step
-from fogjax.trainer import validate_train_config
+from fogjax.train import run as state_lib
+from fogjax.train.loop import validate_train_config
+from fogjax.train.step import make_train_step
 
 TRITON_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 

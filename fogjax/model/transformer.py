@@ -134,7 +134,7 @@ class Transformer(nn.Module):
       recipe: the precision recipe for every GEMM inside the blocks.
       kurtosis_form: 'token' (paper) or 'sequence' (released code), for the probes.
       decode_length: KV-cache slots for decoding (0, the default: no cache). When > 0, call with
-        explicit ``positions`` and ``mutable=['cache']``; see fogjax/decoding.py.
+        explicit ``positions`` and ``mutable=['cache']``; see fogjax/inference/decoding.py.
     """
 
     cfg: Any

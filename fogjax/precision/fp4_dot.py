@@ -126,7 +126,7 @@ def _bwd(cfg: Fp4GemmConfig, residuals, g):
     if not cfg.has_key:
         raise ValueError(
             "An FP4 backward pass needs the 'fp4' rng for stochastic rounding: apply the model "
-            "with rngs={'fp4': fold_in(key(seed), step)}, as fogjax.step does."
+            "with rngs={'fp4': fold_in(key(seed), step)}, as fogjax.train.step does."
         )
     key = jax.random.wrap_key_data(key_data)
     k_dgrad, k_wgrad, k_act, k_hadamard = (jax.random.fold_in(key, i) for i in range(4))

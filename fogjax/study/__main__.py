@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"Wrote {script}. Submit it with: sbatch {script}", flush=True)
         return
     from fogjax.study.runner import run_study
-    from fogjax.trainer import Interrupted
-    from fogjax.workdir_lock import WorkdirLockedError
+    from fogjax.train.loop import Interrupted
+    from fogjax.train.workdir import WorkdirLockedError
 
     try:
         finished = run_study(study, study_dir)

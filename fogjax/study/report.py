@@ -138,7 +138,7 @@ def markdown(study: Study, rows: list[dict[str, Any]]) -> str:
         "",
         "Diverged: a NaN/inf loss, or a loss or gradient-norm spike (`log.loss_spike_*`, "
         "`log.grad_spike_*`); the step is its onset. First kurtosis warning: the first step a "
-        "layer's kurtosis left its log-trend (fogjax/monitor.py). Lead time: tokens from that "
+        "layer's kurtosis left its log-trend (fogjax/monitoring/kurtosis.py). Lead time: tokens from that "
         "warning to the divergence. Max QKV kurtosis: the largest per-layer value measured. "
         "Verdict (SPEC.md §4, each run against its BF16 twin: same architecture, fields and "
         "stress): 'FP8 failure' when only the FP8 run diverged, 'fails in BF16 too' when the "

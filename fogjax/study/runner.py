@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from fogjax.study.spec import Study, StudyRun
-from fogjax.trainer import SUMMARY_FILE, TrainingDiverged, train_and_evaluate
+from fogjax.train.loop import SUMMARY_FILE, TrainingDiverged, train_and_evaluate
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ A study file (``configs/study/<name>.py``) defines ``get_config(arg)`` returning
                of that run alone (an LR multiple, a seed, ...), applied last
 
 Each run config is the ordinary ``config_lib.get_config(arch, size)`` with the fields above set,
-then checked by :func:`fogjax.preflight.validate_train_config`; any failure is a ValueError that
+then checked by :func:`fogjax.train.preflight.validate_train_config`; any failure is a ValueError that
 names the study entry and the field.
 """
 
@@ -28,8 +28,9 @@ from typing import Any
 
 import ml_collections
 
-from fogjax import config_lib, preflight
+from fogjax import config_lib
 from fogjax.precision import registry
+from fogjax.train import preflight
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -1,7 +1,7 @@
 """Low-precision AdamW state as optax transformations: quantised moments and 16-bit master weights.
 
 - :func:`scale_by_adam_lowp` replaces ``optax.scale_by_adam``: the moments are stored in any of
-  :data:`fogjax.optim_formats.MOMENT_FORMATS` and the update math runs in float32 (dequantise,
+  :data:`fogjax.optim.moment_formats.MOMENT_FORMATS` and the update math runs in float32 (dequantise,
   update, requantise). The step's update uses the float32 moments *before* requantisation; only
   the stored copy is rounded. With float32 moments it is ``optax.scale_by_adam`` bit for bit.
 - :func:`master_weights` wraps the rest of the chain (Adam, weight decay, learning rate) so that
@@ -10,7 +10,7 @@
   draws the same bits), or a 16-bit remainder kept in the optimizer state that makes bfloat16 +
   remainder exactly the float32 master.
 
-Both accept boxed (``nn.LogicallyPartitioned``) parameters at ``init``, as fogjax.state builds
+Both accept boxed (``nn.LogicallyPartitioned``) parameters at ``init``, as fogjax.train.run builds
 the state abstract-first: every new state leaf shaped like a parameter (stored moments, block
 scales, remainders) carries that parameter's logical names, so it is sharded like it.
 """
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
-from fogjax import optim_formats as fmts
-from fogjax.optim_formats import MomentFormat, Quantized, stochastic_round
+from fogjax.optim import moment_formats as fmts
+from fogjax.optim.moment_formats import MomentFormat, Quantized, stochastic_round
 
 MASTER_ROUNDINGS = ("nearest", "stochastic", "remainder")
 
@@ -80,7 +80,7 @@ def scale_by_adam_lowp(
     mu = (1-b1) g + b1 decode(mu_stored); nu = (1-b2) g^2 + b2 decode(nu_stored);
     update = mu_hat / (sqrt(nu_hat + eps_root) + eps) with the bias corrections of optax, from
     these float32 moments; then mu_stored, nu_stored = encode(mu), encode(nu). Rounding happens
-    only in encode (fogjax.optim_formats). ``block_size``: scale block along the last axis, 0 =
+    only in encode (fogjax.optim.moment_formats). ``block_size``: scale block along the last axis, 0 =
     one scale per tensor. ``stochastic``: requantise with unbiased stochastic rounding (bits from
     the step count, leaf and moment, so a resumed run draws the same) instead of to nearest: with
     3 mantissa bits, a moment whose EMA moves it by less than half a grid step per step (nu: 5%

@@ -39,18 +39,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import metrics, optim, provenance, sharding
-from fogjax import state as state_lib
+from fogjax import optim, sharding
+from fogjax.accounting import model_info
 from fogjax.bench import attention as bench_attention
 from fogjax.bench import hlo_stats, text_table
 from fogjax.bench.entries import Entry
-from fogjax.info import model_info
-from fogjax.step import make_train_step
-from fogjax.trainer import validate_train_config
+from fogjax.monitoring.throughput import mfu
+from fogjax.train import provenance
+from fogjax.train import run as state_lib
+from fogjax.train.loop import validate_train_config
+from fogjax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
-# fogjax/bench/step.py -> the repository root, three levels up.
+# fogjax/bench/measure.py -> the repository root, three levels up.
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _RESULTS_DIR = os.path.join(_REPO, "benchmarks", "results")
 
@@ -235,8 +237,8 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int, row: dic
         tokens_per_sec=tokens / step_s,
         tokens_per_sec_per_device=tokens / step_s / n,
         tflops_per_device=flops_per_device / step_s / 1e12,
-        mfu=metrics.mfu(flops_per_device, step_s, kind, "bf16", peak_override),
-        mfu_fp8_peak=metrics.mfu(flops_per_device, step_s, kind, "fp8"),
+        mfu=mfu(flops_per_device, step_s, kind, "bf16", peak_override),
+        mfu_fp8_peak=mfu(flops_per_device, step_s, kind, "fp8"),
     )
 
 

@@ -1,7 +1,14 @@
-"""A trained run, loaded read-only for inference: its config, checkpoint, tokenizer and mesh.
+"""The one read-only way to load a trained run: its config, a checkpoint, tokenizer and mesh.
 
+    restored = load_run("runs/default", step=None)     # config, Run, train state, step
     loaded = load_model("runs/default", step=None, recipe=None)
     logits = loaded.model.apply(loaded.variables, tokens)        # [B, T, V] float32
+
+Every reader of a run (``fogjax.evaluate``, ``fogjax.generate``, the lm-evaluation-harness
+model, export) goes through :func:`load_run`, which opens the checkpoints with a read-only
+:class:`fogjax.checkpoint.Checkpointer`: a reader beside a live trainer never creates, cleans or
+deletes anything (a writable one would delete the trainer's in-flight
+``<step>.orbax-checkpoint-tmp`` at start-up, and with it that checkpoint).
 
 The config is the one the run wrote (``<workdir>/config.json``), the tokenizer the one its data
 was prepared with (the data folder's metadata), the numerics the run's own recipe: under FP8 the
@@ -18,13 +25,13 @@ from typing import Any
 import jax
 
 from fogjax import checkpoint, data, sharding
-from fogjax import state as state_lib
 from fogjax.data.tokenizer import Tokenizer
-from fogjax.decoding import Decoder
-from fogjax.evaluate import load_run_config
+from fogjax.inference.decoding import Decoder
 from fogjax.model import build_model
 from fogjax.precision.recipe import Recipe
 from fogjax.precision.registry import make_recipe
+from fogjax.train.run import Run, build_run
+from fogjax.train.workdir import load_run_config
 
 
 class NoCheckpointError(FileNotFoundError):
@@ -38,7 +45,7 @@ class LoadedModel:
     Attributes:
       config: the run's config (precision.recipe as evaluated, after any override).
       recipe: the precision recipe the model runs with.
-      model: the Transformer (no cache; see fogjax.decoding for the cached one).
+      model: the Transformer (no cache; see fogjax.inference.decoding for the cached one).
       variables: {'params'} plus {'fp8'} under FP8 recipes, sharded on ``mesh``.
       tokenizer: the run's tokenizer.
       step: the checkpoint's training step.
@@ -70,8 +77,63 @@ class LoadedModel:
         return self._decoder
 
 
+@dataclasses.dataclass
+class RestoredRun:
+    """A run's checkpoint as the trainer holds it.
+
+    Attributes:
+      config: the run's config (``<workdir>/config.json``).
+      run: the :class:`fogjax.train.run.Run` of that config (mesh, model, jitted eval step).
+      state: the restored train state ``{step, params, fp8, opt_state}``, sharded on run.mesh.
+      step: the checkpoint's training step.
+    """
+
+    config: Any
+    run: Run
+    state: dict[str, Any]
+    step: int
+
+
+def load_run(workdir: str, step: int | None = None) -> RestoredRun:
+    """Restores checkpoint ``step`` (the latest readable if None) of the run in ``workdir``,
+    reading only: nothing in the workdir is created, changed or deleted.
+
+    Raises:
+      NoCheckpointError: no config.json, no checkpoint, or no checkpoint ``step`` in ``workdir``.
+    """
+    try:
+        config = load_run_config(workdir)
+    except FileNotFoundError as e:
+        raise NoCheckpointError(str(e)) from None
+    run = build_run(config)
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise NoCheckpointError(
+            f"No checkpoint in {directory}: train first (python -m fogjax.train "
+            f"--workdir={workdir}) or point --workdir at a run that saved one."
+        )
+    ckpt = checkpoint.Checkpointer(directory, keep=1, read_only=True)
+    try:
+        if ckpt.latest_step() is None:
+            raise NoCheckpointError(
+                f"No checkpoint in {ckpt.directory}: train first (python -m fogjax.train "
+                f"--workdir={workdir}) or point --workdir at a run that saved one."
+            )
+        if step is not None and step not in ckpt.all_steps():
+            raise NoCheckpointError(
+                f"No checkpoint step {step} in {ckpt.directory}; it holds steps "
+                f"{ckpt.all_steps()}. Leave out --step for the latest."
+            )
+        with sharding.sharding_context(run.mesh):
+            state, _, _ = ckpt.restore(run.abstract, step=step)
+    finally:
+        ckpt.close()
+    return RestoredRun(config, run, state, int(state["step"]))
+
+
 def load_model(workdir: str, step: int | None = None, recipe: str | None = None) -> LoadedModel:
-    """Loads checkpoint ``step`` (latest readable if None) of the run in ``workdir``.
+    """Loads checkpoint ``step`` (latest readable if None) of the run in ``workdir`` for forward
+    passes and decoding (:func:`load_run`, so read-only).
 
     Args:
       workdir: a directory written by ``python -m fogjax.train``.
@@ -81,22 +143,8 @@ def load_model(workdir: str, step: int | None = None, recipe: str | None = None)
       NoCheckpointError: no config.json or no checkpoint in ``workdir``.
       ValueError: an unsupported recipe override.
     """
-    try:
-        config = load_run_config(workdir)
-    except FileNotFoundError as e:
-        raise NoCheckpointError(str(e)) from None
-    run = state_lib.build_run(config)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=10**6)
-    try:
-        if ckpt.latest_step() is None:
-            raise NoCheckpointError(
-                f"No checkpoint in {ckpt.directory}: train first (python -m fogjax.train "
-                f"--workdir={workdir}) or point --workdir at a run that saved one."
-            )
-        with sharding.sharding_context(run.mesh):
-            state, _, _ = ckpt.restore(run.abstract, step=step)
-    finally:
-        ckpt.close()
+    restored = load_run(workdir, step)
+    config, state = restored.config, restored.state
     variables = {"params": state["params"]}
     if state["fp8"]:
         variables["fp8"] = state["fp8"]
@@ -123,6 +171,6 @@ def load_model(workdir: str, step: int | None = None, recipe: str | None = None)
         model=build_model(config, active),
         variables=variables,
         tokenizer=tokenizer,
-        step=int(state["step"]),
-        mesh=run.mesh,
+        step=restored.step,
+        mesh=restored.run.mesh,
     )

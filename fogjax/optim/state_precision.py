@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fogjax.optim_formats import moment_format
-from fogjax.optim_lowp import MASTER_ROUNDINGS
+from fogjax.optim.adam_lowp import MASTER_ROUNDINGS
+from fogjax.optim.moment_formats import moment_format
 
 MASTER_DTYPES = ("float32", "bfloat16", "float16")
 GRAD_DTYPES = ("float32", "bfloat16")
@@ -57,6 +57,9 @@ FIELD_DEFAULTS = {
     "state_block_size": 128,
     "moment_rounding": "nearest",
 }
+# The fields that decide the layout of params and opt_state (a checkpoint written with other
+# values cannot be restored; fogjax.checkpoint names them in its error). Rounding is not layout.
+LAYOUT_FIELDS = tuple(name for name in FIELD_DEFAULTS if name != "moment_rounding")
 
 
 def field(optim_cfg: Any, name: str) -> Any:

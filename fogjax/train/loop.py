@@ -3,7 +3,7 @@
 The workdir is the unit of a run: config, TensorBoard events and checkpoints live there, and a run
 started on a workdir that holds a checkpoint resumes from it, batches included. One trainer holds
 a workdir at a time (``trainer.lock``). Everything that can be checked is checked before anything
-is written (:mod:`fogjax.preflight`). SIGTERM / SIGINT save a checkpoint at the next step boundary
+is written (:mod:`fogjax.train.preflight`). SIGTERM / SIGINT save a checkpoint at the next step boundary
 and exit cleanly; a second Ctrl-C aborts at once, and so does the first during the first compile.
 Metrics of step k are fetched after step k+1 is dispatched, so logging never stalls the device.
 A run that ends (completed, stopped by a signal, diverged) leaves ``<workdir>/summary.json``
@@ -25,15 +25,17 @@ from typing import Any
 
 import jax
 
-from fogjax import checkpoint, data, distributed, preflight, provenance, run_config, sharding
-from fogjax import state as state_lib
-from fogjax.evaluate import validation_loss
-from fogjax.fp4_training import QafHooks
-from fogjax.info import model_info
+from fogjax import checkpoint, data, distributed, sharding
+from fogjax.accounting import model_info
+from fogjax.evaluate.loss import validation_loss
+from fogjax.monitoring.reporter import Reporter, TrainingDiverged
 from fogjax.precision import stats as fp8_stats
-from fogjax.preflight import validate_train_config
-from fogjax.reporter import Reporter, TrainingDiverged
-from fogjax.workdir_lock import hold_workdir
+from fogjax.train import preflight, provenance
+from fogjax.train import run as state_lib
+from fogjax.train import workdir as run_config
+from fogjax.train.preflight import validate_train_config
+from fogjax.train.qaf import QafHooks
+from fogjax.train.workdir import hold_workdir
 
 __all__ = ["SUMMARY_FILE", "TrainingDiverged", "train_and_evaluate", "validate_train_config"]
 

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from fogjax import optim, sharding
-from fogjax import state as state_lib
 from fogjax.model import build_model, weight_decay_mask
 from fogjax.model.transformer import layer_segments
 from fogjax.precision import fp4_qaf
 from fogjax.precision.fp4_recipes import Fp4Recipe, qaf_recipe
-from fogjax.step import compute_grads, make_train_step
+from fogjax.train import run as state_lib
+from fogjax.train.step import compute_grads, make_train_step
 
 METADATA_KEY = "fp4_qaf"
 

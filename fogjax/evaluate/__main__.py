@@ -7,77 +7,21 @@ wrote to ``<workdir>/config.json``; the checkpoint is the latest unless --step i
 
     python -m fogjax.evaluate --workdir=runs/default --tasks=fog_downstream [--recipe bf16]
 
-With --tasks, evaluates downstream with lm-evaluation-harness instead (fogjax/downstream.py;
+With --tasks, evaluates downstream with lm-evaluation-harness instead (fogjax/evaluate/harness.py;
 needs requirements-eval.txt) and prints the results table.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 from typing import Any
 
-import jax
-import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 
-from fogjax import checkpoint, data, sharding
-from fogjax import state as state_lib
-
-
-def validation_loss(
-    eval_fn: Any, state: Any, info: data.DatasetInfo, config: Any, mesh: Any, num_batches: int
-) -> dict[str, float]:
-    """Mean token loss over ``num_batches`` validation batches of the run's batch size."""
-    t = config.train
-    index, count = sharding.process_batch_shard(mesh)
-    loss_sum, tokens = 0.0, 0.0
-    for batch in data.eval_batches(
-        info,
-        seq_len=t.seq_len,
-        batch_size=t.batch_size // t.micro_batches,
-        num_batches=num_batches,
-        process_index=index,
-        process_count=count,
-    ):
-        out = jax.device_get(eval_fn(state, sharding.global_batch_from_local(batch, mesh)))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = loss_sum / max(tokens, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "tokens": tokens}
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} not found: --workdir must be a directory written by python -m fogjax.train."
-        )
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | None = None) -> dict:
-    """{step, loss, perplexity, tokens} of the checkpoint ``step`` (latest if None) in workdir."""
-    config = load_run_config(workdir)
-    run = state_lib.build_run(config)
-    # Read-only: a live trainer may be saving into this folder right now.
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, read_only=True)
-    try:
-        if ckpt.latest_step() is None:
-            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}; train first.")
-        with sharding.sharding_context(run.mesh):
-            state, _, _ = ckpt.restore(run.abstract, step=step)
-            info = data.load_dataset_info(config.data.path)
-            result = validation_loss(
-                run.eval_step, state, info, config, run.mesh, batches or config.train.eval_batches
-            )
-    finally:
-        ckpt.close()
-    return {"step": int(state["step"]), **result}
+from fogjax.evaluate.loss import evaluate_checkpoint
+from fogjax.inference.load import NoCheckpointError
 
 
 def _define_flags() -> None:
@@ -94,8 +38,17 @@ def _define_flags() -> None:
 
 
 def _downstream(f: Any) -> None:
-    from fogjax.downstream import run_downstream  # Needs lm-eval, only in this mode.
-    from fogjax.inference import NoCheckpointError
+    try:
+        from fogjax.evaluate.harness import run_downstream  # Needs lm-eval, only in this mode.
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.startswith("lm_eval"):
+            raise
+        print(
+            "ERROR: --tasks needs lm-evaluation-harness, which is not installed: "
+            "pip install -r requirements-eval.txt",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
     try:
         out = run_downstream(

@@ -6,7 +6,7 @@
     reporter.close()
 
 :func:`check_finite` is the NaN check, kept apart so it reads (and is tested) on its own; loss and
-grad-norm spikes are found by :mod:`fogjax.divergence`. The reporter's state (kurtosis monitor,
+grad-norm spikes are found by :mod:`fogjax.monitoring.divergence`. The reporter's state (kurtosis monitor,
 divergence detector, the numbers of the run summary) is saved in every checkpoint
 (:meth:`Reporter.state_dict`), so a resumed run reports what an uninterrupted one does.
 """
@@ -20,11 +20,12 @@ from typing import Any
 
 import jax
 
-from fogjax import metrics
 from fogjax.checkpoint import Checkpointer
-from fogjax.divergence import Divergence, detector_from_config
-from fogjax.monitor import KurtosisMonitor
-from fogjax.step import ACTIVATION_GROUPS
+from fogjax.monitoring.divergence import Divergence, detector_from_config
+from fogjax.monitoring.kurtosis import KurtosisMonitor
+from fogjax.monitoring.throughput import Throughput
+from fogjax.monitoring.writer import Console, MetricWriter, console_line, metrics_to_host
+from fogjax.train.step import ACTIVATION_GROUPS
 
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "param_norm", "update_norm", "finite")
 
@@ -41,7 +42,7 @@ def host_metrics(raw: dict[str, Any]) -> dict[str, float]:
     tree.update({k: host[k] for k in ACTIVATION_GROUPS if k in host})
     tree.update(host.get("fp8", {}))  # already 'fp8/...' tags
     tree.update(host.get("fp4", {}))  # already 'fp4/...' tags
-    return metrics.metrics_to_host(tree)
+    return metrics_to_host(tree)
 
 
 def check_finite(
@@ -80,10 +81,10 @@ class Reporter:
         self._ckpt = checkpointer  # Named in the divergence message (its last good step).
         self._stop_on_divergence = config.log.on_divergence == "stop"
         self._steps, self._log_every = t.steps, t.log_every
-        self.console = metrics.Console(t.steps, start_step)
-        self.writer = metrics.MetricWriter(os.path.join(workdir, "tb"), warn=self.console.print)
+        self.console = Console(t.steps, start_step)
+        self.writer = MetricWriter(os.path.join(workdir, "tb"), warn=self.console.print)
         tokens_per_step = self.tokens_per_step = t.batch_size * t.seq_len
-        self.throughput = metrics.Throughput(
+        self.throughput = Throughput(
             t.steps,
             tokens_per_step,
             flops_per_token * tokens_per_step,
@@ -180,7 +181,7 @@ class Reporter:
         self.last = scalars
         if step % self._log_every == 0 or step == self._steps:
             self.console.print(
-                metrics.console_line(
+                console_line(
                     step,
                     self._steps,
                     scalars["train/loss"],

@@ -11,7 +11,7 @@ Saves are asynchronous and atomic: orbax writes ``<step>.orbax-checkpoint-tmp-*`
 when complete, so a crash mid-save leaves the previous checkpoint as the latest. Restore checks
 the saved tree against the expected one before reading any array, and falls back from an
 unreadable latest checkpoint to the one before it. Every array's checksum
-(:mod:`fogjax.array_checksums`) is recorded in ``meta`` at save and verified after restore, so a
+(:mod:`fogjax.checkpoint.checksums`) is recorded in ``meta`` at save and verified after restore, so a
 checkpoint whose bytes were changed in place counts as unreadable too. A reader
 (``read_only=True``, e.g. ``fogjax.evaluate`` on a live run) never deletes or creates anything.
 """
@@ -32,34 +32,22 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from fogjax.array_checksums import checksums, mismatches
+from fogjax.checkpoint.checksums import checksums, mismatches
+from fogjax.checkpoint.compatibility import (
+    CheckpointMismatchError,
+    StatePrecisionMismatchError,
+    path_str,
+    precision_problems,
+    shape_problems,
+)
 from fogjax.distributed import all_processes
+from fogjax.optim.state_precision import LAYOUT_FIELDS
 
 log = logging.getLogger(__name__)
 
 _BYTES_KEY = "__base64__"
 # The key of ``meta`` under which save() records the state's per-array checksums.
 _CHECKSUMS_KEY = "array_checksums"
-
-# The optim.* fields that decide the layout of params and opt_state (fogjax/optim_precision.py).
-_PRECISION_FIELDS = (
-    "state_precision",
-    "master_dtype",
-    "mu_dtype",
-    "nu_dtype",
-    "grad_dtype",
-    "master_rounding",
-    "state_block_size",
-)
-
-
-class CheckpointMismatchError(ValueError):
-    """The saved train state has another structure or shape than the model being restored."""
-
-
-class StatePrecisionMismatchError(CheckpointMismatchError):
-    """The saved parameters and optimizer state have another precision layout (optim.*_dtype,
-    optim.state_precision, optim.state_block_size, optim.master_rounding) than the run's."""
 
 
 def _encode(obj: Any) -> Any:
@@ -131,53 +119,6 @@ class _PerProcessJsonHandler(ocp.CheckpointHandler):
         pass
 
 
-def _path_str(path: tuple) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """{'params/w': shape} over the leaves of ``tree`` (arrays, structs or orbax metadata)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path_str(p): tuple(x.shape) for p, x in leaves if x is not None}
-
-
-def _dtypes(tree: Any) -> dict[str, str]:
-    """{'params/w': 'float32'} over the leaves of ``tree`` (arrays, structs or orbax metadata)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path_str(p): str(np.dtype(x.dtype)) for p, x in leaves if x is not None}
-
-
-def _precision_problems(saved: Any, expected: Any, shape_problems: list[str]) -> list[str]:
-    """The differences, if they are those of another precision layout: leaves added, removed or
-    reshaped only under opt_state/ (quantised moments, scales, remainders), dtypes changed only
-    under params/ and opt_state/. Else [] (a different model)."""
-    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
-    reshaped = {
-        p
-        for p in saved_shapes.keys() | expected_shapes.keys()
-        if saved_shapes.get(p) != expected_shapes.get(p)
-    }
-    saved_dtypes, expected_dtypes = _dtypes(saved), _dtypes(expected)
-    retyped = {
-        p: f"{p!r} is saved as {saved_dtypes[p]}, this run stores {d}"
-        for p, d in expected_dtypes.items()
-        if p in saved_dtypes and saved_dtypes[p] != d
-    }
-    if not all(p.startswith("opt_state/") for p in reshaped):
-        return []
-    if not all(p.startswith(("params/", "opt_state/")) for p in retyped):
-        return []
-    return list(retyped.values()) + shape_problems
-
-
 def _abstract(tree: Any) -> Any:
     """``tree`` with arrays replaced by structs; every leaf must say where it lands."""
     tree = jax.tree.map(
@@ -192,7 +133,7 @@ def _abstract(tree: Any) -> Any:
         if getattr(leaf, "sharding", None) is None:
             # Caught here: inside the restore loop it would read as a corrupt checkpoint.
             raise ValueError(
-                f"abstract_state leaf {_path_str(path)!r} has no sharding; build the target with "
+                f"abstract_state leaf {path_str(path)!r} has no sharding; build the target with "
                 "jax.eval_shape and attach the state shardings (ShapeDtypeStruct(sharding=...))."
             )
     return tree
@@ -310,20 +251,9 @@ class Checkpointer:
         item = self._manager.item_metadata(step)["state"]
         if item is None:
             raise FileNotFoundError(f"no tree metadata for 'state' in step {step}")
-        saved = _shapes(getattr(item, "tree", item))
-        expected = _shapes(abstract_state)
-        problems = []
-        for path, shape in expected.items():
-            if path not in saved:
-                problems.append(f"{path!r} (expected shape {shape}) is not in the checkpoint")
-            elif saved[path] != shape:
-                problems.append(f"{path!r} has saved shape {saved[path]}, expected {shape}")
-        problems += [
-            f"{path!r} (saved shape {shape}) is not in this model"
-            for path, shape in saved.items()
-            if path not in expected
-        ]
-        precision = _precision_problems(getattr(item, "tree", item), abstract_state, problems)
+        saved = getattr(item, "tree", item)
+        problems = shape_problems(saved, abstract_state)
+        precision = precision_problems(saved, abstract_state, problems)
         if precision:
             more = f" (and {len(precision) - 1} more)" if len(precision) > 1 else ""
             raise StatePrecisionMismatchError(
@@ -349,9 +279,9 @@ class Checkpointer:
         try:
             meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             saved = meta["meta"]["config"]["optim"]
-            return " ".join(f"--config.optim.{k}={saved[k]}" for k in _PRECISION_FIELDS)
+            return " ".join(f"--config.optim.{k}={saved[k]}" for k in LAYOUT_FIELDS)
         except (KeyError, TypeError, FileNotFoundError, ValueError):
-            return ", ".join(_PRECISION_FIELDS)
+            return ", ".join(LAYOUT_FIELDS)
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict]:
         restored = self._manager.restore(

@@ -24,7 +24,7 @@ from fogjax.precision import stats as fp8_stats
 from fogjax.precision.cudnn_attention import require_cudnn_attention
 from fogjax.precision.recipe import Recipe
 from fogjax.precision.registry import make_recipe
-from fogjax.step import make_eval_step, make_train_step
+from fogjax.train.step import make_eval_step, make_train_step
 
 State = dict[str, Any]
 

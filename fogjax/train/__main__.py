@@ -117,8 +117,8 @@ def main(argv: list[str]) -> None:
         num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
     )
-    from fogjax.trainer import Interrupted, TrainingDiverged, train_and_evaluate
-    from fogjax.workdir_lock import WorkdirLockedError
+    from fogjax.train.loop import Interrupted, TrainingDiverged, train_and_evaluate
+    from fogjax.train.workdir import WorkdirLockedError
 
     try:
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -1,40 +1,51 @@
-"""The ``fogjax`` model for lm-evaluation-harness (``lm_eval.api.model.LM``).
+"""lm-evaluation-harness for fogjax runs: the ``fogjax`` model and the evaluation of a run.
 
     python -m fogjax.evaluate --workdir=runs/default --tasks=fog_downstream
-    python -m fogjax.harness --model fogjax --model_args workdir=runs/default --tasks arc_easy
+    python -m fogjax.evaluate.harness --model fogjax --model_args workdir=runs/default --tasks arc_easy
 
 The second line is lm_eval's own command line with this model registered (lm-eval 0.4.x discovers
 no external models: it knows only the names its own ``lm_eval.models`` registers, so plain
-``lm_eval --model fogjax`` works only where ``fogjax.harness`` has been imported).
+``lm_eval --model fogjax`` works only where ``fogjax.evaluate.harness`` has been imported).
+
+:func:`run_downstream` (what ``python -m fogjax.evaluate --tasks`` runs) evaluates a run's
+checkpoint with ``lm_eval.simple_evaluate``, writes ``<workdir>/downstream/results_step<N>.json``
+and each numeric score to TensorBoard as ``downstream/<task>/<metric>``. ``fog_downstream`` is the
+task group shipped in fogjax/evaluate/tasks; ``include_path`` adds folders of the user's own task
+YAMLs (local data files, for offline runs).
 
 model_args: ``workdir`` (required), ``step`` (default latest), ``recipe`` (default the run's;
 ``bf16`` drops the FP8 casts), ``max_gen_toks`` (default 256), ``seed``. The batch size (rows
 per forward pass, default 8) is lm_eval's own ``--batch_size`` / ``simple_evaluate(batch_size=)``.
 
 Requests are scored in batches of ``batch_size`` rows padded to a power-of-two length bucket
-(fogjax.decoding.bucket_length), so a task compiles once per bucket, not once per request. Rows
+(fogjax.inference.decoding.bucket_length), so a task compiles once per bucket, not once per request. Rows
 are split over the mesh's ('data', 'fsdp') axes (data parallel); results come back replicated.
 Importing this module needs ``lm-eval`` (requirements-eval.txt); nothing else in fogjax does.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import lm_eval
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry
+from lm_eval.tasks import TaskManager
 
 from fogjax import sharding
-from fogjax.decoding import Sampling, bucket_length
-from fogjax.inference import LoadedModel, load_model
+from fogjax.inference.decoding import Sampling, bucket_length
+from fogjax.inference.load import LoadedModel, load_model
+from fogjax.monitoring.writer import MetricWriter
 
 # The task-group YAMLs shipped with fogjax (the paper's downstream group).
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -235,14 +246,83 @@ class FogjaxLM(LM):
         return texts
 
 
+# -- evaluation of a run ------------------------------------------------------------------
+
+
+def scalar_tags(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """``{'downstream/<task>/<metric>': value}`` for every finite numeric score.
+
+    lm_eval keys metrics ``'<metric>,<filter>'``; the default filter ``none`` is dropped and any
+    other becomes a path component (``exact_match,strict-match`` -> ``exact_match/strict-match``).
+    """
+    tags = {}
+    for task, scores in results.items():
+        for key, value in scores.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value):
+                continue
+            metric, _, filt = key.partition(",")
+            name = metric if filt in ("", "none") else f"{metric}/{filt}"
+            tags[f"downstream/{task}/{name}"] = float(value)
+    return tags
+
+
+def run_downstream(
+    workdir: str,
+    tasks: Sequence[str],
+    step: int | None = None,
+    recipe: str | None = None,
+    batch_size: int = 8,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    include_path: Sequence[str] = (),
+    lm: Any = None,
+    include_defaults: bool = True,
+) -> dict[str, Any]:
+    """Evaluates a run's checkpoint on lm_eval ``tasks``; returns lm_eval's results dict (with
+    ``step``, ``recipe`` and ``results_path`` added) after writing it to the workdir and
+    TensorBoard. ``lm``: an already loaded FogjaxLM of this workdir (else one is loaded);
+    ``include_defaults=False`` skips indexing lm_eval's ~15k built-in tasks (~10 s) when only
+    ``include_path`` tasks are asked for."""
+    if lm is None:
+        lm = FogjaxLM(workdir=workdir, step=step, recipe=recipe, batch_size=batch_size)
+    step = lm.loaded.step
+    manager = TaskManager(
+        include_path=[TASKS_DIR, *include_path], include_defaults=include_defaults
+    )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+    )
+    out = {"step": step, "recipe": lm.loaded.recipe.name, **out}
+    path = os.path.join(workdir, "downstream", f"results_step{step}.json")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
+    writer = MetricWriter(os.path.join(workdir, "tb"))
+    try:
+        writer.write_scalars(step, scalar_tags(out["results"]))
+    finally:
+        writer.close()
+    out["results_path"] = path
+    return out
+
+
 # Registered by name, resolved on first use: the same entry whether this module was imported or
-# runs as ``python -m fogjax.harness`` (where a class object would be ``__main__.FogjaxLM``).
-model_registry.register("fogjax", target="fogjax.harness:FogjaxLM")
+# runs as ``python -m fogjax.evaluate.harness`` (where a class object would be ``__main__.FogjaxLM``).
+model_registry.register("fogjax", target="fogjax.evaluate.harness:FogjaxLM")
 
 
 def main() -> None:
     """lm_eval's command line, with the ``fogjax`` model registered and fogjax's tasks on the
-    include path (``python -m fogjax.harness --model fogjax --model_args workdir=W ...``)."""
+    include path (``python -m fogjax.evaluate.harness --model fogjax --model_args workdir=W ...``)."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
