@@ -1,4 +1,4 @@
-"""fog_flash (SPEC.md §1), sizes tiny | 390m | 1.5b | 8b.
+"""fog_flash (docs/spec.md §1), sizes tiny | 390m | 1.5b | 8b.
 
 Run:
   python -m fogjax.train --config=configs/fog_flash.py:tiny --workdir=runs/fog_flash-tiny

@@ -1,4 +1,4 @@
-"""fog_max (SPEC.md §1), sizes tiny | 390m | 1.5b | 8b.
+"""fog_max (docs/spec.md §1), sizes tiny | 390m | 1.5b | 8b.
 
 Run:
   python -m fogjax.train --config=configs/fog_max.py:tiny --workdir=runs/fog_max-tiny

@@ -1,4 +1,4 @@
-"""llama3 (SPEC.md §1), sizes tiny | 390m | 1.5b | 8b.
+"""llama3 (docs/spec.md §1), sizes tiny | 390m | 1.5b | 8b.
 
 Run:
   python -m fogjax.train --config=configs/llama3.py:tiny --workdir=runs/llama3-tiny

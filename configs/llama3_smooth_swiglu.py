@@ -1,4 +1,4 @@
-"""llama3_smooth_swiglu (SPEC.md §1), sizes tiny | 390m | 1.5b | 8b.
+"""llama3_smooth_swiglu (docs/spec.md §1), sizes tiny | 390m | 1.5b | 8b.
 
 Run:
   python -m fogjax.train --config=configs/llama3_smooth_swiglu.py:tiny --workdir=runs/llama3_smooth_swiglu-tiny

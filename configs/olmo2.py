@@ -1,4 +1,4 @@
-"""olmo2 (SPEC.md §1), sizes tiny | 390m | 1.5b | 8b.
+"""olmo2 (docs/spec.md §1), sizes tiny | 390m | 1.5b | 8b.
 
 Run:
   python -m fogjax.train --config=configs/olmo2.py:tiny --workdir=runs/olmo2-tiny

@@ -1,4 +1,4 @@
-"""op (SPEC.md §1), sizes tiny | 390m | 1.5b | 8b.
+"""op (docs/spec.md §1), sizes tiny | 390m | 1.5b | 8b.
 
 Run:
   python -m fogjax.train --config=configs/op.py:tiny --workdir=runs/op-tiny

@@ -1,4 +1,4 @@
-"""The full default config of a run, per architecture and size (SPEC.md §1-§3).
+"""The full default config of a run, per architecture and size (docs/spec.md §1-§3).
 
 `configs/<arch>.py` files call :func:`get_config` with their architecture and the size given after
 the colon on the command line (``--config=configs/fog_flash.py:1.5b``). Every field carries a
@@ -58,7 +58,7 @@ def ffn_dim(activation: str, f: int) -> int:
 
 
 def softmax_scale(arch: str, head_dim: int, fog_scale_at_128: float) -> float:
-    """s of SPEC.md §1: 1/sqrt(d_h) for the baselines; for FOG the paper's fixed scale (the
+    """s of docs/spec.md §1: 1/sqrt(d_h) for the baselines; for FOG the paper's fixed scale (the
     frozen QK gain g folded in, s = g/sqrt(d_h)) at d_h = 128, so s = s_128 * sqrt(128/d_h)."""
     if arch_spec(arch).fog_softmax_scale:
         return fog_scale_at_128 * math.sqrt(PAPER_HEAD_DIM / head_dim)
@@ -144,6 +144,13 @@ def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
     return m
 
 
+def tokens_per_step(config: ml_collections.ConfigDict) -> int:
+    """Tokens per optimizer step: ``train.batch_size`` sequences of ``train.seq_len`` tokens (the
+    one definition; tokens seen = steps x this, in checkpoints, summaries, reports and the
+    bench)."""
+    return int(config.train.batch_size) * int(config.train.seq_len)
+
+
 def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     """The complete, locked run config for ``arch`` at ``size``."""
     size = size or "tiny"
@@ -163,7 +170,7 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.precision.amax_history_len = 1024  # Delayed scaling window.
     c.precision.amax_reduction = "max"  # 'max' over the window, or 'most_recent'.
     c.precision.margin = 0  # scale = fp8_max / amax / 2**margin.
-    # FP4 recipes ('nvfp4', 'mxfp4'; SPEC.md §6) only. QK^T and PV: 'bf16' (the paper) or 'fp8'
+    # FP4 recipes ('nvfp4', 'mxfp4'; docs/spec.md §6) only. QK^T and PV: 'bf16' (the paper) or 'fp8'
     # (FP8DPA's FP8 attention with the delayed-scaling fields above).
     c.precision.attention = "bf16"
     # NVIDIA's NVFP4 recipe options (arXiv 2509.25149), all off by default:
@@ -204,9 +211,9 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1  # On matrices only (embedding and LM head included).
     c.optim.grad_clip = 1.0  # Global-norm clip over parameters (never the FP8 state).
-    # Optimizer-state precision (fogjax/optim/state_precision.py; README "Optimizer-state precision").
-    # A preset setting the four dtypes below at once: 'fp32' | 'fog_fp16' | 'fog_fp8_m1' |
-    # 'fog_fp8' | 'bf16', or 'custom' (take the four fields as given).
+    # Optimizer-state precision (fogjax/optim/state_precision.py; README "Optimizer-state
+    # precision"). A preset setting the four dtypes below at once: 'fp32' | 'fog_fp16' |
+    # 'fog_fp8_m1' | 'fog_fp8' | 'bf16', or 'custom' (take the four fields as given).
     c.optim.state_precision = "custom"
     c.optim.master_dtype = "float32"  # Stored parameters: 'float32' | 'bfloat16' | 'float16'.
     # Moments: 'float32' | 'bfloat16' | 'float16' | 'float8_e4m3fn' | 'int8' (8-bit blockwise).
@@ -249,12 +256,12 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
 
     c.log = ml_collections.ConfigDict()
     c.log.kurtosis_form = "token"  # 'token' (paper) or 'sequence' (released code).
-    # Early warning (fogjax/monitoring/kurtosis.py): a layer's kurtosis above this multiple of its own
-    # log-trend on `kurtosis_alarm_patience` consecutive statistics steps prints a warning.
+    # Early warning (fogjax/monitoring/kurtosis.py): a layer's kurtosis above this multiple of its
+    # own log-trend on `kurtosis_alarm_patience` consecutive statistics steps prints a warning.
     c.log.kurtosis_alarm_ratio = 1.5
     c.log.kurtosis_alarm_patience = 2
-    # Divergence detection (fogjax/monitoring/divergence.py), recorded in <workdir>/summary.json. A loss
-    # spike: the loss above its running minimum by more than `loss_spike_margin` nats (0 = off)
+    # Divergence detection (fogjax/monitoring/divergence.py), recorded in <workdir>/summary.json. A
+    # loss spike: the loss above its running minimum by more than `loss_spike_margin` nats (0 = off)
     # on `loss_spike_patience` consecutive steps. A grad-norm spike: above `grad_spike_ratio`
     # times its trailing average (0 = off) on `grad_spike_patience` consecutive steps. Steps up to
     # `divergence_start_step` are ignored (-1: optim.warmup_steps, whose transients are normal).
@@ -267,7 +274,8 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     # on). A NaN/inf loss always stops: the parameters are lost from there on.
     c.log.on_divergence = "stop"
     # MFU is always against the device's dense BF16 peak (so FP8's speed-up shows as higher MFU).
-    # Devices missing from fogjax.monitoring.throughput.PEAK_FLOPS report no MFU unless a peak is declared here.
+    # Devices missing from fogjax.monitoring.throughput.PEAK_FLOPS report no MFU unless a peak is
+    # declared here.
     c.log.peak_tflops = 0.0
     c.lock()
     return c

@@ -5,10 +5,10 @@
         [--seed 0] [--recipe bf16]
 
 Loads the checkpoint read-only with the run's own config, tokenizer and precision recipe
-(fogjax/inference/load.py), prefills the prompt and decodes one token per step (fogjax/inference/decoding.py),
-stopping early at the end-of-document token. Prints the prompt followed by the generated text.
-Exit code 2 with a one-line error for a workdir without checkpoints or a prompt that does not
-fit in the model's context.
+(fogjax/inference/load.py), prefills the prompt and decodes one token per step
+(fogjax/inference/decoding.py), stopping early at the end-of-document token. Prints the prompt
+followed by the generated text. Exit code 2 with a one-line error for a workdir without checkpoints
+or a prompt that does not fit in the model's context.
 """
 
 from __future__ import annotations

@@ -1,25 +1,25 @@
 """Derived config fields follow the fields they derive from, through the real --config flags.
 
-Every expected value is SPEC.md §1's formula computed here: post-norm / LayerScale gain 1/sqrt(L)
+Every expected value is docs/spec.md §1's formula computed here: post-norm / LayerScale gain 1/sqrt(L)
 (1 for OLMo2), softmax scale 1/sqrt(d_h) for the baselines and g/sqrt(d_h) for FOG with the
 paper's frozen gain g = s * sqrt(128) (s = 0.17678 at 390M, 0.125 at 1.5B and 8B), FFN width F
-gated or 3F/2 non-gated, and every architecture field from SPEC.md's table.
+gated or 3F/2 non-gated, and every architecture field from docs/spec.md's table.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 from absl import flags
+from helpers import REPO_ROOT
 from ml_collections import config_flags
 
 from fogjax import config_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 
-# SPEC.md §1's table, restated independently of fogjax.model.blocks.ARCHITECTURES.
+# docs/spec.md §1's table, restated independently of fogjax.model.blocks.ARCHITECTURES.
 SPEC_TABLE = {
     #                      pre_norm post_norm     qk_norm       ffn            u    final_norm
     "llama3": (True, "none", "none", "swiglu", 1.0, True),

@@ -10,14 +10,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import jax
 import pytest
+from helpers import REPO_ROOT
 
 from fogjax import distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 SBATCH = ROOT / "launch" / "fogjax.sbatch"
 
 

@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import REPO_ROOT
 
 from fogjax import config_lib
 from fogjax.model import build_model
 from fogjax.precision.recipe import Recipe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 
 
 def test_info_cli_every_arch_and_size():

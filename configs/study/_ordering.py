@@ -1,6 +1,6 @@
-"""The runs of the paper's divergence ordering (SPEC.md §5), shared by the ordering studies:
+"""The runs of the paper's divergence ordering (docs/spec.md §5), shared by the ordering studies:
 every architecture under FP8DPA and its BF16 twin (Llama3 BF16 is the paper's reference).
-SPEC.md §4: a block that fails under FP8DPA but not in BF16 fails because of FP8; one that fails
+docs/spec.md §4: a block that fails under FP8DPA but not in BF16 fails because of FP8; one that fails
 in both is not robust to the stress itself (the LR, at these sizes)."""
 
 ARCHS = ("llama3", "llama3_smooth_swiglu", "olmo2", "op", "fog_max", "fog_opt", "fog_flash")

@@ -1,7 +1,7 @@
 """The paper's divergence ordering at 390M on GPUs: seven blocks under FP8DPA, each with its
-BF16 twin (14 runs; the twins tell an FP8 failure from an LR one, SPEC.md §4).
+BF16 twin (14 runs; the twins tell an FP8 failure from an LR one, docs/spec.md §4).
 
-Paper (SPEC.md §5): under FP8DPA Llama3 390M diverges at 0.7B tokens, OLMo2 at 3.3B; OP and
+Paper (docs/spec.md §5): under FP8DPA Llama3 390M diverges at 0.7B tokens, OLMo2 at 3.3B; OP and
 Llama3+SmoothSwiGLU also diverge; only FOG blocks pass 20B. 20k steps x 128 x 4096 = 10.5B
 tokens per run (paper LR and schedule of the 390m size, no extra stress).
 Run (one array task of 8 GPUs per run):

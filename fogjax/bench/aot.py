@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import optim, sharding
+from fogjax import sharding
 from fogjax.accounting import model_info
 from fogjax.bench import estimate as estimate_lib
 from fogjax.bench import gemms as gemm_lib
@@ -40,7 +40,6 @@ from fogjax.bench.hlo_module import parse_module
 from fogjax.bench.targets import Target, target_devices
 from fogjax.train import run as state_lib
 from fogjax.train.loop import validate_train_config
-from fogjax.train.step import make_train_step
 
 TRITON_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 
@@ -184,14 +183,7 @@ def compile_for_target(
     t = config.train
     with target_cudnn(target):  # build_run traces the model too
         run = state_lib.build_run(config, mesh, CompileTarget(devices, target.cudnn_version))
-        train_step = make_train_step(
-            run.model,
-            run.tx,
-            run.schedule,
-            t.micro_batches,
-            grad_dtype=optim.grad_dtype(config.optim),
-        )
-        jitted = state_lib.jit_train_step(run, train_step, with_stats=False)
+        jitted = run.train_steps[False]
         batch_sharding = sharding.batch_sharding(run.mesh)
         shape = (t.batch_size, t.seq_len + 1)
         batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding)
@@ -208,7 +200,7 @@ def compile_for_target(
     out.update(analyse(text, target, recipe.runs_fp8_linear_gemms, recipe.quantizes_attention))
     step_s = out["estimate"]["step_s"]
     info = model_info(config, run.abstract["params"])
-    tokens = t.batch_size * t.seq_len
+    tokens = run.tokens_per_step
     flops_per_gpu = info["flops_per_token"] * tokens / len(devices)
     out["estimate"].update(
         tokens_per_sec_per_gpu=tokens / step_s / len(devices),

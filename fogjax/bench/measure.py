@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fogjax import optim, sharding
+from fogjax import sharding
 from fogjax.accounting import model_info
 from fogjax.bench import attention as bench_attention
 from fogjax.bench import hlo_stats, text_table
@@ -48,7 +48,6 @@ from fogjax.monitoring.throughput import mfu
 from fogjax.train import provenance
 from fogjax.train import run as state_lib
 from fogjax.train.loop import validate_train_config
-from fogjax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +162,8 @@ def compile_train_step(config: ml_collections.ConfigDict) -> dict[str, Any]:
     validate_train_config(config)
     t = config.train
     run = state_lib.build_run(config)
-    train_step = make_train_step(
-        run.model, run.tx, run.schedule, t.micro_batches, grad_dtype=optim.grad_dtype(config.optim)
-    )
     batch_sharding = sharding.batch_sharding(run.mesh)
-    jitted = state_lib.jit_train_step(run, train_step, with_stats=False)
+    jitted = run.train_steps[False]
     batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=batch_sharding)
     with sharding.sharding_context(run.mesh):
         start = time.perf_counter()
@@ -227,7 +223,7 @@ def measure(config: ml_collections.ConfigDict, steps: int, warmup: int, row: dic
 
     step_s = statistics.median(times)
     n = run.mesh.size
-    tokens = config.train.batch_size * config.train.seq_len
+    tokens = run.tokens_per_step
     flops_per_device = info["flops_per_token"] * tokens / n
     kind = jax.devices()[0].device_kind
     peak_override = config.log.peak_tflops * 1e12 or None

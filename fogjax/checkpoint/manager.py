@@ -11,8 +11,8 @@ Saves are asynchronous and atomic: orbax writes ``<step>.orbax-checkpoint-tmp-*`
 when complete, so a crash mid-save leaves the previous checkpoint as the latest. Restore checks
 the saved tree against the expected one before reading any array, and falls back from an
 unreadable latest checkpoint to the one before it. Every array's checksum
-(:mod:`fogjax.checkpoint.checksums`) is recorded in ``meta`` at save and verified after restore, so a
-checkpoint whose bytes were changed in place counts as unreadable too. A reader
+(:mod:`fogjax.checkpoint.checksums`) is recorded in ``meta`` at save and verified after restore, so
+a checkpoint whose bytes were changed in place counts as unreadable too. A reader
 (``read_only=True``, e.g. ``fogjax.evaluate`` on a live run) never deletes or creates anything.
 """
 

@@ -1,7 +1,8 @@
 """lm-evaluation-harness for fogjax runs: the ``fogjax`` model and the evaluation of a run.
 
     python -m fogjax.evaluate --workdir=runs/default --tasks=fog_downstream
-    python -m fogjax.evaluate.harness --model fogjax --model_args workdir=runs/default --tasks arc_easy
+    python -m fogjax.evaluate.harness --model fogjax --model_args workdir=runs/default --tasks
+    arc_easy
 
 The second line is lm_eval's own command line with this model registered (lm-eval 0.4.x discovers
 no external models: it knows only the names its own ``lm_eval.models`` registers, so plain
@@ -18,8 +19,8 @@ model_args: ``workdir`` (required), ``step`` (default latest), ``recipe`` (defau
 per forward pass, default 8) is lm_eval's own ``--batch_size`` / ``simple_evaluate(batch_size=)``.
 
 Requests are scored in batches of ``batch_size`` rows padded to a power-of-two length bucket
-(fogjax.inference.decoding.bucket_length), so a task compiles once per bucket, not once per request. Rows
-are split over the mesh's ('data', 'fsdp') axes (data parallel); results come back replicated.
+(fogjax.inference.decoding.bucket_length), so a task compiles once per bucket, not once per request.
+Rows are split over the mesh's ('data', 'fsdp') axes (data parallel); results come back replicated.
 Importing this module needs ``lm-eval`` (requirements-eval.txt); nothing else in fogjax does.
 """
 
@@ -316,13 +317,15 @@ def run_downstream(
 
 
 # Registered by name, resolved on first use: the same entry whether this module was imported or
-# runs as ``python -m fogjax.evaluate.harness`` (where a class object would be ``__main__.FogjaxLM``).
+# runs as ``python -m fogjax.evaluate.harness`` (where a class object would be
+# ``__main__.FogjaxLM``).
 model_registry.register("fogjax", target="fogjax.evaluate.harness:FogjaxLM")
 
 
 def main() -> None:
     """lm_eval's command line, with the ``fogjax`` model registered and fogjax's tasks on the
-    include path (``python -m fogjax.evaluate.harness --model fogjax --model_args workdir=W ...``)."""
+    include path (``python -m fogjax.evaluate.harness --model fogjax --model_args
+    workdir=W ...``)."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate

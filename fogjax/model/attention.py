@@ -1,4 +1,4 @@
-"""Causal grouped-query attention with the paper's QK regularisers (SPEC.md §1).
+"""Causal grouped-query attention with the paper's QK regularisers (docs/spec.md §1).
 
 Layout: the fused QKV kernel is [D, G, R + 2, d_h] with R = H / G query heads per key/value group,
 so query head h = g * R + r uses key/value group g (the repeat-kv convention), and tensor

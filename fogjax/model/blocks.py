@@ -1,4 +1,4 @@
-"""The transformer block and the architecture registry (SPEC.md §1).
+"""The transformer block and the architecture registry (docs/spec.md §1).
 
 Every architecture is one block shape,
     X' = X + Npost(Attn(Npre(X)));   Y = X' + Npost(FFN(Npre(X'))),
@@ -30,7 +30,7 @@ POST_NORMS = ("none", "rms", "layerscale")
 
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
-    """The per-architecture choices of SPEC.md §1 (sizes live in fogjax.config_lib)."""
+    """The per-architecture choices of docs/spec.md §1 (sizes live in fogjax.config_lib)."""
 
     pre_norm: bool  # RMSNorm (gain 1) before attention and FFN.
     post_norm: str  # 'none' | 'rms' | 'layerscale' on each branch output.

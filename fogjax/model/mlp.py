@@ -1,4 +1,4 @@
-"""Feed-forward networks: non-gated (GeLU, xIELU) and gated (SwiGLU, SmoothSwiGLU), SPEC.md §1."""
+"""Feed-forward networks: non-gated (GeLU, xIELU) and gated (SwiGLU, SmoothSwiGLU), docs/spec.md §1."""
 
 from __future__ import annotations
 

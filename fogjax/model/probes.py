@@ -1,4 +1,4 @@
-"""Activation probes: kurtosis, RMS and amax of named tensors, sown per layer (SPEC.md §4).
+"""Activation probes: kurtosis, RMS and amax of named tensors, sown per layer (docs/spec.md §4).
 
 Kurtosis here is uncentred, as FP8 casts do not centre either:
 

@@ -26,10 +26,10 @@ from fogjax.model.blocks import ARCHITECTURES, POST_NORMS, Block
 from fogjax.model.embedding import embed_lookup
 from fogjax.model.layers import RMSNorm
 from fogjax.model.mlp import ACTIVATIONS
-from fogjax.model.probes import KURTOSIS_FORMS
+from fogjax.model.probes import KURTOSIS_FORMS, PROBES_COLLECTION
 from fogjax.precision.bf16_dot import bf16_dot_general
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
-from fogjax.precision.recipe import Recipe
+from fogjax.precision.recipe import FP8_COLLECTION, FP8_STATS_COLLECTION, Recipe
 
 Array = jax.Array
 
@@ -40,7 +40,13 @@ REMAT_POLICIES = {
 }
 
 # Collections whose per-layer variables are stacked by nn.scan.
-SCANNED_COLLECTIONS = ("params", "fp8", "probes", "fp8_stats", FP4_STATS_COLLECTION)
+SCANNED_COLLECTIONS = (
+    "params",
+    FP8_COLLECTION,
+    PROBES_COLLECTION,
+    FP8_STATS_COLLECTION,
+    FP4_STATS_COLLECTION,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +217,7 @@ class Transformer(nn.Module):
                 (cfg.d_model, cfg.vocab_size),
                 jnp.float32,
             )
-        # The LM head stays outside the recipe (SPEC.md §3): BF16 GEMMs forward and backward,
+        # The LM head stays outside the recipe (docs/spec.md §3): BF16 GEMMs forward and backward,
         # float32 logits (bf16_dot.py says why the backward needs its own rule).
         logits = bf16_dot_general(x.astype(dtype), head.astype(dtype), (((2,), (0,)), ((), ())))
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

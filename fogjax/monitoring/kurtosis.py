@@ -1,4 +1,4 @@
-"""Divergence early warning from kurtosis trends (SPEC.md §4).
+"""Divergence early warning from kurtosis trends (docs/spec.md §4).
 
 In a failing FP8DPA run the paper saw QKV kurtosis leave its sub-linear / logarithmic growth at
 about 3B tokens, the gradient norm spike at 12B and the loss diverge at 15B. No fixed threshold

@@ -1,13 +1,18 @@
 """Everything the loop reports per step, owned by one object: events, speed, kurtosis, console.
 
     reporter = Reporter(config, workdir, flops_per_token, start_step, checkpointer)
-    reporter.on_step(step, raw_metrics)      # after step+1 was dispatched: one host transfer
+    reporter.step_done(step, raw_metrics)    # queues this step, reports the one before it
+    reporter.flush()                         # reports the queued step now (before a save)
     reporter.on_eval(step, {"loss": ..., "perplexity": ...})
     reporter.close()
 
+Metrics are reported one step late: :meth:`Reporter.step_done` is called right after step k+1
+was dispatched, and only then fetches step k's metrics (one device-to-host transfer), so
+logging never stalls the device.
+
 :func:`check_finite` is the NaN check, kept apart so it reads (and is tested) on its own; loss and
-grad-norm spikes are found by :mod:`fogjax.monitoring.divergence`. The reporter's state (kurtosis monitor,
-divergence detector, the numbers of the run summary) is saved in every checkpoint
+grad-norm spikes are found by :mod:`fogjax.monitoring.divergence`. The reporter's state (kurtosis
+monitor, divergence detector, the numbers of the run summary) is saved in every checkpoint
 (:meth:`Reporter.state_dict`), so a resumed run reports what an uninterrupted one does.
 """
 
@@ -20,6 +25,7 @@ from typing import Any
 
 import jax
 
+from fogjax import config_lib
 from fogjax.checkpoint import Checkpointer
 from fogjax.monitoring.divergence import Divergence, detector_from_config
 from fogjax.monitoring.kurtosis import KurtosisMonitor
@@ -83,7 +89,7 @@ class Reporter:
         self._steps, self._log_every = t.steps, t.log_every
         self.console = Console(t.steps, start_step)
         self.writer = MetricWriter(os.path.join(workdir, "tb"), warn=self.console.print)
-        tokens_per_step = self.tokens_per_step = t.batch_size * t.seq_len
+        tokens_per_step = self.tokens_per_step = config_lib.tokens_per_step(config)
         self.throughput = Throughput(
             t.steps,
             tokens_per_step,
@@ -100,6 +106,7 @@ class Reporter:
         )
         self.divergence = detector_from_config(config)
         self.last_step = start_step  # The last step reported with a finite loss.
+        self._queued: tuple[int, dict[str, Any]] | None = None  # step_done's, not yet reported
         self.last: dict[str, float] = {}
         self.last_kurtosis: dict[str, float] = {}
         # Numbers of the run summary that outlive a restart (saved with the checkpoint).
@@ -152,6 +159,19 @@ class Reporter:
             "kurtosis_warnings": [{"step": w["step"], "where": w["where"]} for w in warnings],
             **self.record,
         }
+
+    def step_done(self, step: int, raw: dict[str, Any]) -> None:
+        """Queues the device metrics of the just-dispatched ``step`` (optimizer steps done) and
+        reports the step queued before it, whose values are ready by now."""
+        self.flush()
+        self._queued = (step, raw)
+
+    def flush(self) -> None:
+        """Reports the queued step now (before a checkpoint is saved, so a NaN is caught before
+        it is written, and at the end of the run)."""
+        if self._queued is not None:
+            queued, self._queued = self._queued, None
+            self.on_step(*queued)
 
     def on_step(self, step: int, raw: dict[str, Any]) -> None:
         """Reports the finished ``step`` (the optimizer steps done) from its device metrics."""

@@ -1,7 +1,7 @@
 """The optimizer: AdamW as an optax chain, its learning-rate schedules, and the precision of its
 state.
 
-- :mod:`.schedules`: warmup-stable-decay and cosine (SPEC.md §2).
+- :mod:`.schedules`: warmup-stable-decay and cosine (docs/spec.md §2).
 - :mod:`.adamw`: the chain (clipping, AdamW, decoupled decay), the master-weight cast, gradient
   dtype and the norm metrics.
 - :mod:`.state_precision`: the per-state dtypes (master, moments, gradients), presets, checks.

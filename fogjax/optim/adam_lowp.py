@@ -1,9 +1,10 @@
 """Low-precision AdamW state as optax transformations: quantised moments and 16-bit master weights.
 
 - :func:`scale_by_adam_lowp` replaces ``optax.scale_by_adam``: the moments are stored in any of
-  :data:`fogjax.optim.moment_formats.MOMENT_FORMATS` and the update math runs in float32 (dequantise,
-  update, requantise). The step's update uses the float32 moments *before* requantisation; only
-  the stored copy is rounded. With float32 moments it is ``optax.scale_by_adam`` bit for bit.
+  :data:`fogjax.optim.moment_formats.MOMENT_FORMATS` and the update math runs in float32
+  (dequantise, update, requantise). The step's update uses the float32 moments *before*
+  requantisation; only the stored copy is rounded. With float32 moments it is
+  ``optax.scale_by_adam`` bit for bit.
 - :func:`master_weights` wraps the rest of the chain (Adam, weight decay, learning rate) so that
   it runs on a float32 view of the parameters and rounds the new master once per step, to
   bfloat16 or float16: round to nearest, stochastic rounding (from the step, so a resumed run
@@ -78,13 +79,13 @@ def scale_by_adam_lowp(
 
     Gradients of any float dtype are cast to float32 first. Per step and leaf:
     mu = (1-b1) g + b1 decode(mu_stored); nu = (1-b2) g^2 + b2 decode(nu_stored);
-    update = mu_hat / (sqrt(nu_hat + eps_root) + eps) with the bias corrections of optax, from
-    these float32 moments; then mu_stored, nu_stored = encode(mu), encode(nu). Rounding happens
-    only in encode (fogjax.optim.moment_formats). ``block_size``: scale block along the last axis, 0 =
-    one scale per tensor. ``stochastic``: requantise with unbiased stochastic rounding (bits from
-    the step count, leaf and moment, so a resumed run draws the same) instead of to nearest: with
-    3 mantissa bits, a moment whose EMA moves it by less than half a grid step per step (nu: 5%
-    per step at b2 = 0.95, E4M3's grid is 12.5%) is otherwise rounded back where it was.
+    update = mu_hat / (sqrt(nu_hat + eps_root) + eps) with the bias corrections of optax, from these
+    float32 moments; then mu_stored, nu_stored = encode(mu), encode(nu). Rounding happens only in
+    encode (fogjax.optim.moment_formats). ``block_size``: scale block along the last axis, 0 = one
+    scale per tensor. ``stochastic``: requantise with unbiased stochastic rounding (bits from the
+    step count, leaf and moment, so a resumed run draws the same) instead of to nearest: with 3
+    mantissa bits, a moment whose EMA moves it by less than half a grid step per step (nu: 5% per
+    step at b2 = 0.95, E4M3's grid is 12.5%) is otherwise rounded back where it was.
     """
 
     def init(params: Any) -> ScaleByAdamLowpState:

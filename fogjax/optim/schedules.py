@@ -1,4 +1,4 @@
-"""Learning-rate schedules (SPEC.md §2): warmup-stable-decay with a 1-sqrt cooldown, and cosine."""
+"""Learning-rate schedules (docs/spec.md §2): warmup-stable-decay with a 1-sqrt cooldown, and cosine."""
 
 from __future__ import annotations
 

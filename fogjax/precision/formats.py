@@ -1,7 +1,7 @@
 """Low-precision number formats: FP8 E4M3 / E5M2 ("hybrid"), the FP4 E2M1 grid, saturating casts.
 
 E4M3 (``float8_e4m3fn``, largest finite 448, no inf) carries activations and weights in the forward
-pass; E5M2 (``float8_e5m2``, largest finite 57344, has inf) carries gradients (SPEC.md §3).
+pass; E5M2 (``float8_e5m2``, largest finite 57344, has inf) carries gradients (docs/spec.md §3).
 
 A plain ``astype`` to either format overflows: E4M3 (no inf) turns anything above 464 into NaN,
 E5M2 turns anything from 61440 up into inf (the rounding midpoints past each maximum). One NaN in a

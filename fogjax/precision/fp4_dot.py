@@ -2,7 +2,7 @@
 
 With X [M, K] the activation (M = tokens, K = input features), W [K, N] the kernel and G [M, N]
 the output gradient, and every operand quantised from its high-precision copy in its own
-orientation, blocks along THAT GEMM's contraction axis (SPEC.md §6, "FP4 All the Way" §4):
+orientation, blocks along THAT GEMM's contraction axis (docs/spec.md §6, "FP4 All the Way" §4):
 
     forward      Y  = RtN(X; K) @ RtN(W; K)
     data grad    dX = SR(G; N)  @ RtN(W; N)^T

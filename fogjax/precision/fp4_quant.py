@@ -1,4 +1,4 @@
-"""FP4 block quantisers (SPEC.md §6): NVFP4 and MXFP4 quantise-dequantise, RtN or stochastic.
+"""FP4 block quantisers (docs/spec.md §6): NVFP4 and MXFP4 quantise-dequantise, RtN or stochastic.
 
 Both formats store E2M1 elements (0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) in blocks that
 share one scale; the blocks run along the last axis of the array handed in here (fp4_dot.py moves

@@ -1,4 +1,4 @@
-"""FP4 recipes (SPEC.md §6, "FP4 All the Way"), named ``nvfp4`` and ``mxfp4`` in registry.py.
+"""FP4 recipes (docs/spec.md §6, "FP4 All the Way"), named ``nvfp4`` and ``mxfp4`` in registry.py.
 
 Every block linear (fused QKV, attention out, FFN in/out) runs its three GEMMs in emulated FP4
 (fp4_dot.Fp4DotGeneral); the embedding and LM head stay in the compute dtype. Attention's QK^T and

@@ -34,11 +34,8 @@ from jax import lax
 
 from fogjax.precision import scaling
 from fogjax.precision.formats import E4M3, E4M3_MAX, E5M2, E5M2_MAX
+from fogjax.precision.recipe import FP8_STATS_COLLECTION
 from fogjax.precision.scaling import ScalingState
-
-# Forward-operand statistics (saturation and flush-to-zero fractions) are sown here, and only when
-# the collection is mutable.
-FP8_STATS_COLLECTION = "fp8_stats"
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
 

@@ -1,4 +1,4 @@
-"""FP8 recipes (SPEC.md §3, paper Table 9), named ``fp8`` and ``fp8dpa`` in registry.py.
+"""FP8 recipes (docs/spec.md §3, paper Table 9), named ``fp8`` and ``fp8dpa`` in registry.py.
 
 - ``fp8``: every block linear (fused QKV, attention out, FFN in/out) runs its three GEMMs in FP8;
   attention's QK^T and PV stay in the compute dtype.

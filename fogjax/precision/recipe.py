@@ -11,7 +11,7 @@ always from inside a Linen ``@nn.compact`` method (so that a returned Module bin
 
 Both return either a plain function or a Linen Module whose ``__call__`` has ``lax.dot_general``'s
 signature. FP8 modules keep their delayed-scaling state in the ``fp8`` variable collection. The
-embedding and LM head never go through a recipe: they stay in the compute dtype (SPEC.md §3).
+embedding and LM head never go through a recipe: they stay in the compute dtype (docs/spec.md §3).
 
 This module is the interface only; of fogjax it imports only bf16_dot (a leaf). registry.py maps
 recipe names (``bf16``, ``fp8``, ``fp8dpa``, ``nvfp4``, ``mxfp4``) to factories and builds one
@@ -34,6 +34,9 @@ DotGeneral = Callable[..., jax.Array]
 
 # The variable collection that holds FP8 scaling state (amax histories and scales).
 FP8_COLLECTION = "fp8"
+# The collection that FP8 dots sow their forward-operand statistics (saturation and flush-to-zero
+# fractions) into, on statistics steps only (when it is mutable).
+FP8_STATS_COLLECTION = "fp8_stats"
 
 
 @dataclasses.dataclass(frozen=True)

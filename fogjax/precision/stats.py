@@ -4,7 +4,7 @@ Two sources:
 
 - the ``fp8`` collection (delayed-scaling state): per quantised tensor ``<op>`` (lhs, rhs, grad),
   ``<op>_amax`` = the most recent amax (history index 0) and ``<op>_scale`` = 1 / scale_inv, i.e.
-  SPEC.md's scale = fp8_max / amax / 2**margin that the next step will quantise with;
+  docs/spec.md's scale = fp8_max / amax / 2**margin that the next step will quantise with;
 - the ``fp8_stats`` collection (sown by Fp8DotGeneral on statistics steps): per forward operand,
   ``<op>_saturation`` and ``<op>_underflow``, the fractions of elements clipped and flushed to zero.
 

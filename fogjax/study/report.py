@@ -3,7 +3,7 @@
 Everything is read back from each run's ``summary.json`` (written by the trainer) and TensorBoard
 events, so the report can be rebuilt at any time (``--report-only``), also while runs are missing
 or still going. Lead time is the divergence's tokens minus the first kurtosis warning's tokens,
-when the warning came first (SPEC.md §4: the paper's QKV kurtosis left its trend ~12B tokens
+when the warning came first (docs/spec.md §4: the paper's QKV kurtosis left its trend ~12B tokens
 before the loss diverged).
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from fogjax import config_lib
 from fogjax.study import curves, figures
 from fogjax.study.runner import read_summary
 from fogjax.study.spec import Study
@@ -50,7 +51,7 @@ def _row(run: Any, summary: dict[str, Any] | None) -> dict[str, Any]:
 
 def bf16_twins(study: Study) -> dict[str, str]:
     """{run name: its BF16 twin's name}: the run of the same architecture and fields whose recipe
-    is bf16 (SPEC.md §4 judges an FP8 run against its twin, not against another block)."""
+    is bf16 (docs/spec.md §4 judges an FP8 run against its twin, not against another block)."""
 
     def key(run: Any) -> tuple:
         fields = {k: v for k, v in run.fields.items() if k != "precision.recipe"}
@@ -61,7 +62,7 @@ def bf16_twins(study: Study) -> dict[str, str]:
 
 
 def _verdict(row: dict[str, Any], twin: dict[str, Any] | None) -> str | None:
-    """What a divergence says about FP8 (SPEC.md §4), from a run and its BF16 twin."""
+    """What a divergence says about FP8 (docs/spec.md §4), from a run and its BF16 twin."""
     if twin is None or row["diverged"] is None or twin["diverged"] is None:
         return None
     if row["diverged"] and not twin["diverged"]:
@@ -138,9 +139,10 @@ def markdown(study: Study, rows: list[dict[str, Any]]) -> str:
         "",
         "Diverged: a NaN/inf loss, or a loss or gradient-norm spike (`log.loss_spike_*`, "
         "`log.grad_spike_*`); the step is its onset. First kurtosis warning: the first step a "
-        "layer's kurtosis left its log-trend (fogjax/monitoring/kurtosis.py). Lead time: tokens from that "
-        "warning to the divergence. Max QKV kurtosis: the largest per-layer value measured. "
-        "Verdict (SPEC.md §4, each run against its BF16 twin: same architecture, fields and "
+        "layer's kurtosis left its log-trend (fogjax/monitoring/kurtosis.py). Lead time: "
+        "tokens from that warning to the divergence. Max QKV kurtosis: the largest per-layer "
+        "value measured. "
+        "Verdict (docs/spec.md §4, each run against its BF16 twin: same architecture, fields and "
         "stress): 'FP8 failure' when only the FP8 run diverged, 'fails in BF16 too' when the "
         "stress alone breaks the block, 'stable' when neither diverged.",
     ]
@@ -174,9 +176,11 @@ def write_report(study: Study, study_dir: str) -> dict[str, Any]:
         workdir = os.path.join(study_dir, run.name)
         summary = read_summary(workdir)
         # A run still going has no summary yet: its figures still need tokens and a style.
-        t = run.config.train
-        seen = summary or {"tokens_per_step": t.batch_size * t.seq_len, "arch": run.arch,
-                           "recipe": run.recipe}  # fmt: skip
+        seen = summary or {
+            "tokens_per_step": config_lib.tokens_per_step(run.config),
+            "arch": run.arch,
+            "recipe": run.recipe,
+        }
         runs.append((run.name, seen, curves.read_scalars(workdir)))
         rows.append(_row(run, summary))
     rows = _with_twins(study, rows)

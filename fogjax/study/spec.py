@@ -13,8 +13,8 @@ A study file (``configs/study/<name>.py``) defines ``get_config(arg)`` returning
                of that run alone (an LR multiple, a seed, ...), applied last
 
 Each run config is the ordinary ``config_lib.get_config(arch, size)`` with the fields above set,
-then checked by :func:`fogjax.train.preflight.validate_train_config`; any failure is a ValueError that
-names the study entry and the field.
+then checked by :func:`fogjax.train.preflight.validate_train_config`; any failure is a ValueError
+that names the study entry and the field.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fogjax.config_lib import SIZES
+from fogjax.config_lib import SIZES, get_config
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# fogjax/train/__main__.py -> the repository root, two levels up.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "default.py")
 _CONFIG_NAMES = sorted(
     os.path.splitext(os.path.basename(p))[0]
@@ -38,7 +39,7 @@ _CONFIG_NAMES = sorted(
 __doc__ = __doc__.format(  # noqa: A001 - absl prints the main module's docstring for --help.
     configs=" ".join(_CONFIG_NAMES),
     sizes=" ".join(SIZES),
-    sections="seed model precision data optim train mesh log",
+    sections=" ".join(get_config("fog_flash").keys()),
 )
 
 

@@ -16,6 +16,7 @@ import jax
 
 from fogjax import data, sharding
 from fogjax.data import shards as shards_lib
+from fogjax.train.step import micro_batch_size
 
 
 def _require(ok: bool, message: str) -> None:
@@ -90,17 +91,13 @@ def validate_train_config(config: Any, num_devices: int | None = None) -> None:
     m = config.model
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "ffn_dim"):
         _require(getattr(m, field) >= 1, f"model.{field}={getattr(m, field)} must be >= 1.")
-    _require(
-        t.batch_size % t.micro_batches == 0,
-        f"train.batch_size={t.batch_size} is not divisible by train.micro_batches="
-        f"{t.micro_batches}; choose micro_batches that divides the batch.",
-    )
+    micro = micro_batch_size(t.batch_size, t.micro_batches)
     n = jax.device_count() if num_devices is None else num_devices
     mesh_batch = sharding.resolve_mesh_shape(config.mesh, n)
     shards = mesh_batch[0] * mesh_batch[1]
     _require(
-        (t.batch_size // t.micro_batches) % shards == 0,
-        f"train.batch_size / train.micro_batches = {t.batch_size // t.micro_batches} sequences "
+        micro % shards == 0,
+        f"train.batch_size / train.micro_batches = {micro} sequences "
         f"cannot be split over mesh data x fsdp = {shards} devices; make the batch a multiple of "
         f"{shards * t.micro_batches}.",
     )

@@ -30,7 +30,7 @@ _PACKAGES = (
     "transformer-engine",
 )
 
-_REPO = pathlib.Path(__file__).resolve().parent.parent
+_REPO = pathlib.Path(__file__).resolve().parents[2]  # fogjax/train/provenance.py -> the repo
 
 
 def _git(*args: str) -> str | None:

@@ -3,26 +3,28 @@
 :class:`QafHooks` owns what the loop needs beyond the ordinary step: the QAF twin of the model
 (same parameters, FP4 forward, BF16 backward; fp4_recipes.qaf_recipe) with its compiled steps
 (which take the switch step, for ``precision.qaf_lr_reset`` / ``qaf_warmup_steps``),
-the jitted rho of ``qaf_auto`` and the host-side :class:`fp4_qaf.QafSwitch`. The trainer calls
-:meth:`pick_step` before every step, :meth:`before_stats_step` before statistics steps (the state
-is donated by the step) and saves :meth:`metadata` with each checkpoint.
+the jitted rho of ``qaf_auto`` and the host-side :class:`fp4_qaf.QafSwitch`.
+:class:`fogjax.train.control.CompiledSteps` calls :meth:`pick_step` before every step and
+:meth:`before_stats_step` before statistics steps (the state is donated by the step); the loop
+saves :meth:`metadata` with each checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from fogjax import optim, sharding
+from fogjax import optim
 from fogjax.model import build_model, weight_decay_mask
 from fogjax.model.transformer import layer_segments
 from fogjax.precision import fp4_qaf
 from fogjax.precision.fp4_recipes import Fp4Recipe, qaf_recipe
-from fogjax.train import run as state_lib
-from fogjax.train.step import compute_grads, make_train_step
+from fogjax.train.run import Run
+from fogjax.train.step import compute_grads
 
 METADATA_KEY = "fp4_qaf"
 
@@ -49,32 +51,21 @@ def make_rho_fn(
     return rho
 
 
-def _jit_qaf_step(run: state_lib.Run, qaf_step: Callable[..., Any], with_stats: bool) -> Any:
-    """``qaf_step`` compiled like state.jit_train_step, with the switch step a third argument."""
-    return jax.jit(
-        lambda state, batch, switch_step: qaf_step(state, batch, with_stats, switch_step),
-        in_shardings=(run.shardings, sharding.batch_sharding(run.mesh), None),
-        out_shardings=(run.shardings, None),
-        donate_argnums=0,
-    )
-
-
 class QafHooks:
     """QAF for one run (only built when the recipe is FP4 and ``qaf_start`` or ``qaf_auto`` is on).
 
     Args:
-      run: the state.Run of the config.
-      stats_fn: the train step's FP8 statistics function (as for the ordinary step).
+      run: the :class:`fogjax.train.run.Run` of the config.
       meta: restored checkpoint metadata (its ``fp4_qaf`` entry restores the phase), or None.
     """
 
-    def __init__(self, run: state_lib.Run, stats_fn: Any, meta: dict[str, Any] | None) -> None:
+    def __init__(self, run: Run, meta: dict[str, Any] | None) -> None:
         config = run.config
         self.switch = fp4_qaf.QafSwitch.from_config(config.precision, config.train.steps)
         self.switch.restore((meta or {}).get(METADATA_KEY))
         self.lr = fp4_qaf.QafLr.from_config(config.precision)
-        qaf_model = build_model(config, qaf_recipe(run.recipe))
         micro, seed = config.train.micro_batches, config.seed
+        qaf_model = build_model(config, qaf_recipe(run.recipe))
 
         def qaf_step(state: Any, batch: jax.Array, with_stats: bool, switch_step: Any) -> Any:
             schedule, tx = run.schedule, run.tx
@@ -84,28 +75,22 @@ class QafHooks:
                     run.schedule, switch_step, self.lr, o.peak_lr, o.min_lr, config.train.steps
                 )
                 tx = optim.make_optimizer(o, config.train.steps, weight_decay_mask, schedule)
-            step = make_train_step(
-                qaf_model,
-                tx,
-                schedule,
-                micro,
-                stats_fn,
-                grad_dtype=optim.grad_dtype(config.optim),
-                rng_seed=seed,
-            )
-            return step(state, batch, with_stats)
+            return run.make_train_step(qaf_model, tx, schedule)(state, batch, with_stats)
 
-        self._steps = {s: _jit_qaf_step(run, qaf_step, s) for s in (False, True)}
+        self._steps = {
+            flag: run.jit(functools.partial(_with_stats_last, qaf_step, flag), extra_args=1)
+            for flag in (False, True)
+        }
         self._rho = jax.jit(make_rho_fn(run.model, qaf_model, micro, seed))
 
     @staticmethod
-    def maybe(run: state_lib.Run, stats_fn: Any, meta: dict[str, Any] | None) -> QafHooks | None:
+    def maybe(run: Run, meta: dict[str, Any] | None) -> QafHooks | None:
         """The hooks, or None when the run has no QAF (not FP4, or both triggers off)."""
         if not isinstance(run.recipe, Fp4Recipe):
             return None
         if not fp4_qaf.QafSwitch.from_config(run.config.precision, run.config.train.steps).enabled:
             return None
-        return QafHooks(run, stats_fn, meta)
+        return QafHooks(run, meta)
 
     def pick_step(self, step: int, with_stats: bool, fp4_step: Callable[..., Any]) -> Any:
         """The step ``(state, batch) -> (state, metrics)`` to run at ``step``: the compiled QAF
@@ -130,3 +115,9 @@ class QafHooks:
 
     def metadata(self) -> dict[str, Any]:
         return {METADATA_KEY: self.switch.to_metadata()}
+
+
+def _with_stats_last(
+    qaf_step: Callable[..., Any], with_stats: bool, state: Any, batch: jax.Array, switch: Any
+) -> Any:
+    return qaf_step(state, batch, with_stats, switch)

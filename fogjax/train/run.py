@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fogjax import optim, sharding
+from fogjax import config_lib, optim, sharding
 from fogjax.model import build_model, weight_decay_mask
 from fogjax.precision import stats as fp8_stats
 from fogjax.precision.cudnn_attention import require_cudnn_attention
@@ -106,21 +106,56 @@ class Run:
     def num_params(self) -> int:
         return count_params(self.abstract)
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step (:func:`fogjax.config_lib.tokens_per_step`)."""
+        return config_lib.tokens_per_step(self.config)
+
+    @property
+    def stats_fn(self) -> Callable[[Any, Any], dict[str, Any]] | None:
+        """The FP8 statistics of a statistics step (None when the recipe has no FP8 linears)."""
+        return fp8_stats.fp8_metrics if self.recipe.quantizes_linears else None
+
+    def make_train_step(
+        self,
+        model: nn.Module | None = None,
+        tx: optax.GradientTransformation | None = None,
+        schedule: optax.Schedule | None = None,
+    ) -> Callable[..., Any]:
+        """The pure ``train_step(state, batch, with_stats)`` of this run (unjitted), the one place
+        it is assembled: micro-batches, FP8 statistics, gradient dtype and the RNG seed from the
+        config. ``model``, ``tx``, ``schedule`` replace the run's own (the QAF twin of an FP4
+        model and its LR schedule, fogjax.train.qaf)."""
+        return make_train_step(
+            model or self.model,
+            tx or self.tx,
+            schedule or self.schedule,
+            self.config.train.micro_batches,
+            self.stats_fn,
+            grad_dtype=optim.grad_dtype(self.config.optim),
+            rng_seed=self.config.seed,
+        )
+
+    def jit(self, fn: Callable[..., Any], extra_args: int = 0) -> Callable[..., Any]:
+        """``fn(state, batch, *extra)`` jitted as the trainer runs it (and the bench compiles it):
+        the state's shardings in and out, the batch sharded over (data, fsdp), ``extra_args``
+        replicated arguments after them, the input state donated."""
+        return jax.jit(
+            fn,
+            in_shardings=(self.shardings, sharding.batch_sharding(self.mesh), *[None] * extra_args),
+            out_shardings=(self.shardings, None),
+            donate_argnums=0,
+        )
+
     @functools.cached_property
     def train_steps(self) -> dict[bool, Callable[..., Any]]:
         """``{with_stats: step(state, batch) -> (state, metrics)}``, jitted once per run: the plain
         step and the statistics step (kurtosis, FP8 statistics) share one train_step."""
-        stats_fn = fp8_stats.fp8_metrics if self.recipe.quantizes_linears else None
-        train_step = make_train_step(
-            self.model,
-            self.tx,
-            self.schedule,
-            self.config.train.micro_batches,
-            stats_fn,
-            grad_dtype=optim.grad_dtype(self.config.optim),
-            rng_seed=self.config.seed,
-        )
-        return {flag: jit_train_step(self, train_step, with_stats=flag) for flag in (False, True)}
+        train_step = self.make_train_step()
+        return {
+            flag: self.jit(functools.partial(_call_with_stats, train_step, flag))
+            for flag in (False, True)
+        }
 
     @functools.cached_property
     def eval_step(self) -> Callable[..., Any]:
@@ -129,6 +164,12 @@ class Run:
             make_eval_step(self.model),
             in_shardings=(self.shardings, sharding.batch_sharding(self.mesh)),
         )
+
+
+def _call_with_stats(
+    train_step: Callable[..., Any], with_stats: bool, state: State, batch: jax.Array
+) -> Any:
+    return train_step(state, batch, with_stats)
 
 
 def build_run(config: Any, mesh: jax.sharding.Mesh | None = None, target: Any = None) -> Run:
@@ -155,16 +196,3 @@ def build_run(config: Any, mesh: jax.sharding.Mesh | None = None, target: Any = 
     with sharding.sharding_context(mesh):
         abstract, shardings = abstract_state(init, mesh)
     return Run(config, mesh, recipe, model, tx, schedule, init, abstract, shardings)
-
-
-def jit_train_step(
-    run: Run, train_step: Callable[..., Any], with_stats: bool
-) -> Callable[..., Any]:
-    """``train_step`` compiled as the trainer runs it (and the bench measures it): the state's
-    shardings in and out, the batch sharded over (data, fsdp), the input state donated."""
-    return jax.jit(
-        lambda state, batch: train_step(state, batch, with_stats),
-        in_shardings=(run.shardings, sharding.batch_sharding(run.mesh)),
-        out_shardings=(run.shardings, None),
-        donate_argnums=0,
-    )

@@ -29,11 +29,10 @@ from fogjax import optim
 from fogjax.model.probes import PROBES_COLLECTION
 from fogjax.precision import stats
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
+from fogjax.precision.recipe import FP8_STATS_COLLECTION
 
 State = dict[str, Any]
 Metrics = dict[str, Any]
-
-FP8_STATS_COLLECTION = "fp8_stats"
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -91,6 +90,17 @@ def _combine_microbatch(acc: Any, new: Any) -> Any:
     )
 
 
+def micro_batch_size(batch_size: int, micro_batches: int) -> int:
+    """Sequences per micro-batch; ValueError naming the fix when ``micro_batches`` does not divide
+    ``batch_size`` (checked at start-up by preflight and again when the step is traced)."""
+    if micro_batches < 1 or batch_size % micro_batches:
+        raise ValueError(
+            f"train.batch_size={batch_size} is not divisible by train.micro_batches="
+            f"{micro_batches}; choose micro_batches that divides the batch."
+        )
+    return batch_size // micro_batches
+
+
 def compute_grads(
     model: nn.Module,
     params: Any,
@@ -137,11 +147,7 @@ def compute_grads(
     if micro_batches == 1:
         return one(tokens)
     b = tokens.shape[0]
-    if b % micro_batches:
-        raise ValueError(
-            f"train.batch_size per step ({b}) is not divisible by train.micro_batches "
-            f"({micro_batches}); choose a micro_batches that divides it."
-        )
+    micro_batch_size(b, micro_batches)
     # Chunk j takes rows j, j + k, j + 2k, ...: every device keeps a share of every chunk, so the
     # split needs no data movement across the batch-sharded devices.
     chunks = tokens.reshape(b // micro_batches, micro_batches, *tokens.shape[1:]).swapaxes(0, 1)

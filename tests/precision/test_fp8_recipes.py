@@ -15,10 +15,9 @@ import pytest
 from flax.linen import fp8_ops
 
 from fogjax.precision import te
-from fogjax.precision.recipe import Recipe
 from fogjax.precision.fp8_dot import Fp8DotGeneral
 from fogjax.precision.fp8_recipes import Fp8Recipe
-from fogjax.precision.recipe import FP8_COLLECTION
+from fogjax.precision.recipe import FP8_COLLECTION, Recipe
 from fogjax.precision.registry import make_recipe
 
 LINEAR_DIMS = (((1,), (0,)), ((), ()))

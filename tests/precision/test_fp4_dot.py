@@ -57,7 +57,7 @@ def q(a, rounding, index=None):
 
 
 def references(sr_g_dgrad="sr", sr_x="sr", sr_g_wgrad="sr", w_q=None):
-    """(forward, dgrad, wgrad) from SPEC.md §6 with the named rounding of each SR operand."""
+    """(forward, dgrad, wgrad) from docs/spec.md §6 with the named rounding of each SR operand."""
     x, w, g = operands()
     w_t = q(w.T, "rtn") if w_q is None else w_q.T  # W^T [N, K], blocks along K
     w_n = q(w, "rtn") if w_q is None else w_q  # W [K, N], blocks along N

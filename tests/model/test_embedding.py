@@ -7,20 +7,20 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO_ROOT
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fogjax import sharding
 from fogjax.model import embedding
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def reference(table: jax.Array, tokens: jax.Array, cotangent: jax.Array, dtype=jnp.float32):

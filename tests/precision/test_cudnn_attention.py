@@ -2,7 +2,7 @@
 
 CPU cannot run cuDNN, so the tests here check, without a GPU:
 - the wrapper's arithmetic and delayed-scaling state with cuDNN's kernels swapped for a float32
-  emulation of their FP8 graph (tests/cudnn_fp8_emulation.py), against a float32 reference;
+  emulation of their FP8 graph (tests/helpers/cudnn_fp8_emulation.py), against a float32 reference;
 - the sharded path (shard_map + pmax of the amaxes) against the unsharded one;
 - that the real train step lowers for CUDA to one cuDNN FP8 forward and one backward call per layer
   body, with E4M3 operands and no FP8 einsum attention left;
@@ -15,14 +15,14 @@ from __future__ import annotations
 import functools
 import re
 
-import cudnn_fp8_emulation as emulation
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import cudnn_fp8_emulation as emulation
+from helpers.steps import batch, fp8_dot_counts, jit_grads, setup, tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_step import _jit_grads, batch, fp8_dot_counts, setup, tiny_config
 
 from fogjax import sharding
 from fogjax.precision import cudnn_attention, scaling
@@ -187,7 +187,7 @@ def test_micro_batches_leave_the_same_attention_state_as_one_batch(emulated_kern
     for i in range(3):  # past the first steps' scale-1 gradients (see the test above)
         state, _ = step(state, batch(i, t=128))
     tokens = batch(7, b=8, t=128)
-    results = [_jit_grads(model, k, False)(state, tokens) for k in (1, 4)]
+    results = [jit_grads(model, k, False)(state, tokens) for k in (1, 4)]
     one, four = (r[2]["layers"]["attn"]["fp8_attention"] for r in results)
     for name in TENSORS:
         a, b = one[f"{name}_amax_history"], four[f"{name}_amax_history"]

@@ -4,6 +4,7 @@ import socket
 
 import numpy as np
 import pytest
+from helpers import REPO_ROOT
 
 from fogjax import data
 from fogjax.data import corpus
@@ -35,7 +36,7 @@ def load_default_config():
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
+    path = os.path.join(REPO_ROOT, "configs", "default.py")
     spec = importlib.util.spec_from_file_location("default_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

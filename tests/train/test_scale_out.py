@@ -36,15 +36,15 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from helpers import REPO_ROOT
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fogjax import checkpoint, config_lib, sharding
 from fogjax.train import run as state_lib
-from fogjax.train.step import make_train_step
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 MESHES = {  # (data, fsdp, tensor)
     "one_device": (1, 1, 1),
@@ -93,8 +93,7 @@ def one_step(recipe: str, shape: tuple[int, int, int]) -> StepResult:
     cfg = small_config(recipe)
     mesh = mesh_of(shape)
     run = state_lib.build_run(cfg, mesh)
-    train_step = make_train_step(run.model, run.tx, run.schedule)
-    step_fn = state_lib.jit_train_step(run, train_step, with_stats=False)
+    step_fn = run.train_steps[False]
     with sharding.sharding_context(mesh):
         state = state_lib.create_state(run.init, run.shardings, cfg.seed)
         shardings = jax.tree.map(lambda x: x.sharding, state)

@@ -6,81 +6,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
-
-from fogjax import config_lib, optim
-from fogjax.model import build_model, weight_decay_mask
-from fogjax.train.step import compute_grads, make_train_step
-
-E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
-E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
-
-
-def tiny_config(recipe: str, **train):
-    cfg = config_lib.get_config("fog_flash", "tiny")
-    with cfg.unlocked():
-        cfg.precision.recipe = recipe
-        cfg.model.num_layers = 2
-        cfg.model.d_model, cfg.model.num_heads, cfg.model.num_kv_heads = 256, 2, 1
-        cfg.model.ffn_dim = 384
-        cfg.train.steps = 60
-        cfg.optim.warmup_steps, cfg.optim.cooldown_steps = 5, 5
-        for k, v in train.items():
-            setattr(cfg.train, k, v)
-    return cfg
-
-
-def setup(cfg, micro_batches=1, **optim_overrides):
-    with cfg.unlocked():
-        for k, v in optim_overrides.items():
-            setattr(cfg.optim, k, v)
-    model = build_model(cfg)
-    schedule = optim.make_schedule(cfg.optim, cfg.train.steps)
-    tx = optim.make_optimizer(cfg.optim, cfg.train.steps, weight_decay_mask)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
-    params = jax.tree.map(lambda x: x, jax.tree.map(jnp.asarray, _unbox(variables["params"])))
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "fp8": variables.get("fp8", {}),
-        "opt_state": tx.init(params),
-    }
-    step = make_train_step(model, tx, schedule, micro_batches)
-    return model, state, step
-
-
-def _unbox(tree):
-    import flax.linen as nn
-
-    return nn.unbox(tree)
-
-
-def batch(seed=0, b=8, t=32, vocab=4096):
-    return jax.random.randint(jax.random.key(seed), (b, t + 1), 0, vocab)
-
-
-def fp8_dot_counts(jaxpr) -> dict[tuple[str, str], int]:
-    """Counts dot_general equations by (lhs dtype, rhs dtype) with an FP8 operand, recursively."""
-    counts: dict[tuple[str, str], int] = {}
-
-    def walk(jp):
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "dot_general":
-                dts = tuple(str(v.aval.dtype) for v in eqn.invars[:2])
-                if any("float8" in d for d in dts):
-                    counts[dts] = counts.get(dts, 0) + 1
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else [param]:
-                    if isinstance(sub, jex_core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jex_core.Jaxpr):
-                        walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return counts
+from helpers.steps import E4M3_MAX, batch, fp8_dot_counts, jit_grads, setup, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -127,21 +55,12 @@ def test_scales_after_one_step_equal_fp8_max_over_amax_seen():
     assert np.all(np.asarray(fp8["attn"]["wqkv"]["dot"]["lhs_amax_history"][:, 1:]) == 0)
 
 
-def _jit_grads(model, micro_batches, with_stats):
-    """compute_grads compiled (eager execution of the scanned model is several times slower)."""
-    return jax.jit(
-        lambda state, tokens: compute_grads(
-            model, state["params"], state["fp8"], tokens, micro_batches, with_stats
-        )
-    )
-
-
 def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
     cfg = tiny_config("fp8dpa")
     model, state, _ = setup(cfg)
     tokens = batch(b=8)
-    _, grads1, fp8_one, _ = _jit_grads(model, 1, False)(state, tokens)
-    _, grads4, fp8_four, _ = _jit_grads(model, 4, False)(state, tokens)
+    _, grads1, fp8_one, _ = jit_grads(model, 1, False)(state, tokens)
+    _, grads4, fp8_four, _ = jit_grads(model, 4, False)(state, tokens)
     flat_one = jax.tree_util.tree_leaves_with_path(fp8_one)
     flat_four = dict(jax.tree_util.tree_leaves_with_path(fp8_four))
     for path, a in flat_one:
@@ -152,8 +71,8 @@ def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
         else:  # forward amaxes and scales: exactly the full batch's
             np.testing.assert_array_equal(b, a, err_msg=name)
     # Activation statistics combine exactly: amax by max, mean square and kurtosis by mean.
-    _, _, _, aux1 = _jit_grads(model, 1, True)(state, tokens)
-    _, _, _, aux4 = _jit_grads(model, 4, True)(state, tokens)
+    _, _, _, aux1 = jit_grads(model, 1, True)(state, tokens)
+    _, _, _, aux4 = jit_grads(model, 4, True)(state, tokens)
     qkv1 = aux1["probes"]["layers"]["attn"]["qkv"]
     qkv4 = aux4["probes"]["layers"]["attn"]["qkv"]
     np.testing.assert_array_equal(qkv4["amax"], qkv1["amax"])
@@ -182,7 +101,7 @@ def test_clipping_and_weight_decay_leave_fp8_state_alone():
     # The optimizer did see different settings: the parameters moved differently.
     assert not np.allclose(m_a["update_norm"], m_b["update_norm"])
     # grad_norm is over parameters only (the FP8 state's "gradient" is its new value).
-    _, grads, new_fp8, _ = _jit_grads(model, 1, False)(state_a, tokens)
+    _, grads, new_fp8, _ = jit_grads(model, 1, False)(state_a, tokens)
     expected = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(grads)))
     assert float(m_a["grad_norm"]) == pytest.approx(expected, rel=1e-5)
     fp8_norm = np.sqrt(sum(float(jnp.sum(jnp.square(g))) for g in jax.tree.leaves(new_fp8)))

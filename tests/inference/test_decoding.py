@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import REPO_ROOT
 
 from fogjax import config_lib, sharding
 from fogjax.inference.decoding import (
@@ -210,11 +211,12 @@ def test_decoder_seed_and_stop(decoder):
 
 def test_fogjax_never_imports_lm_eval():
     code = (
-        "import sys, fogjax.evaluate, fogjax.generate, fogjax.evaluate.harness, fogjax.inference.load, "
-        "fogjax.inference.decoding; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
+        "import sys, fogjax.evaluate, fogjax.evaluate.__main__, fogjax.evaluate.loss, "
+        "fogjax.generate, fogjax.inference.load, fogjax.inference.decoding, fogjax.train.loop; "
+        "assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
     )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO_ROOT)
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
     )

@@ -10,8 +10,8 @@ import pathlib
 import sys
 
 import pytest
+from helpers.cli import ROOT, run, scalars, sigterm_after
 from PIL import Image
-from test_train import ROOT, run, scalars, sigterm_after
 
 from fogjax.study import figures
 from fogjax.study.__main__ import main as study_main
@@ -172,7 +172,7 @@ def test_kurtosis_warnings_survive_sigterm_and_resume(smoke, tmp_path):
 
 
 def test_each_run_is_judged_against_its_bf16_twin():
-    """SPEC.md §4: only the FP8 run diverging is an FP8 failure; both diverging is the stress."""
+    """docs/spec.md §4: only the FP8 run diverging is an FP8 failure; both diverging is the stress."""
     from fogjax.study.report import _with_twins, bf16_twins
 
     study = build_study(os.path.join(ROOT, "configs/study/ordering_cpu.py"))

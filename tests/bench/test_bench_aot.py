@@ -14,11 +14,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import REPO_ROOT
 
 from fogjax import config_lib
 from fogjax.bench import aot, estimate, gemms, hlo_module, plan, targets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 # Head dim 128 and seq_len 128 so that cuDNN's FP8 attention accepts the shapes.

@@ -9,8 +9,8 @@ with r_t the master's rounding error; since 0 < 1 - lr lam <= 1,
     |e_T| <= sum_t lr_t |u'_t - u_t| + |sum_t r_t|.
 Moments: the step uses mu'_t = b1 Q(mu'_{t-1}) + (1-b1) g'_t (nu' alike), so D_t >= |mu'_t - mu_t|
 follows D_t = b1 (D_{t-1} + q_{t-1}) + (1-b1) |g'_t - g_t| with q the storage error bound of
-fogjax.optim.moment_formats: u |x| + 2 (min_positive / max) A for a float format with unit roundoff u and
-block amax A (the power-of-two scale puts A in (max/2, max]; the zero guard costs at most one
+fogjax.optim.moment_formats: u |x| + 2 (min_positive / max) A for a float format with unit roundoff
+u and block amax A (the power-of-two scale puts A in (max/2, max]; the zero guard costs at most one
 min_positive), A / 127 (A / 255 for sqrt(nu)) for int8, u |x| for bfloat16, all doubled when the
 moments are requantised stochastically (either neighbour); the second moment is stored as
 r = sqrt(nu), so |nu' error| <= (2 r + dr) dr. Then with a = D_mu / bc1, b = D_nu / bc2,

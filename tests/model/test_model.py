@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference_model as ref
+from helpers import reference_model as ref
 from ml_collections import FrozenConfigDict
 
 from fogjax import config_lib

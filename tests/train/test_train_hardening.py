@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 import pytest
-from test_train import ENV, ROOT, run, scalars
-from test_train import train_cmd as _train_cmd
+from helpers.cli import ENV, ROOT, run, scalars
+from helpers.cli import train_cmd as _train_cmd
 
 from fogjax import config_lib
 from fogjax.data import load_dataset_info, load_tokenizer, prepare
@@ -268,7 +268,7 @@ def test_the_compile_thread_sees_the_mesh_and_logical_rules():
 
     from fogjax import sharding
     from fogjax.train import run as state_lib
-    from fogjax.train.loop import _interruptible, _StopRequest
+    from fogjax.train.control import StopRequest, interruptible
 
     c = config_lib.get_config("llama3", "tiny")
     m = c.model
@@ -284,7 +284,7 @@ def test_the_compile_thread_sees_the_mesh_and_logical_rules():
 
     with sharding.sharding_context(run.mesh):
         expected = lower()
-    assert _interruptible(lower, run.mesh, _StopRequest()) == expected
+    assert interruptible(lower, run.mesh, StopRequest()) == expected
     bare = {}  # A plain thread, as the first version of the compile thread was.
     worker = threading.Thread(target=lambda: bare.setdefault("text", lower()))
     worker.start()
@@ -299,11 +299,11 @@ def test_out_of_memory_at_compile_names_what_to_reduce():
 
     import jax
 
-    from fogjax.train.loop import _CompiledSteps, _StopRequest
+    from fogjax.train.control import CompiledSteps, StopRequest
 
     config = _config(train__batch_size=64, train__seq_len=4096, train__micro_batches=2)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    steps = _CompiledSteps(types.SimpleNamespace(config=config, mesh=mesh), _StopRequest(), None)
+    steps = CompiledSteps(types.SimpleNamespace(config=config, mesh=mesh), StopRequest(), None)
 
     def oom():
         raise jax.errors.JaxRuntimeError(

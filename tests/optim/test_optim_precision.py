@@ -56,7 +56,8 @@ def test_bad_precision_fields_are_refused_with_the_fix(fields, message):
 
 
 class _Bigram(nn.Module):
-    """Embedding + untied head: a model fogjax.train.step can differentiate, compiled in a second."""
+    """Embedding + untied head: a model fogjax.train.step can differentiate, compiled in a
+    second."""
 
     @nn.compact
     def __call__(self, tokens):

@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import REPO_ROOT
 from jax import lax
 
 from fogjax import config_lib
@@ -19,7 +20,7 @@ from fogjax.bench import entries as bench_entries
 from fogjax.bench import hlo_stats
 from fogjax.bench import measure as bench
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 # One CPU device for the CLI run (this test process has 8 fake devices).
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
