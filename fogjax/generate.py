@@ -18,6 +18,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
+from fogjax import command_line
 from fogjax.inference.decoding import GREEDY, PromptTooLongError, Sampling
 from fogjax.inference.load import LoadedModel, NoCheckpointError, load_model
 
@@ -98,4 +99,4 @@ def underscore_flag_names(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main, argv=underscore_flag_names(sys.argv))
+    command_line.run(main, argv=underscore_flag_names(sys.argv))

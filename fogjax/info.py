@@ -13,6 +13,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from fogjax import command_line
 from fogjax.accounting import abstract_variables, model_info, state_memory
 
 
@@ -29,4 +30,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/fog_flash.py:1.5b.")
-    app.run(main)
+    command_line.run(main)

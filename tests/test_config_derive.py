@@ -1,8 +1,8 @@
 """Derived config fields follow the fields they derive from, through the real --config flags.
 
-Every expected value is docs/spec.md §1's formula computed here: post-norm / LayerScale gain 1/sqrt(L)
-(1 for OLMo2), softmax scale 1/sqrt(d_h) for the baselines and g/sqrt(d_h) for FOG with the
-paper's frozen gain g = s * sqrt(128) (s = 0.17678 at 390M, 0.125 at 1.5B and 8B), FFN width F
+Every expected value is docs/spec.md §1's formula computed here: post-norm / LayerScale gain
+1/sqrt(L) (1 for OLMo2), softmax scale 1/sqrt(d_h) for the baselines and g/sqrt(d_h) for FOG with
+the paper's frozen gain g = s * sqrt(128) (s = 0.17678 at 390M, 0.125 at 1.5B and 8B), FFN width F
 gated or 3F/2 non-gated, and every architecture field from docs/spec.md's table.
 """
 

@@ -26,6 +26,7 @@ if any(a.startswith("--target") for a in sys.argv[1:]):
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fogjax import command_line
 from fogjax.bench import aot, plan
 from fogjax.bench import attention as bench_attention  # noqa: E402
 from fogjax.bench import measure as step  # noqa: E402
@@ -174,4 +175,4 @@ def _define_flags() -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    command_line.run(main)

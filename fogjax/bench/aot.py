@@ -39,7 +39,7 @@ from fogjax.bench import gemms as gemm_lib
 from fogjax.bench.hlo_module import parse_module
 from fogjax.bench.targets import Target, target_devices
 from fogjax.train import run as state_lib
-from fogjax.train.loop import validate_train_config
+from fogjax.train.preflight import validate_train_config
 
 TRITON_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 

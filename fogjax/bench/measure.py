@@ -47,7 +47,7 @@ from fogjax.bench.entries import Entry
 from fogjax.monitoring.throughput import mfu
 from fogjax.train import provenance
 from fogjax.train import run as state_lib
-from fogjax.train.loop import validate_train_config
+from fogjax.train.preflight import validate_train_config
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from typing import Any
 from absl import app, flags
 from absl import logging as absl_logging
 
+from fogjax import command_line
 from fogjax.evaluate.loss import evaluate_checkpoint
 from fogjax.inference.load import NoCheckpointError
 
@@ -90,4 +91,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    command_line.run(main)

@@ -1,4 +1,7 @@
-"""Feed-forward networks: non-gated (GeLU, xIELU) and gated (SwiGLU, SmoothSwiGLU), docs/spec.md §1."""
+"""Feed-forward networks: non-gated (GeLU, xIELU) and gated (SwiGLU, SmoothSwiGLU).
+
+The equations are docs/spec.md §1.
+"""
 
 from __future__ import annotations
 

@@ -22,6 +22,14 @@ import jax.numpy as jnp
 PROBES_COLLECTION = "probes"
 KURTOSIS_FORMS = ("token", "sequence")
 
+# Metric group -> how it is read off the sown probe statistics (the train step's ``kurtosis``,
+# ``act_rms`` and ``act_amax`` metrics, {tensor: [L]}).
+ACTIVATION_GROUPS = {
+    "kurtosis": lambda stats: stats["kurtosis"],
+    "act_rms": lambda stats: jnp.sqrt(stats["mean_square"]),
+    "act_amax": lambda stats: stats["amax"],
+}
+
 # Tensors the model probes, in the order they occur in a block.
 PROBE_TENSORS = (
     "qkv_in",  # input of the fused QKV projection

@@ -27,11 +27,11 @@ import jax
 
 from fogjax import config_lib
 from fogjax.checkpoint import Checkpointer
+from fogjax.model.probes import ACTIVATION_GROUPS
 from fogjax.monitoring.divergence import Divergence, detector_from_config
 from fogjax.monitoring.kurtosis import KurtosisMonitor
 from fogjax.monitoring.throughput import Throughput
 from fogjax.monitoring.writer import Console, MetricWriter, console_line, metrics_to_host
-from fogjax.train.step import ACTIVATION_GROUPS
 
 TRAIN_METRICS = ("loss", "lr", "grad_norm", "param_norm", "update_norm", "finite")
 

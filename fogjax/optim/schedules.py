@@ -1,4 +1,5 @@
-"""Learning-rate schedules (docs/spec.md §2): warmup-stable-decay with a 1-sqrt cooldown, and cosine."""
+"""Learning-rate schedules (docs/spec.md §2): warmup-stable-decay with a 1-sqrt cooldown, and
+cosine."""
 
 from __future__ import annotations
 

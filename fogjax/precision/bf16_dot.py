@@ -3,8 +3,8 @@
 ``lax.dot_general(bf16, bf16, preferred_element_type=float32)`` is the right forward for the LM
 head (float32 logits for the loss), but autodiff then hands the backward a float32 cotangent, and
 XLA runs both backward GEMMs as float32 x float32 (TF32 on Hopper, half the BF16 rate: seen in the
-H100 program that ``python -m fogjax.bench --target=h100`` compiles). docs/spec.md §3 keeps the LM head
-in BF16, forward and backward, as Megatron does: here the cotangent is rounded to the operands'
+H100 program that ``python -m fogjax.bench --target=h100`` compiles). docs/spec.md §3 keeps the LM
+head in BF16, forward and backward, as Megatron does: here the cotangent is rounded to the operands'
 dtype once, and the data and weight gradients are BF16 GEMMs (float32 accumulation inside the
 GEMM, results in the operands' dtype).
 """

@@ -1,4 +1,5 @@
-"""Delayed per-tensor scaling: the amax history, ``scale_inv`` and their update rule (docs/spec.md §3).
+"""Delayed per-tensor scaling: the amax history, ``scale_inv`` and their update rule
+(docs/spec.md §3).
 
 Every FP8-quantised tensor keeps two float32 arrays:
 
@@ -6,10 +7,10 @@ Every FP8-quantised tensor keeps two float32 arrays:
   each step rolls the window left by one and overwrites index 0);
 - ``scale_inv`` [1]: the DEquantisation multiplier, ``amax * 2**margin / fp8_max``.
 
-``scale_inv`` is the reciprocal of docs/spec.md's ``scale = fp8_max / amax / 2**margin`` (it is what flax
-and Transformer Engine call the scale of their FP8 metas). We store the reciprocal because then both
-arrays grow with amax, so the states that k micro-batches produce from one starting state combine
-exactly by an elementwise max.
+``scale_inv`` is the reciprocal of docs/spec.md's ``scale = fp8_max / amax / 2**margin`` (it is
+what flax and Transformer Engine call the scale of their FP8 metas). We store the reciprocal
+because then both arrays grow with amax, so the states that k micro-batches produce from one
+starting state combine exactly by an elementwise max.
 
 Step t quantises with the stored ``scale_inv`` (computed from steps < t) and records its own amax:
 

@@ -19,6 +19,8 @@ import argparse
 import os
 import sys
 
+from fogjax import command_line
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -46,6 +48,7 @@ def _fail(message: str, code: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    command_line.cpu_without_nvidia_driver()
     from fogjax.study import report, slurm
     from fogjax.study.spec import build_study
 
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"Wrote {script}. Submit it with: sbatch {script}", flush=True)
         return
     from fogjax.study.runner import run_study
-    from fogjax.train.loop import Interrupted
+    from fogjax.train.control import Interrupted
     from fogjax.train.workdir import WorkdirLockedError
 
     try:

@@ -10,8 +10,10 @@ import json
 import os
 from typing import Any
 
+from fogjax.monitoring.reporter import TrainingDiverged
 from fogjax.study.spec import Study, StudyRun
-from fogjax.train.loop import SUMMARY_FILE, TrainingDiverged, train_and_evaluate
+from fogjax.train.loop import train_and_evaluate
+from fogjax.train.workdir import SUMMARY_FILE
 
 
 def read_summary(workdir: str) -> dict[str, Any] | None:

@@ -23,10 +23,11 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from fogjax import command_line
 from fogjax.config_lib import SIZES, get_config
 
 # fogjax/train/__main__.py -> the repository root, two levels up.
@@ -118,7 +119,9 @@ def main(argv: list[str]) -> None:
         num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
     )
-    from fogjax.train.loop import Interrupted, TrainingDiverged, train_and_evaluate
+    from fogjax.monitoring.reporter import TrainingDiverged
+    from fogjax.train.control import Interrupted
+    from fogjax.train.loop import train_and_evaluate
     from fogjax.train.workdir import WorkdirLockedError
 
     try:
@@ -136,4 +139,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    command_line.run(main, flags_parser=_parse_flags)

@@ -27,19 +27,13 @@ from fogjax.evaluate.loss import validation_loss
 from fogjax.monitoring.reporter import Reporter, TrainingDiverged
 from fogjax.train import preflight, provenance
 from fogjax.train import workdir as workdir_lib
-from fogjax.train.control import Cadence, CompiledSteps, Interrupted, Profiler, StopRequest
+from fogjax.train.control import Cadence, CompiledSteps, Profiler, StopRequest
 from fogjax.train.preflight import validate_train_config
 from fogjax.train.qaf import QafHooks
 from fogjax.train.run import Run, build_run, create_state
 from fogjax.train.workdir import SUMMARY_FILE
 
-__all__ = [
-    "SUMMARY_FILE",
-    "Interrupted",
-    "TrainingDiverged",
-    "train_and_evaluate",
-    "validate_train_config",
-]
+__all__ = ["train_and_evaluate"]
 
 
 def _restore_or_init(

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from fogjax import optim
-from fogjax.model.probes import PROBES_COLLECTION
+from fogjax.model.probes import ACTIVATION_GROUPS, PROBES_COLLECTION
 from fogjax.precision import stats
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
 from fogjax.precision.recipe import FP8_STATS_COLLECTION
@@ -165,14 +165,6 @@ def compute_grads(
         aux,
     )
     return loss, grads, new_fp8, aux
-
-
-# Metric group -> how it is read off the sown probe statistics.
-ACTIVATION_GROUPS = {
-    "kurtosis": lambda stats: stats["kurtosis"],
-    "act_rms": lambda stats: jnp.sqrt(stats["mean_square"]),
-    "act_amax": lambda stats: stats["amax"],
-}
 
 
 def activation_metrics(probes: Any, layer_order: tuple[str, ...] = ()) -> Metrics:

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fogjax.data import prepare, shards
+from fogjax.data.prepare import __main__ as prepare_cli
 from fogjax.data.tokenizer import load_tokenizer, train_byte_level_bpe
 
 DOCS = [
@@ -175,12 +176,14 @@ def test_validation_split_follows_character_fraction():
 
 def test_cli(tmp_path, capsys):
     inputs = _write_inputs(tmp_path / "in")
-    prepare.main(["--input", str(inputs), "--output", str(tmp_path / "o"), "--val-fraction", "0.2"])
+    prepare_cli.main(
+        ["--input", str(inputs), "--output", str(tmp_path / "o"), "--val-fraction", "0.2"]
+    )
     assert "train tokens" in capsys.readouterr().out
     info = shards.read_dataset_info(tmp_path / "o")
     assert info.val_documents > 0 and info.tokenizer == "bytes"
     with pytest.raises(SystemExit, match="error: .*does not exist"):
-        prepare.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o3")])
+        prepare_cli.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o3")])
 
 
 def test_token_ids_beyond_the_shard_dtype_are_refused(tmp_path):

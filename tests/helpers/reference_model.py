@@ -1,4 +1,5 @@
-"""An independent float64 NumPy re-implementation of every block type, from docs/spec.md §1's equations.
+"""An independent float64 NumPy re-implementation of every block type, from docs/spec.md §1's
+equations.
 
 It reads parameters from the Flax tree (same layout) but shares no code with fogjax.model: norms,
 RoPE (including the Llama-3.1 frequency rule), GQA attention, activations and the block wiring are

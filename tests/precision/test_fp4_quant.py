@@ -50,7 +50,8 @@ def np_e2m1_rne(a: np.ndarray) -> np.ndarray:
 
 
 def nvfp4_reference(blocks: np.ndarray) -> np.ndarray:
-    """float64 NVFP4 QDQ of ``blocks`` [n_blocks, block] (one tensor), docs/spec.md §6 line by line."""
+    """float64 NVFP4 QDQ of ``blocks`` [n_blocks, block] (one tensor), docs/spec.md §6 line by
+    line."""
     x = blocks.astype(np.float64)
     amax = np.abs(x).max()
     s_enc = 6 * 448 / amax if amax > 0 else 1.0

@@ -172,7 +172,8 @@ def test_kurtosis_warnings_survive_sigterm_and_resume(smoke, tmp_path):
 
 
 def test_each_run_is_judged_against_its_bf16_twin():
-    """docs/spec.md §4: only the FP8 run diverging is an FP8 failure; both diverging is the stress."""
+    """docs/spec.md §4: only the FP8 run diverging is an FP8 failure; both diverging is the
+    stress."""
     from fogjax.study.report import _with_twins, bf16_twins
 
     study = build_study(os.path.join(ROOT, "configs/study/ordering_cpu.py"))
