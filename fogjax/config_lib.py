@@ -162,8 +162,9 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.model = model_config(arch, size)
 
     c.precision = ml_collections.ConfigDict()
-    # 'bf16' | 'fp8' (linears) | 'fp8dpa' (linears + attention). FOG models exist to train in
-    # FP8DPA, so that is their default; the baselines default to their BF16 reference.
+    # 'bf16' | 'fp8' (linears) | 'fp8dpa' (linears + attention) | 'nvfp4' | 'mxfp4' (emulated
+    # FP4 linears; fogjax/precision/registry.py lists them). FOG models exist to train in FP8DPA,
+    # so that is their default; the baselines default to their BF16 reference.
     c.precision.recipe = "fp8dpa" if arch.startswith("fog") else "bf16"
     c.precision.backend = "xla"  # 'xla' (flax fp8_ops style, runs on CPU too) | 'te' (GPU).
     c.precision.compute_dtype = "bfloat16"  # Activation dtype; parameters stay float32.
@@ -211,8 +212,8 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.1  # On matrices only (embedding and LM head included).
     c.optim.grad_clip = 1.0  # Global-norm clip over parameters (never the FP8 state).
-    # Optimizer-state precision (fogjax/optim/state_precision.py; README "Optimizer-state
-    # precision"). A preset setting the four dtypes below at once: 'fp32' | 'fog_fp16' |
+    # Optimizer-state precision (fogjax/optim/state_precision.py; docs/optimizer_state.md). A
+    # preset setting the four dtypes below at once: 'fp32' | 'fog_fp16' |
     # 'fog_fp8_m1' | 'fog_fp8' | 'bf16', or 'custom' (take the four fields as given).
     c.optim.state_precision = "custom"
     c.optim.master_dtype = "float32"  # Stored parameters: 'float32' | 'bfloat16' | 'float16'.
@@ -241,7 +242,9 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.eval_every = 100 if size == "tiny" else 1000
     c.train.eval_batches = 4 if size == "tiny" else 20
-    c.train.log_every = 10 if size == "tiny" else 50  # Console line and TensorBoard scalars.
+    # The console line every N steps (TensorBoard gets every step's scalars); multi-process runs
+    # also agree on a stop request (SIGTERM) at this cadence.
+    c.train.log_every = 10 if size == "tiny" else 50
     c.train.stats_every = 50 if size == "tiny" else 250  # Kurtosis and FP8 statistics.
     # Resume although model fields that keep every shape changed (rope_base, softmax_scale,
     # seq_len, ...); refused by default. Every config a run used stays in config_history/.

@@ -5,7 +5,7 @@ Run (4 runs; about 3 minutes each on 2 idle cores):
   python -m fogjax.study --config=configs/study/kurtosis_cpu.py --workdir=runs/kurtosis_cpu
 
 Why: at ``ordering_cpu``'s LR 3e-2 the FOG blocks and OP blow up inside the warm-up in BF16 as in
-FP8DPA (LR robustness, not FP8; see README "Stability"), so that study cannot say whether the
+FP8DPA (LR robustness, not FP8; see docs/stability.md), so that study cannot say whether the
 kurtosis monitor tells FP8-fragile blocks from robust ones. At 1e-2 all of them train; docs/spec.md §4
 asks that a warning fire on the fragile block and stay quiet on its BF16 twin.
 """

@@ -9,7 +9,7 @@ Sizing: the tiny model (5.2M params) at 8 x 128 tokens a step runs ~2.5-3k token
 on 2 idle cores (0.4 s/step; 600-1300 tokens/s under load), and compiling the two FP8DPA step
 variants takes 20-70 s.
 
-Stress, and what it showed (README "Stability"; benchmarks/results/study-ordering_cpu/):
+Stress, and what it showed (docs/stability.md; benchmarks/results/study-ordering_cpu/):
   - LR 1e-2, 150 steps, warm-up 10 (exploration, Llama3 and FOG-flash under FP8DPA): neither
     diverged; Llama3's loss 7.57 -> 6.34, a kurtosis warning at step 130; FOG-flash 7.76 -> 6.23,
     QKV kurtosis flat, no warning.

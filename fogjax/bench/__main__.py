@@ -6,7 +6,7 @@
     python -m fogjax.bench --target=h100 [--gpus=8] [--triton_gemm=both] --config=... --compare=...
     python -m fogjax.bench --target=h100 --plan --config=... --compare=... --plan_sizes=390m,1.5b
 
-Without ``--target`` each entry runs on this machine's devices (step.py). With it nothing runs:
+Without ``--target`` each entry runs on this machine's devices (measure.py). With it nothing runs:
 the step is compiled for the named GPU without one (aot.py), ``--plan`` searches the batch that
 fits (plan.py). benchmarks/README.md explains every column.
 """

@@ -75,7 +75,7 @@ ROW_FIELDS = (
     "speedup_vs_first",  # tokens_per_sec / the first row's
     "loss",  # after the last step (a NaN here means the timings ran on garbage)
     "peak_memory_bytes",  # device high-water mark after this row (GPU); None where not reported
-    "peak_memory_is_own",  # False: an earlier row set that high-water mark (see README)
+    "peak_memory_is_own",  # False: an earlier row set that high-water mark (benchmarks/README.md)
     "compiled_memory_bytes",  # XLA's buffer assignment for the step, per device (every backend)
     "fp8_gemm_custom_calls",  # __cublas$lt$matmul$f8 in the optimized HLO (per scanned body)
     "cudnn_fp8_attention_calls",  # __cudnn$fmha...F8 custom calls

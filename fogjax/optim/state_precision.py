@@ -2,8 +2,8 @@
 
 ``optim.state_precision`` names a preset that sets the master weights, both moments and the
 gradients at once (the FOG release's per-state dtype flags on Megatron's precision-aware
-optimizer); ``custom`` takes the four ``optim.*_dtype`` fields one by one. See README.md
-("Optimizer-state precision") for which paper run each preset matches.
+optimizer); ``custom`` takes the four ``optim.*_dtype`` fields one by one. See
+docs/optimizer_state.md for which paper run each preset matches.
 """
 
 from __future__ import annotations
