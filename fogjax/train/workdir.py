@@ -47,11 +47,17 @@ MODEL_DEFINING = ("model", "train.seq_len")
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through ``<path>.tmp`` and a rename."""
+    """Writes ``text`` to ``path`` through ``<path>.tmp`` and a rename; if the write or the
+    rename fails (a full disk), the old ``path`` is left as it was and the ``.tmp`` removed."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_json(path: str, record: Any) -> None:
