@@ -48,11 +48,15 @@ MODEL_DEFINING = ("model", "train.seq_len")
 
 def write_atomic(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through ``<path>.tmp`` and a rename; if the write or the
-    rename fails (a full disk), the old ``path`` is left as it was and the ``.tmp`` removed."""
+    rename fails (a full disk), the old ``path`` is left as it was and the ``.tmp`` removed.
+    The data reaches the disk before the rename, so a power loss leaves the old or the new file,
+    never an empty one."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
