@@ -29,6 +29,15 @@ def test_defaults_are_float32_and_presets_set_all_four():
     assert optim.master_cast(_optim())({"w": 1.0}) == {"w": 1.0}
 
 
+def test_the_config_declares_every_precision_field_with_its_one_default():
+    """optim.state_precision.FIELD_DEFAULTS is the one list of precision fields: the config sets
+    each with that default, and the checkpoint names the layout fields among them."""
+    config = config_lib.get_config("fog_flash", "tiny").optim
+    assert {k: config[k] for k in optim_precision.FIELD_DEFAULTS} == optim_precision.FIELD_DEFAULTS
+    assert set(optim_precision.LAYOUT_FIELDS) < set(optim_precision.FIELD_DEFAULTS)
+    assert "moment_rounding" not in optim_precision.LAYOUT_FIELDS
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
