@@ -27,6 +27,7 @@ from typing import Any
 import jax
 
 from fogjax import distributed, sharding
+from fogjax.train import host_memory
 from fogjax.train.qaf import QafHooks
 from fogjax.train.run import Run
 
@@ -182,8 +183,11 @@ class CompiledSteps:
             what = " with statistics" if with_stats else ""
             self._print(f"Compiling the train step{what} (Ctrl-C aborts)...")
             jitted = self._run.train_steps[with_stats]
-            self._compiled[with_stats] = self._compile(lambda: jitted.lower(state, batch).compile())
+            compiled = self._compile(lambda: jitted.lower(state, batch).compile())
             self._print(f"Compiled in {time.time() - start:.1f}s")
+            # On CPU nothing else refuses a step too large for the host: it would be killed.
+            host_memory.check_step_fits(compiled, self._run)
+            self._compiled[with_stats] = compiled
         return self._compiled[with_stats]
 
     def _compile(self, fn: Callable[[], Any]) -> Any:

@@ -25,7 +25,7 @@ from fogjax import checkpoint, config_lib, data, sharding
 from fogjax.accounting import model_info
 from fogjax.evaluate.loss import validation_loss
 from fogjax.monitoring.reporter import Reporter, TrainingDiverged
-from fogjax.train import preflight, provenance
+from fogjax.train import host_memory, preflight, provenance
 from fogjax.train import workdir as workdir_lib
 from fogjax.train.control import Cadence, CompiledSteps, Profiler, StopRequest
 from fogjax.train.preflight import validate_train_config
@@ -142,6 +142,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     info = data.load_dataset_info(config.data.path)
     preflight.check_dataset(info, config)
     run = build_run(config)
+    host_memory.check_state_fits(run)  # On CPU: before the lock, before anything is written.
     workdir = os.path.abspath(workdir)
     preflight.check_workdir(workdir)
     cadence = Cadence.from_config(t)
