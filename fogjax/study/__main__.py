@@ -49,6 +49,7 @@ def _fail(message: str, code: int = 2) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     command_line.cpu_without_nvidia_driver()
+    command_line.quiet_closed_event_loops()
     from fogjax.study import report, slurm
     from fogjax.study.spec import build_study
 
