@@ -19,6 +19,12 @@ from typing import Any
 
 from absl import app
 
+# A Ctrl-C that arrived outside the trainer's signal handling (loading, building, saving the
+# summary): the trainer itself says more (fogjax/train/control.py).
+INTERRUPTED = (
+    "Interrupted by Ctrl-C. The workdir keeps its latest checkpoint: run the same command again "
+    "to resume from it."
+)
 # Where an NVIDIA driver shows itself on Linux (bare metal, containers given a GPU, WSL).
 NVIDIA_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")

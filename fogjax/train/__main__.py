@@ -131,7 +131,8 @@ def main(argv: list[str]) -> None:
     except (ValueError, FileNotFoundError, WorkdirLockedError) as e:
         _fail(str(e))
     except (Interrupted, KeyboardInterrupt) as e:
-        print(f"ERROR: {e or 'Interrupted.'}", file=sys.stderr, flush=True)
+        # str(e), not e: a bare KeyboardInterrupt is truthy but prints as '' ("ERROR: ").
+        print(f"ERROR: {str(e) or command_line.INTERRUPTED}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # Not sys.exit: an abandoned compile thread would hold interpreter shutdown.
         os._exit(130)

@@ -36,6 +36,12 @@ class Interrupted(RuntimeError):
     """A signal arrived before the first step ran: there is nothing to save."""
 
 
+SECOND_CTRL_C = (
+    "Interrupted by a second Ctrl-C: stopped at once, without saving the steps since the last "
+    "checkpoint. Run the same command again to resume from the latest checkpoint."
+)
+
+
 class StopRequest:
     """Set by SIGTERM/SIGINT; the loop checks it at step boundaries. A second Ctrl-C aborts."""
 
@@ -52,7 +58,9 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # The second Ctrl-C: the user does not want to wait.
+            # The second Ctrl-C: the user does not want to wait. An asynchronous save in flight
+            # is left as orbax's tmp folder, which the next start removes.
+            raise KeyboardInterrupt(SECOND_CTRL_C)
         self.signal = signum
 
     def __exit__(self, *exc: object) -> None:
