@@ -6,9 +6,10 @@ a workdir at a time (``trainer.lock``). Everything that can be checked is checke
 is written (:mod:`fogjax.train.preflight`). SIGTERM / SIGINT save a checkpoint at the next step
 boundary and exit cleanly; a second Ctrl-C aborts at once, and so does the first during the first
 compile. Metrics of step k are fetched after step k+1 is dispatched, so logging never stalls the
-device. A run that ends (completed, stopped by a signal, diverged) leaves ``<workdir>/summary.json``
-(:data:`SUMMARY_FILE`): its status, the divergence found (step, tokens, reason), the first kurtosis
-warning, the final losses and the largest QKV kurtosis; ``fogjax.study`` builds its report from it.
+device. A run that ends (completed, stopped by a signal, diverged, out of disk space) leaves
+``<workdir>/summary.json`` (:data:`SUMMARY_FILE`): its status, the divergence found (step, tokens,
+reason), the first kurtosis warning, the final losses and the largest QKV kurtosis;
+``fogjax.study`` builds its report from it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import jax
 
 from fogjax import checkpoint, config_lib, data, sharding
 from fogjax.accounting import model_info
+from fogjax.checkpoint import disk_space
+from fogjax.checkpoint.disk_space import DiskFullError
 from fogjax.evaluate.loss import validation_loss
 from fogjax.monitoring.reporter import Reporter, TrainingDiverged
 from fogjax.train import host_memory, preflight, provenance
@@ -109,15 +112,20 @@ def _announce(reporter: Reporter, run: Run, ckpt: Any, workdir: str, start: int)
     reporter.writer.write_text(start, "run/config", "```\n" + str(c) + "\n```")
 
 
-def _write_summary(workdir: str, status: str, config: Any, reporter: Reporter, step: int) -> dict:
+def _write_summary(
+    workdir: str, status: str, config: Any, reporter: Reporter, step: int, **extra: Any
+) -> dict:
     """Writes ``<workdir>/summary.json`` (process 0); returns its contents."""
     record = {
-        "status": status,  # 'completed' | 'stopped' (by a signal; resumable) | 'diverged'
+        # 'completed' | 'stopped' (by a signal; resumable) | 'diverged' | 'disk_full' (resumable
+        # from `last_checkpoint` once there is room)
+        "status": status,
         "step": step,
         "steps": config.train.steps,
         "tokens_seen": step * config_lib.tokens_per_step(config),
         "arch": config.model.arch,
         "recipe": config.precision.recipe,
+        **extra,
         **reporter.summary(),
     }
     if jax.process_index() == 0:
@@ -133,6 +141,34 @@ def _summary_on_divergence(workdir: str, config: Any, reporter: Reporter) -> Any
     except TrainingDiverged:
         _write_summary(workdir, "diverged", config, reporter, reporter.last_step)
         raise
+
+
+@contextlib.contextmanager
+def _summary_on_disk_full(
+    workdir: str, config: Any, reporter: Reporter, ckpt: checkpoint.Checkpointer
+) -> Any:
+    """A full disk is a :class:`DiskFullError` naming the disk (whatever wrote: orbax, the
+    config, the events), and leaves a summary (status 'disk_full') if there is room for it."""
+    try:
+        yield
+    except Exception as e:
+        if not disk_space.is_disk_full(e):
+            raise
+        error = e if isinstance(e, DiskFullError) else None
+        saved = ckpt.saved_steps()
+        error = error or disk_space.full_error(workdir, e, saved)
+        try:
+            _write_summary(
+                workdir,
+                "disk_full",
+                config,
+                reporter,
+                reporter.last_step,
+                last_checkpoint=saved[-1] if saved else None,
+            )
+        except OSError as summary_error:  # No room for it either: the error says it all.
+            reporter.print(f"(summary.json not written: {summary_error})")
+        raise error from None
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -165,6 +201,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         stack.callback(reporter.close)
         reporter.load_state_dict((meta or {}).get("monitor"))
         stack.enter_context(_summary_on_divergence(workdir, config, reporter))
+        stack.enter_context(_summary_on_disk_full(workdir, config, reporter, ckpt))
         _announce(reporter, run, ckpt, workdir, start)
         stop = stack.enter_context(StopRequest())
         profiler = Profiler(workdir, preflight.parse_profile_steps(t.profile_steps))
@@ -208,6 +245,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     summary["stopped_at"] = done
                     break
             reporter.flush()
+            ckpt.wait()  # The last save's failure (a full disk) surfaces before 'completed'.
         status = "stopped" if "stopped_at" in summary else "completed"
         final_step = int(jax.device_get(state["step"]))
         summary.update(_write_summary(workdir, status, config, reporter, final_step))
