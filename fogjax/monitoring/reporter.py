@@ -2,7 +2,8 @@
 
     reporter = Reporter(config, workdir, flops_per_token, start_step, checkpointer)
     reporter.step_done(step, raw_metrics)    # queues this step, reports the one before it
-    reporter.flush()                         # reports the queued step now (before a save)
+    reporter.flush()                         # reports the queued step now
+    reporter.before_checkpoint()             # flush(), and the events onto the disk
     reporter.on_eval(step, {"loss": ..., "perplexity": ...})
     reporter.close()
 
@@ -172,6 +173,13 @@ class Reporter:
         if self._queued is not None:
             queued, self._queued = self._queued, None
             self.on_step(*queued)
+
+    def before_checkpoint(self) -> None:
+        """Reports the queued step (a NaN is caught before its state is written) and flushes the
+        TensorBoard events to disk: a run killed later (SIGKILL, OOM) resumes from this
+        checkpoint, so its events must already hold every step up to it."""
+        self.flush()
+        self.writer.flush()
 
     def on_step(self, step: int, raw: dict[str, Any]) -> None:
         """Reports the finished ``step`` (the optimizer steps done) from its device metrics."""

@@ -211,7 +211,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         steps = CompiledSteps(run, stop, reporter.print, qaf, reporter.writer.write_scalars)
 
         def save(done: int, force: bool) -> None:
-            reporter.flush()  # A NaN is caught before its state is written.
+            reporter.before_checkpoint()  # A NaN is caught first; events reach the disk.
             extra = {**(qaf.metadata() if qaf else {}), "monitor": reporter.state_dict()}
             meta = _metadata(config, done, elapsed_before + time.time() - t0, extra)
             ckpt.save(done, state, train_iter.get_state(), meta, force=force)
