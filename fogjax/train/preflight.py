@@ -123,6 +123,10 @@ def _check_divergence_fields(log: Any) -> None:
         log.grad_spike_ratio == 0 or log.grad_spike_ratio > 1,
         f"log.grad_spike_ratio={log.grad_spike_ratio} must be > 1 (or 0 = off).",
     )
+    _require(
+        log.loss_blowup_ratio == 0 or log.loss_blowup_ratio > 1,
+        f"log.loss_blowup_ratio={log.loss_blowup_ratio} must be > 1 (or 0 = off).",
+    )
     for field in ("loss_spike_patience", "grad_spike_patience"):
         _require(getattr(log, field) >= 1, f"log.{field}={getattr(log, field)} must be >= 1.")
     _require(
