@@ -29,6 +29,7 @@ import jax
 from fogjax import config_lib
 from fogjax.checkpoint import Checkpointer
 from fogjax.model.probes import ACTIVATION_GROUPS
+from fogjax.monitoring import recovery
 from fogjax.monitoring.divergence import Divergence, detector_from_config
 from fogjax.monitoring.kurtosis import KurtosisMonitor
 from fogjax.monitoring.throughput import Throughput
@@ -55,21 +56,19 @@ def host_metrics(raw: dict[str, Any]) -> dict[str, float]:
 def check_finite(
     step: int,
     scalars: dict[str, float],
-    last_good_step: int | None,
-    checkpoint_dir: str,
+    resume_advice: str,
     last_kurtosis: dict[str, float],
 ) -> None:
-    """Raises :class:`TrainingDiverged` (saying what to do) if the loss or grads are not finite."""
+    """Raises :class:`TrainingDiverged` (saying what to do) if the loss or grads are not finite.
+    ``resume_advice``: :func:`fogjax.monitoring.recovery.advice`, the checkpoint to resume from."""
     if scalars["train/finite"]:
         return
-    good = f"step {last_good_step}" if last_good_step is not None else "none"
     raise TrainingDiverged(
         f"Loss or gradients became NaN/inf at step {step} "
         f"(loss={scalars['train/loss']}, grad_norm={scalars['train/grad_norm']}). "
-        f"Last good checkpoint: {good} in {checkpoint_dir}. Latest kurtosis (layer average): "
-        f"{json.dumps(last_kurtosis) if last_kurtosis else 'not yet measured'}. "
-        "Rerun on this workdir to resume from that checkpoint with a lower optim.peak_lr, "
-        "or compare the kurtosis trend in TensorBoard to find the layer that diverged."
+        f"{resume_advice} Latest kurtosis (layer average): "
+        f"{json.dumps(last_kurtosis) if last_kurtosis else 'not yet measured'}; compare the "
+        "kurtosis trend in TensorBoard to find the layer that diverged."
     )
 
 
@@ -186,9 +185,9 @@ class Reporter:
         scalars = host_metrics(raw)
         loss = scalars["train/loss"] if scalars["train/finite"] else math.nan
         found = self.divergence.update(step, loss, scalars["train/grad_norm"])
-        check_finite(
-            step, scalars, self._ckpt.latest_step(), str(self._ckpt.directory), self.last_kurtosis
-        )
+        if not scalars["train/finite"]:
+            # The onset is the first divergence found, if training went on through it.
+            check_finite(step, scalars, self.resume_advice(), self.last_kurtosis)
         self.last_step = step
         self.record["final_train_loss"] = scalars["train/loss"]
         scalars.update(self.throughput.tick(step))
@@ -223,21 +222,26 @@ class Reporter:
         if found is not None:
             self._diverged(found)
 
+    def resume_advice(self) -> str:
+        """The checkpoint from before the divergence onset (the first one found, else the step
+        being reported) and how to resume from it (:mod:`fogjax.monitoring.recovery`)."""
+        found = self.divergence.found
+        onset = found.step if found is not None else self.last_step + 1
+        return recovery.advice(str(self._ckpt.directory), self._ckpt.all_steps(), onset)
+
     def _diverged(self, found: Divergence) -> None:
         """Prints a detected loss or grad-norm spike; raises if the run stops on it."""
-        good = self._ckpt.latest_step()
         message = (
             f"Training diverged ({found.reason}) at step {found.step} (confirmed at step "
-            f"{found.detected_at}): {found.detail}. Last good checkpoint: "
-            f"{'none' if good is None else f'step {good}'} in {self._ckpt.directory}."
+            f"{found.detected_at}): {found.detail}."
         )
         if not self._stop_on_divergence:
             self.console.print(f"WARNING: {message} Training on (log.on_divergence=continue).")
             return
         raise TrainingDiverged(
-            f"{message} Rerun on this workdir with a lower optim.peak_lr to resume from that "
-            "checkpoint, or with --config.log.on_divergence=continue to train through it "
-            "(log.loss_spike_* and log.grad_spike_* tune the detection)."
+            f"{message} {self.resume_advice()} Or train through it with "
+            "--config.log.on_divergence=continue (log.loss_blowup_ratio, log.loss_spike_* and "
+            "log.grad_spike_* tune the detection)."
         )
 
     def on_eval(self, step: int, result: dict[str, float]) -> None:
