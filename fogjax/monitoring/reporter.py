@@ -115,6 +115,9 @@ class Reporter:
             "final_eval_loss": None,
             "max_qkv_kurtosis": None,
         }
+        # Divergences of trajectories this run left (resumed from a checkpoint before their
+        # onset): kept in every checkpoint and summary (fogjax/train/divergence_history.py).
+        self.earlier_divergences: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state of everything that looks back over the run (saved per checkpoint)."""
@@ -122,6 +125,7 @@ class Reporter:
             "kurtosis": self.kurtosis.state_dict(),
             "divergence": self.divergence.state_dict(),
             "record": dict(self.record),
+            "earlier_divergences": list(self.earlier_divergences),
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -132,6 +136,7 @@ class Reporter:
         self.kurtosis.load_state_dict(state["kurtosis"])
         self.divergence.load_state_dict(state["divergence"])
         self.record.update(state["record"])
+        self.earlier_divergences = list(state.get("earlier_divergences", []))
 
     def summary(self) -> dict[str, Any]:
         """The run's divergence, kurtosis-warning and loss numbers (tokens = steps x batch x
@@ -157,6 +162,7 @@ class Reporter:
             "first_qkv_warning_step": qkv_step,
             "first_qkv_warning_tokens": qkv_tokens,
             "kurtosis_warnings": [{"step": w["step"], "where": w["where"]} for w in warnings],
+            "earlier_divergences": list(self.earlier_divergences),
             **self.record,
         }
 

@@ -28,7 +28,7 @@ from fogjax.checkpoint import disk_space
 from fogjax.checkpoint.disk_space import DiskFullError
 from fogjax.evaluate.loss import validation_loss
 from fogjax.monitoring.reporter import Reporter, TrainingDiverged
-from fogjax.train import host_memory, preflight, provenance
+from fogjax.train import divergence_history, host_memory, preflight, provenance
 from fogjax.train import workdir as workdir_lib
 from fogjax.train.control import Cadence, CompiledSteps, Profiler, StopRequest
 from fogjax.train.preflight import validate_train_config
@@ -194,12 +194,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         with sharding.sharding_context(run.mesh):
             state, elapsed_before, meta = _restore_or_init(run, ckpt, train_iter, workdir)
         start = int(state["step"])
+        monitor = (meta or {}).get("monitor")
+        # A recorded divergence outlives resumes; resuming its diverged model may be refused.
+        after, earlier = divergence_history.classify(workdir, start, monitor)
+        divergence_history.refuse_diverged_resume(
+            after, start, config, str(ckpt.directory), ckpt.all_steps(), workdir
+        )
         if jax.process_index() == 0:
             workdir_lib.record(workdir, config, start)
         flops = model_info(config, run.abstract["params"])["flops_per_token"]
         reporter = Reporter(config, workdir, flops, start, ckpt)
         stack.callback(reporter.close)
-        reporter.load_state_dict((meta or {}).get("monitor"))
+        reporter.load_state_dict(monitor)
+        divergence_history.carry(after, earlier, reporter)
         stack.enter_context(_summary_on_divergence(workdir, config, reporter))
         stack.enter_context(_summary_on_disk_full(workdir, config, reporter, ckpt))
         _announce(reporter, run, ckpt, workdir, start)
