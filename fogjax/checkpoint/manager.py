@@ -233,7 +233,9 @@ class Checkpointer:
         if not self._manager.should_save(step) and not force:
             return False
         # Room for the whole checkpoint first: orbax would fail in its background threads, with
-        # pages of tracebacks, after writing part of it. The metadata's MiB is a margin.
+        # pages of tracebacks, after writing part of it. The previous save is finished first (as
+        # orbax's save would do anyway), so the free space is final. The MiB is the metadata's.
+        self.wait()
         need = disk_space.state_bytes(state) + 2**20
         if not all_processes(disk_space.fits(str(self.directory), need)):
             raise disk_space.no_room_error(str(self.directory), step, need, self.saved_steps())
