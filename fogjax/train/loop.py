@@ -154,9 +154,8 @@ def _summary_on_disk_full(
     except Exception as e:
         if not disk_space.is_disk_full(e):
             raise
-        error = e if isinstance(e, DiskFullError) else None
         saved = ckpt.saved_steps()
-        error = error or disk_space.full_error(workdir, e, saved)
+        error = e if isinstance(e, DiskFullError) else disk_space.full_error(workdir, e, saved)
         try:
             _write_summary(
                 workdir,
