@@ -1,5 +1,6 @@
-"""What fogjax's command lines share: absl's ``app.run`` with ``--help`` exiting 0, and the quiet
-CPU fallback on machines without an NVIDIA driver.
+"""What fogjax's command lines share: absl's ``app.run`` with ``--help`` exiting 0, the quiet
+CPU fallback on machines without an NVIDIA driver, and no shutdown noise after a failed
+checkpoint read or write (:func:`quiet_closed_event_loops`).
 
 ``requirements-test.txt`` installs XLA's CUDA plugin (for the deviceless GPU compiles). On a
 machine with no NVIDIA driver at all, JAX then prints the plugin's "cuDNN not found" traceback
@@ -18,6 +19,12 @@ from typing import Any
 
 from absl import app
 
+# A Ctrl-C that arrived outside the trainer's signal handling (loading, building, saving the
+# summary): the trainer itself says more (fogjax/train/control.py).
+INTERRUPTED = (
+    "Interrupted by Ctrl-C. The workdir keeps its latest checkpoint: run the same command again "
+    "to resume from it."
+)
 # Where an NVIDIA driver shows itself on Linux (bare metal, containers given a GPU, WSL).
 NVIDIA_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
 HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
@@ -41,10 +48,33 @@ def cpu_without_nvidia_driver(
     return True
 
 
+def _is_closed_loop_noise(unraisable: Any) -> bool:
+    error = unraisable.exc_value
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def quiet_closed_event_loops() -> None:
+    """Drops one harmless report from ``sys.unraisablehook``: after an orbax read or write fails
+    (a truncated checkpoint, a full disk), tensorstore completes its remaining futures on the
+    asyncio loop orbax has already closed, and each prints a "RuntimeError: Event loop is
+    closed" traceback (dozens of them under the real error). Every other report goes through."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fogjax_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_closed_loop_noise(unraisable):
+            previous(unraisable)
+
+    hook._fogjax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:
     """``absl.app.run(main, **kwargs)``, except that ``--help`` exits 0 (absl exits 1), after
-    :func:`cpu_without_nvidia_driver`."""
+    :func:`cpu_without_nvidia_driver` and :func:`quiet_closed_event_loops`."""
     cpu_without_nvidia_driver()
+    quiet_closed_event_loops()
     try:
         app.run(main, **kwargs)
     except SystemExit as e:

@@ -270,6 +270,9 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     # `divergence_start_step` are ignored (-1: optim.warmup_steps, whose transients are normal).
     c.log.loss_spike_margin = 1.0
     c.log.loss_spike_patience = 10
+    # A single step's loss above `loss_blowup_ratio` times the first step's (about ln V, the
+    # untrained model's) is a divergence at once, warm-up included (0 = off).
+    c.log.loss_blowup_ratio = 2.0
     c.log.grad_spike_ratio = 10.0
     c.log.grad_spike_patience = 5
     c.log.divergence_start_step = -1

@@ -9,6 +9,7 @@
 Without ``--target`` each entry runs on this machine's devices (measure.py). With it nothing runs:
 the step is compiled for the named GPU without one (aot.py), ``--plan`` searches the batch that
 fits (plan.py). benchmarks/README.md explains every column.
+Exit codes: 0 done, 1 every entry failed, 2 bad input (one line naming the flag or entry).
 """
 
 from __future__ import annotations
@@ -122,7 +123,10 @@ def main(argv: list[str]) -> None:
             return
         report = step.run_benchmark(_entries(), FLAGS.steps, FLAGS.warmup, command)
     except (ValueError, TargetUnavailable) as e:
-        raise app.UsageError(str(e)) from e
+        # Bad input (a --compare entry, a recipe, a target): the message names it and the fix;
+        # absl's UsageError would bury it under the 50 lines of --help.
+        print(f"ERROR: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     _finish_local(report, step.format_table(report["rows"]), "")
 
 

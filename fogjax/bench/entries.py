@@ -64,7 +64,11 @@ def compare_entries(spec: str, size: str, overrides: dict[str, Any]) -> list[Ent
             raise ValueError(
                 f"Unknown architecture {arch!r} in --compare; choose from {config_lib.ARCHS}."
             )
-        _check_recipe(name)
+        if name not in registry.available():
+            raise ValueError(
+                f"--compare entry {item!r}: unknown recipe {name!r}; choose from "
+                f"{registry.available()}."
+            )
         c = config_lib.get_config(arch, size)
         c.update_from_flattened_dict(dict(overrides))
         for assignment in own:
@@ -75,11 +79,7 @@ def compare_entries(spec: str, size: str, overrides: dict[str, Any]) -> list[Ent
                     "model.attention_impl=cudnn."
                 )
             current = _lookup(c, field, item)
-            if isinstance(current, bool):
-                parsed: Any = value.lower() in ("1", "true", "yes")
-            else:
-                parsed = type(current)(value)
-            c.update_from_flattened_dict({field: parsed})
+            c.update_from_flattened_dict({field: _parse(value, current, field, item)})
         c.precision.recipe = name
         entries.append(Entry(item, c))
     return entries
@@ -88,10 +88,36 @@ def compare_entries(spec: str, size: str, overrides: dict[str, Any]) -> list[Ent
 def _lookup(config: Any, field: str, item: str) -> Any:
     node = config
     for part in field.split("."):
-        if part not in node:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             raise ValueError(f"--compare entry {item!r}: unknown config field {field!r}.")
         node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(
+            f"--compare entry {item!r}: {field!r} is a config section, not a field; set one of "
+            f"its fields, e.g. {field}.{next(iter(node.keys()))}=..."
+        )
     return node
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _parse(value: str, current: Any, field: str, item: str) -> Any:
+    """``value`` as the type of the field's current value; ValueError naming the entry."""
+    if current is None:  # An unset optional field takes the text as it is.
+        return value
+    kind = type(current)
+    try:
+        if isinstance(current, bool):
+            return _BOOLS[value.lower()]
+        return kind(value)
+    except (KeyError, ValueError, TypeError):
+        what = _KINDS.get(kind, f"a {kind.__name__}")
+        raise ValueError(
+            f"--compare entry {item!r}: {field}={value!r} must be {what} "
+            f"(e.g. {field}={str(current).lower() if kind is bool else current})."
+        ) from None
 
 
 def size_of_config_arg(filename: str) -> str:

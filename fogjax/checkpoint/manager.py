@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from fogjax.checkpoint import disk_space
 from fogjax.checkpoint.checksums import checksums, mismatches
 from fogjax.checkpoint.compatibility import (
     CheckpointMismatchError,
@@ -231,16 +232,44 @@ class Checkpointer:
             )
         if not self._manager.should_save(step) and not force:
             return False
+        # Room for the whole checkpoint first: orbax would fail in its background threads, with
+        # pages of tracebacks, after writing part of it. The previous save is finished first (as
+        # orbax's save would do anyway), so the free space is final. The MiB is the metadata's.
+        self.wait()
+        need = disk_space.state_bytes(state) + 2**20
+        if not all_processes(disk_space.fits(str(self.directory), need)):
+            raise disk_space.no_room_error(str(self.directory), step, need, self.saved_steps())
         meta = {**metadata, _CHECKSUMS_KEY: checksums(state)}
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=_DataSave(data_state),
-                meta=ocp.args.JsonSave(_encode(meta)),
-            ),
-            force=force,
+        return self._surface(
+            lambda: self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=_DataSave(data_state),
+                    meta=ocp.args.JsonSave(_encode(meta)),
+                ),
+                force=force,
+            )
         )
+
+    def saved_steps(self) -> list[int]:
+        """The steps whose save completed, from the directory listing alone (orbax's own view may
+        count a save that failed)."""
+        try:
+            names = os.listdir(self.directory) if "://" not in str(self.directory) else []
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _surface(self, call: Any) -> Any:
+        """``call()``, with an asynchronous save's "No space left on device" (raised by orbax at
+        the next save, wait or close) turned into a :class:`DiskFullError` naming the disk."""
+        try:
+            return call()
+        except Exception as e:
+            if not disk_space.is_disk_full(e):
+                raise
+            raise disk_space.full_error(str(self.directory), e, self.saved_steps()) from None
 
     def _check_structure(self, step: int, abstract_state: Any) -> None:
         """Raise CheckpointMismatchError unless step's saved tree has abstract_state's shapes.
@@ -381,15 +410,25 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the pending asynchronous save is on disk."""
-        self._manager.wait_until_finished()
+        self._surface(self._manager.wait_until_finished)
 
     def close(self) -> None:
         """Finish pending saves and release orbax's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        # Leaving on an error: a failed pending save (the same full disk, reported again by
+        # orbax) must not replace the error that is already on its way up.
+        try:
+            self.close()
+        except Exception as e:
+            log.warning("Closing %s after an error: %s", self.directory, str(e)[:300])

@@ -77,9 +77,9 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if not f.workdir:
         raise app.UsageError("Give --workdir=DIR (a directory written by python -m fogjax.train).")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines; --verbosity=0.
     if f.tasks:
-        if not flags.FLAGS["verbosity"].present:
-            absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines.
         _downstream(f)
         return
     try:

@@ -20,7 +20,10 @@ def validation_loss(
 ) -> dict[str, float]:
     """{loss, perplexity, tokens}: the mean token loss over ``num_batches`` validation batches of
     ``train.batch_size // train.micro_batches`` windows. ``eval_fn(state, batch [B, T+1]) ->
-    {'loss_sum', 'tokens'}`` is the run's jitted eval step."""
+    {'loss_sum', 'tokens'}`` is the run's jitted eval step. Raises ValueError if
+    ``num_batches`` < 1 (no batch would read as a loss of 0.0 and a perplexity of 1.0)."""
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches}: evaluate at least one validation batch.")
     t = config.train
     index, count = sharding.process_batch_shard(mesh)
     loss_sum, tokens = 0.0, 0.0
@@ -42,9 +45,22 @@ def validation_loss(
 def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | None = None) -> dict:
     """{step, loss, perplexity, tokens} of checkpoint ``step`` (the latest if None) of the run in
     ``workdir``, over ``batches`` validation batches (default: the run's train.eval_batches).
-    Reads only (:func:`fogjax.inference.load.load_run`): a live trainer may be saving there."""
+    Reads only (:func:`fogjax.inference.load.load_run`): a live trainer may be saving there.
+    Raises ValueError for ``batches`` < 1 before anything is loaded."""
+    if batches is not None and batches < 1:
+        raise ValueError(
+            f"--batches={batches} must be >= 1 (the validation batches averaged; leave it out "
+            "for the run's train.eval_batches)."
+        )
     restored = load_run(workdir, step)
     config, run = restored.config, restored.run
+    if batches is None:
+        batches = config.train.eval_batches
+        if batches < 1:  # A run trained without eval (eval_every=0) may not set it.
+            raise ValueError(
+                f"The run's train.eval_batches is {batches} ({workdir}/config.json): pass "
+                "--batches=N (N >= 1)."
+            )
     with sharding.sharding_context(run.mesh):
         info = data.load_dataset_info(config.data.path)
         result = validation_loss(
@@ -53,6 +69,6 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | No
             info,
             config,
             run.mesh,
-            batches or config.train.eval_batches,
+            batches,
         )
     return {"step": restored.step, **result}

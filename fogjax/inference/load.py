@@ -94,12 +94,24 @@ class RestoredRun:
     step: int
 
 
+def _root_cause(error: BaseException) -> str:
+    """'Type: first line' of the innermost exception ``error`` was raised from (orbax wraps the
+    file-level reason, e.g. a byte range beyond a truncated file, in generic ones)."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def load_run(workdir: str, step: int | None = None) -> RestoredRun:
     """Restores checkpoint ``step`` (the latest readable if None) of the run in ``workdir``,
     reading only: nothing in the workdir is created, changed or deleted.
 
     Raises:
-      NoCheckpointError: no config.json, no checkpoint, or no checkpoint ``step`` in ``workdir``.
+      NoCheckpointError: no config.json, no checkpoint, or no checkpoint ``step`` in ``workdir``,
+        or checkpoint ``step`` cannot be read (the message names it and the steps kept).
     """
     try:
         config = load_run_config(workdir)
@@ -125,7 +137,21 @@ def load_run(workdir: str, step: int | None = None) -> RestoredRun:
                 f"{ckpt.all_steps()}. Leave out --step for the latest."
             )
         with sharding.sharding_context(run.mesh):
-            state, _, _ = ckpt.restore(run.abstract, step=step)
+            try:
+                state, _, _ = ckpt.restore(run.abstract, step=step)
+            except checkpoint.CheckpointMismatchError:
+                raise  # Says which model wrote it and what to do.
+            except Exception as e:
+                if step is None:  # The latest: restore already fell back as far as it could.
+                    raise
+                # An explicit step is never skipped, so orbax's read error (pages of tensorstore
+                # detail) is all the user would see.
+                raise NoCheckpointError(
+                    f"Checkpoint step {step} in {ckpt.directory} cannot be read "
+                    f"({_root_cause(e)}): its files are truncated or were changed. "
+                    f"It holds steps {ckpt.all_steps()}: pass another --step, or leave --step "
+                    "out for the latest readable one."
+                ) from None
     finally:
         ckpt.close()
     return RestoredRun(config, run, state, int(state["step"]))

@@ -1,8 +1,13 @@
 """Divergence detection from the per-step loss and gradient norm (pure Python, no JAX).
 
-Three signals, checked in this order on every step:
+Four signals, checked in this order on every step:
 
 - ``non_finite``: the loss or the gradients are NaN/inf (the parameters are lost from there on).
+- ``loss_blowup``: one step's loss above ``blowup_ratio`` times the first step's loss (the model at
+  initialisation, about ln V), at once and at any step, warm-up included. No model that is still
+  learning is that much worse than an untrained one; at LR 1000 the tiny model's loss reached
+  1.2e7 for one step and then fell back to uniform predictions (about the first step's loss),
+  which no rule below ever flags: it never stays above the running minimum.
 - ``loss_spike``: the loss stays above its running minimum by more than ``loss_margin`` (nats)
   for ``loss_patience`` consecutive steps. A single bad batch is noise; a loss that stays up has
   left its basin. The divergence step is the first step of that run of steps. The running
@@ -26,7 +31,7 @@ import dataclasses
 import math
 from typing import Any
 
-REASONS = ("non_finite", "loss_spike", "grad_spike")
+REASONS = ("non_finite", "loss_blowup", "loss_spike", "grad_spike")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +52,8 @@ class DivergenceDetector:
 
     Args:
       loss_margin: nats above the running minimum that count as a spike (0 disables).
+      blowup_ratio: a single loss above this multiple of the first step's loss is a divergence
+        at once (0 disables).
       loss_patience: consecutive spiking steps before a loss divergence is declared.
       grad_ratio: multiple of the trailing grad-norm baseline that counts as a spike (0 disables).
       grad_patience: consecutive spiking steps before a grad-norm divergence is declared.
@@ -64,11 +71,16 @@ class DivergenceDetector:
         start_step: int = 0,
         grad_ema: float = 0.9,
         grad_min_history: int = 5,
+        blowup_ratio: float = 2.0,
     ):
         if loss_margin < 0 or grad_ratio < 0 or (grad_ratio and grad_ratio <= 1.0):
             raise ValueError(
                 "log.loss_spike_margin must be >= 0 and log.grad_spike_ratio 0 (off) or > 1."
             )
+        if blowup_ratio < 0 or (blowup_ratio and blowup_ratio <= 1.0):
+            raise ValueError("log.loss_blowup_ratio must be 0 (off) or > 1.")
+        self.blowup_ratio = blowup_ratio
+        self.loss_first: float | None = None  # The first step's loss: the untrained model's.
         if loss_patience < 1 or grad_patience < 1:
             raise ValueError("log.loss_spike_patience and log.grad_spike_patience must be >= 1.")
         self.loss_margin, self.loss_patience = loss_margin, loss_patience
@@ -95,6 +107,14 @@ class DivergenceDetector:
             return self._found("non_finite", step, step, detail)
         if math.isinf(self.loss_min):
             self.loss_min = loss  # The first step's loss, even inside the warm-up (docstring).
+        if self.loss_first is None:
+            self.loss_first = loss
+        if self.blowup_ratio and loss > self.blowup_ratio * self.loss_first:
+            detail = (
+                f"loss {loss:.4g} is above {self.blowup_ratio:g}x the first step's loss "
+                f"{self.loss_first:.3f}"
+            )
+            return self._found("loss_blowup", step, step, detail)
         if step <= self.start_step:
             return None
         return self._loss(step, loss) or self._grad(step, grad_norm)
@@ -147,6 +167,7 @@ class DivergenceDetector:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (saved in the checkpoint metadata)."""
         return {
+            "loss_first": self.loss_first,
             "loss_min": self.loss_min if math.isfinite(self.loss_min) else None,
             "loss_onset": self.loss_onset,
             "loss_window": list(self.loss_window),
@@ -159,6 +180,10 @@ class DivergenceDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         loss_min = state.get("loss_min")
         self.loss_min = math.inf if loss_min is None else float(loss_min)
+        # Written before loss_first was recorded: the running minimum starts at the first loss
+        # and only falls, so the blow-up threshold is that much stricter, never looser.
+        first = state.get("loss_first", loss_min)
+        self.loss_first = None if first is None else float(first)
         self.loss_onset = state.get("loss_onset")
         self.loss_window = [float(v) for v in state.get("loss_window", [])]
         self.grad_baseline = float(state.get("grad_baseline", 0.0))
@@ -178,4 +203,5 @@ def detector_from_config(config: Any) -> DivergenceDetector:
         grad_ratio=log.grad_spike_ratio,
         grad_patience=log.grad_spike_patience,
         start_step=config.optim.warmup_steps if start < 0 else start,
+        blowup_ratio=log.loss_blowup_ratio,
     )

@@ -2,7 +2,8 @@
 
     reporter = Reporter(config, workdir, flops_per_token, start_step, checkpointer)
     reporter.step_done(step, raw_metrics)    # queues this step, reports the one before it
-    reporter.flush()                         # reports the queued step now (before a save)
+    reporter.flush()                         # reports the queued step now
+    reporter.before_checkpoint()             # flush(), and the events onto the disk
     reporter.on_eval(step, {"loss": ..., "perplexity": ...})
     reporter.close()
 
@@ -28,6 +29,7 @@ import jax
 from fogjax import config_lib
 from fogjax.checkpoint import Checkpointer
 from fogjax.model.probes import ACTIVATION_GROUPS
+from fogjax.monitoring import recovery
 from fogjax.monitoring.divergence import Divergence, detector_from_config
 from fogjax.monitoring.kurtosis import KurtosisMonitor
 from fogjax.monitoring.throughput import Throughput
@@ -54,21 +56,19 @@ def host_metrics(raw: dict[str, Any]) -> dict[str, float]:
 def check_finite(
     step: int,
     scalars: dict[str, float],
-    last_good_step: int | None,
-    checkpoint_dir: str,
+    resume_advice: str,
     last_kurtosis: dict[str, float],
 ) -> None:
-    """Raises :class:`TrainingDiverged` (saying what to do) if the loss or grads are not finite."""
+    """Raises :class:`TrainingDiverged` (saying what to do) if the loss or grads are not finite.
+    ``resume_advice``: :func:`fogjax.monitoring.recovery.advice`, the checkpoint to resume from."""
     if scalars["train/finite"]:
         return
-    good = f"step {last_good_step}" if last_good_step is not None else "none"
     raise TrainingDiverged(
         f"Loss or gradients became NaN/inf at step {step} "
         f"(loss={scalars['train/loss']}, grad_norm={scalars['train/grad_norm']}). "
-        f"Last good checkpoint: {good} in {checkpoint_dir}. Latest kurtosis (layer average): "
-        f"{json.dumps(last_kurtosis) if last_kurtosis else 'not yet measured'}. "
-        "Rerun on this workdir to resume from that checkpoint with a lower optim.peak_lr, "
-        "or compare the kurtosis trend in TensorBoard to find the layer that diverged."
+        f"{resume_advice} Latest kurtosis (layer average): "
+        f"{json.dumps(last_kurtosis) if last_kurtosis else 'not yet measured'}; compare the "
+        "kurtosis trend in TensorBoard to find the layer that diverged."
     )
 
 
@@ -115,6 +115,9 @@ class Reporter:
             "final_eval_loss": None,
             "max_qkv_kurtosis": None,
         }
+        # Divergences of trajectories this run left (resumed from a checkpoint before their
+        # onset): kept in every checkpoint and summary (fogjax/train/divergence_history.py).
+        self.earlier_divergences: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state of everything that looks back over the run (saved per checkpoint)."""
@@ -122,6 +125,7 @@ class Reporter:
             "kurtosis": self.kurtosis.state_dict(),
             "divergence": self.divergence.state_dict(),
             "record": dict(self.record),
+            "earlier_divergences": list(self.earlier_divergences),
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -132,6 +136,7 @@ class Reporter:
         self.kurtosis.load_state_dict(state["kurtosis"])
         self.divergence.load_state_dict(state["divergence"])
         self.record.update(state["record"])
+        self.earlier_divergences = list(state.get("earlier_divergences", []))
 
     def summary(self) -> dict[str, Any]:
         """The run's divergence, kurtosis-warning and loss numbers (tokens = steps x batch x
@@ -157,6 +162,7 @@ class Reporter:
             "first_qkv_warning_step": qkv_step,
             "first_qkv_warning_tokens": qkv_tokens,
             "kurtosis_warnings": [{"step": w["step"], "where": w["where"]} for w in warnings],
+            "earlier_divergences": list(self.earlier_divergences),
             **self.record,
         }
 
@@ -173,14 +179,21 @@ class Reporter:
             queued, self._queued = self._queued, None
             self.on_step(*queued)
 
+    def before_checkpoint(self) -> None:
+        """Reports the queued step (a NaN is caught before its state is written) and flushes the
+        TensorBoard events to disk: a run killed later (SIGKILL, OOM) resumes from this
+        checkpoint, so its events must already hold every step up to it."""
+        self.flush()
+        self.writer.flush()
+
     def on_step(self, step: int, raw: dict[str, Any]) -> None:
         """Reports the finished ``step`` (the optimizer steps done) from its device metrics."""
         scalars = host_metrics(raw)
         loss = scalars["train/loss"] if scalars["train/finite"] else math.nan
         found = self.divergence.update(step, loss, scalars["train/grad_norm"])
-        check_finite(
-            step, scalars, self._ckpt.latest_step(), str(self._ckpt.directory), self.last_kurtosis
-        )
+        if not scalars["train/finite"]:
+            # The onset is the first divergence found, if training went on through it.
+            check_finite(step, scalars, self.resume_advice(), self.last_kurtosis)
         self.last_step = step
         self.record["final_train_loss"] = scalars["train/loss"]
         scalars.update(self.throughput.tick(step))
@@ -215,21 +228,26 @@ class Reporter:
         if found is not None:
             self._diverged(found)
 
+    def resume_advice(self) -> str:
+        """The checkpoint from before the divergence onset (the first one found, else the step
+        being reported) and how to resume from it (:mod:`fogjax.monitoring.recovery`)."""
+        found = self.divergence.found
+        onset = found.step if found is not None else self.last_step + 1
+        return recovery.advice(str(self._ckpt.directory), self._ckpt.all_steps(), onset)
+
     def _diverged(self, found: Divergence) -> None:
         """Prints a detected loss or grad-norm spike; raises if the run stops on it."""
-        good = self._ckpt.latest_step()
         message = (
             f"Training diverged ({found.reason}) at step {found.step} (confirmed at step "
-            f"{found.detected_at}): {found.detail}. Last good checkpoint: "
-            f"{'none' if good is None else f'step {good}'} in {self._ckpt.directory}."
+            f"{found.detected_at}): {found.detail}."
         )
         if not self._stop_on_divergence:
             self.console.print(f"WARNING: {message} Training on (log.on_divergence=continue).")
             return
         raise TrainingDiverged(
-            f"{message} Rerun on this workdir with a lower optim.peak_lr to resume from that "
-            "checkpoint, or with --config.log.on_divergence=continue to train through it "
-            "(log.loss_spike_* and log.grad_spike_* tune the detection)."
+            f"{message} {self.resume_advice()} Or train through it with "
+            "--config.log.on_divergence=continue (log.loss_blowup_ratio, log.loss_spike_* and "
+            "log.grad_spike_* tune the detection)."
         )
 
     def on_eval(self, step: int, result: dict[str, float]) -> None:

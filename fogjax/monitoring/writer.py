@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -21,6 +22,10 @@ import tqdm
 from tensorboardX import summary as tb_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
+
+# tensorboardX warns once per tag and step that a value is NaN or inf; a diverging run has dozens
+# per step, and the NaN check (fogjax/monitoring/reporter.py) already says it, in one message.
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
 
 class MetricWriter:

@@ -31,8 +31,11 @@ from fogjax.precision.recipe import FP8_COLLECTION
 GPU_REQUIREMENTS = "requirements-gpu.txt"
 
 
-class TransformerEngineUnavailable(RuntimeError):
-    """precision.backend='te' on a machine without Transformer Engine or without a CUDA GPU."""
+class TransformerEngineUnavailable(ValueError):
+    """precision.backend='te' on a machine without Transformer Engine or without a CUDA GPU.
+
+    A ValueError: the config asks for what this machine lacks, which every command line reports
+    as bad input (exit 2, the message alone, no traceback)."""
 
 
 def _fail(reason: str) -> TransformerEngineUnavailable:

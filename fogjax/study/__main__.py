@@ -10,7 +10,8 @@ Every run trains in STUDY_DIR/<run>/ as an ordinary run (TensorBoard events, che
 summary.json); a finished run is skipped, an interrupted one resumes, so running the same
 command again continues the study. The report is STUDY_DIR/report.md, STUDY_DIR/summary.json
 and PNG figures beside them. The whole study config is validated before any run starts.
-Exit codes: 0 done (or stopped by a signal: run again to continue), 2 bad input, 130 interrupted.
+Exit codes: 0 done (or stopped by a signal: run again to continue), 2 bad input, 4 out of disk
+space (run again once there is room), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _fail(message: str, code: int = 2) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     command_line.cpu_without_nvidia_driver()
+    command_line.quiet_closed_event_loops()
     from fogjax.study import report, slurm
     from fogjax.study.spec import build_study
 
@@ -69,16 +71,22 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"Wrote {script}. Submit it with: sbatch {script}", flush=True)
         return
+    from fogjax.checkpoint import disk_space
+    from fogjax.checkpoint.disk_space import DiskFullError
     from fogjax.study.runner import run_study
     from fogjax.train.control import Interrupted
     from fogjax.train.workdir import WorkdirLockedError
 
+    disk_space.quiet_disk_full_logs()  # Reported below, in one line.
     try:
         finished = run_study(study, study_dir)
+    except DiskFullError as e:
+        _fail(f"{e} The study continues from there when run again.", code=4)
     except (ValueError, FileNotFoundError, WorkdirLockedError) as e:
         _fail(str(e))
     except (Interrupted, KeyboardInterrupt) as e:
-        print(f"ERROR: {e or 'Interrupted.'}", file=sys.stderr, flush=True)
+        # str(e), not e: a bare KeyboardInterrupt is truthy but prints as '' ("ERROR: ").
+        print(f"ERROR: {str(e) or command_line.INTERRUPTED}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # Not sys.exit: an abandoned compile thread would hold the shutdown.
     _report(report, study, study_dir)

@@ -20,9 +20,11 @@ that names the study entry and the field.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import os
 import re
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +35,8 @@ from fogjax.precision import registry
 from fogjax.train import preflight
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# The top-level fields of a study config (the module docstring says what each is).
+STUDY_FIELDS = ("name", "size", "steps", "stress", "common", "reference", "runs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +102,31 @@ def load_study_config(path: str) -> ml_collections.ConfigDict:
         raise ValueError(f"Study config {file} does not exist. Shipped studies: {shipped}.")
     spec = importlib.util.spec_from_file_location("fogjax_study_config", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"Study config {file} defines no get_config(arg).")
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"Study config {file} defines no get_config(arg).")
+        return module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:
+        if str(e).startswith(f"Study config {file}"):
+            raise
+        raise ValueError(_load_error(file, e)) from None
+    except Exception as e:  # The file is Python: a NameError, a SyntaxError, anything.
+        raise ValueError(_load_error(file, e)) from None
+
+
+def _load_error(file: str, error: BaseException) -> str:
+    """'Study config F raised NameError at line 12: name 'x' is not defined; fix the file.'"""
+    line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else None
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(file):
+            line = lineno  # The innermost line of the study file itself.
+    where = f" at line {line}" if line else ""
+    text = error.msg if isinstance(error, SyntaxError) else str(error)
+    return (
+        f"Study config {file} raised {type(error).__name__}{where}: {text}. Fix the file "
+        "(its fields: fogjax/study/spec.py)."
+    )
 
 
 def _set_field(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
@@ -157,6 +182,17 @@ def build_study(source: str) -> Study:
     and checked here, so a bad entry fails before any run starts."""
     raw = _plain(load_study_config(source))
     file = source.partition(":")[0]
+    unknown = sorted(set(raw) - set(STUDY_FIELDS))
+    if unknown:  # A misspelt field (c.stres) would be ignored: the study would run unstressed.
+        hints = [
+            f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k)
+            for k in unknown
+            for close in [difflib.get_close_matches(k, STUDY_FIELDS, n=1)]
+        ]
+        raise ValueError(
+            f"Study {file}: unknown field(s) {', '.join(hints)}; a study's fields are "
+            f"{', '.join(STUDY_FIELDS)} (see fogjax/study/spec.py)."
+        )
     missing = [k for k in ("size", "steps", "runs") if k not in raw]
     if missing:
         raise ValueError(f"Study {file}: missing fields {missing} (see fogjax/study/spec.py).")

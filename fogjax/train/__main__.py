@@ -12,7 +12,8 @@
   so a misspelt field fails. Every field is documented in fogjax/config_lib.py; derived fields
   (softmax scale, post-norm gain, the architecture's fields) follow the fields they derive from.
 --workdir=DIR holds config, TensorBoard events (DIR/tb) and checkpoints; one trainer at a time.
-Exit codes: 0 done or stopped by a signal (resumable), 2 bad input, 3 diverged, 130 interrupted.
+Exit codes: 0 done or stopped by a signal (resumable), 2 bad input, 3 diverged, 4 out of disk
+  space (resumable once there is room), 130 interrupted. What each covers: docs/training.md#safety.
 Multi-host: see launch/README.md.
 """
 
@@ -42,6 +43,10 @@ __doc__ = __doc__.format(  # noqa: A001 - absl prints the main module's docstrin
     sizes=" ".join(SIZES),
     sections=" ".join(get_config("fog_flash").keys()),
 )
+
+
+# Exit code of a run stopped by a full disk (docs/training.md#safety): resumable, unlike 2.
+DISK_FULL = 4
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -119,19 +124,28 @@ def main(argv: list[str]) -> None:
         num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value,
     )
+    from fogjax.checkpoint import disk_space
     from fogjax.monitoring.reporter import TrainingDiverged
     from fogjax.train.control import Interrupted
     from fogjax.train.loop import train_and_evaluate
     from fogjax.train.workdir import WorkdirLockedError
 
+    disk_space.quiet_disk_full_logs()  # Reported below, in one line.
     try:
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except TrainingDiverged as e:
         _fail(str(e), code=3)
+    except disk_space.DiskFullError as e:
+        _fail(str(e), code=DISK_FULL)
     except (ValueError, FileNotFoundError, WorkdirLockedError) as e:
         _fail(str(e))
+    except OSError as e:  # A full disk before training started (the config, the lock).
+        if not disk_space.is_disk_full(e):
+            raise
+        _fail(str(disk_space.full_error(os.path.abspath(_WORKDIR.value), e, [])), DISK_FULL)
     except (Interrupted, KeyboardInterrupt) as e:
-        print(f"ERROR: {e or 'Interrupted.'}", file=sys.stderr, flush=True)
+        # str(e), not e: a bare KeyboardInterrupt is truthy but prints as '' ("ERROR: ").
+        print(f"ERROR: {str(e) or command_line.INTERRUPTED}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # Not sys.exit: an abandoned compile thread would hold interpreter shutdown.
         os._exit(130)

@@ -27,12 +27,19 @@ from typing import Any
 import jax
 
 from fogjax import distributed, sharding
+from fogjax.train import host_memory
 from fogjax.train.qaf import QafHooks
 from fogjax.train.run import Run
 
 
 class Interrupted(RuntimeError):
     """A signal arrived before the first step ran: there is nothing to save."""
+
+
+SECOND_CTRL_C = (
+    "Interrupted by a second Ctrl-C: stopped at once, without saving the steps since the last "
+    "checkpoint. Run the same command again to resume from the latest checkpoint."
+)
 
 
 class StopRequest:
@@ -51,7 +58,9 @@ class StopRequest:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # The second Ctrl-C: the user does not want to wait.
+            # The second Ctrl-C: the user does not want to wait. An asynchronous save in flight
+            # is left as orbax's tmp folder, which the next start removes.
+            raise KeyboardInterrupt(SECOND_CTRL_C)
         self.signal = signum
 
     def __exit__(self, *exc: object) -> None:
@@ -182,8 +191,11 @@ class CompiledSteps:
             what = " with statistics" if with_stats else ""
             self._print(f"Compiling the train step{what} (Ctrl-C aborts)...")
             jitted = self._run.train_steps[with_stats]
-            self._compiled[with_stats] = self._compile(lambda: jitted.lower(state, batch).compile())
+            compiled = self._compile(lambda: jitted.lower(state, batch).compile())
             self._print(f"Compiled in {time.time() - start:.1f}s")
+            # On CPU nothing else refuses a step too large for the host: it would be killed.
+            host_memory.check_step_fits(compiled, self._run)
+            self._compiled[with_stats] = compiled
         return self._compiled[with_stats]
 
     def _compile(self, fn: Callable[[], Any]) -> Any:

@@ -6,9 +6,10 @@ a workdir at a time (``trainer.lock``). Everything that can be checked is checke
 is written (:mod:`fogjax.train.preflight`). SIGTERM / SIGINT save a checkpoint at the next step
 boundary and exit cleanly; a second Ctrl-C aborts at once, and so does the first during the first
 compile. Metrics of step k are fetched after step k+1 is dispatched, so logging never stalls the
-device. A run that ends (completed, stopped by a signal, diverged) leaves ``<workdir>/summary.json``
-(:data:`SUMMARY_FILE`): its status, the divergence found (step, tokens, reason), the first kurtosis
-warning, the final losses and the largest QKV kurtosis; ``fogjax.study`` builds its report from it.
+device. A run that ends (completed, stopped by a signal, diverged, out of disk space) leaves
+``<workdir>/summary.json`` (:data:`SUMMARY_FILE`): its status, the divergence found (step, tokens,
+reason), the first kurtosis warning, the final losses and the largest QKV kurtosis;
+``fogjax.study`` builds its report from it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import jax
 
 from fogjax import checkpoint, config_lib, data, sharding
 from fogjax.accounting import model_info
+from fogjax.checkpoint import disk_space
+from fogjax.checkpoint.disk_space import DiskFullError
 from fogjax.evaluate.loss import validation_loss
 from fogjax.monitoring.reporter import Reporter, TrainingDiverged
-from fogjax.train import preflight, provenance
+from fogjax.train import divergence_history, host_memory, preflight, provenance
 from fogjax.train import workdir as workdir_lib
 from fogjax.train.control import Cadence, CompiledSteps, Profiler, StopRequest
 from fogjax.train.preflight import validate_train_config
@@ -109,15 +112,20 @@ def _announce(reporter: Reporter, run: Run, ckpt: Any, workdir: str, start: int)
     reporter.writer.write_text(start, "run/config", "```\n" + str(c) + "\n```")
 
 
-def _write_summary(workdir: str, status: str, config: Any, reporter: Reporter, step: int) -> dict:
+def _write_summary(
+    workdir: str, status: str, config: Any, reporter: Reporter, step: int, **extra: Any
+) -> dict:
     """Writes ``<workdir>/summary.json`` (process 0); returns its contents."""
     record = {
-        "status": status,  # 'completed' | 'stopped' (by a signal; resumable) | 'diverged'
+        # 'completed' | 'stopped' (by a signal; resumable) | 'diverged' | 'disk_full' (resumable
+        # from `last_checkpoint` once there is room)
+        "status": status,
         "step": step,
         "steps": config.train.steps,
         "tokens_seen": step * config_lib.tokens_per_step(config),
         "arch": config.model.arch,
         "recipe": config.precision.recipe,
+        **extra,
         **reporter.summary(),
     }
     if jax.process_index() == 0:
@@ -135,6 +143,33 @@ def _summary_on_divergence(workdir: str, config: Any, reporter: Reporter) -> Any
         raise
 
 
+@contextlib.contextmanager
+def _summary_on_disk_full(
+    workdir: str, config: Any, reporter: Reporter, ckpt: checkpoint.Checkpointer
+) -> Any:
+    """A full disk is a :class:`DiskFullError` naming the disk (whatever wrote: orbax, the
+    config, the events), and leaves a summary (status 'disk_full') if there is room for it."""
+    try:
+        yield
+    except Exception as e:
+        if not disk_space.is_disk_full(e):
+            raise
+        saved = ckpt.saved_steps()
+        error = e if isinstance(e, DiskFullError) else disk_space.full_error(workdir, e, saved)
+        try:
+            _write_summary(
+                workdir,
+                "disk_full",
+                config,
+                reporter,
+                reporter.last_step,
+                last_checkpoint=saved[-1] if saved else None,
+            )
+        except OSError as summary_error:  # No room for it either: the error says it all.
+            reporter.print(f"(summary.json not written: {summary_error})")
+        raise error from None
+
+
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
     t0, t = time.time(), config.train
@@ -142,6 +177,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     info = data.load_dataset_info(config.data.path)
     preflight.check_dataset(info, config)
     run = build_run(config)
+    host_memory.check_state_fits(run)  # On CPU: before the lock, before anything is written.
     workdir = os.path.abspath(workdir)
     preflight.check_workdir(workdir)
     cadence = Cadence.from_config(t)
@@ -157,13 +193,21 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         with sharding.sharding_context(run.mesh):
             state, elapsed_before, meta = _restore_or_init(run, ckpt, train_iter, workdir)
         start = int(state["step"])
+        monitor = (meta or {}).get("monitor")
+        # A recorded divergence outlives resumes; resuming its diverged model may be refused.
+        after, earlier = divergence_history.classify(workdir, start, monitor)
+        divergence_history.refuse_diverged_resume(
+            after, start, config, str(ckpt.directory), ckpt.all_steps(), workdir
+        )
         if jax.process_index() == 0:
             workdir_lib.record(workdir, config, start)
         flops = model_info(config, run.abstract["params"])["flops_per_token"]
         reporter = Reporter(config, workdir, flops, start, ckpt)
         stack.callback(reporter.close)
-        reporter.load_state_dict((meta or {}).get("monitor"))
+        reporter.load_state_dict(monitor)
+        divergence_history.carry(after, earlier, reporter)
         stack.enter_context(_summary_on_divergence(workdir, config, reporter))
+        stack.enter_context(_summary_on_disk_full(workdir, config, reporter, ckpt))
         _announce(reporter, run, ckpt, workdir, start)
         stop = stack.enter_context(StopRequest())
         profiler = Profiler(workdir, preflight.parse_profile_steps(t.profile_steps))
@@ -173,7 +217,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         steps = CompiledSteps(run, stop, reporter.print, qaf, reporter.writer.write_scalars)
 
         def save(done: int, force: bool) -> None:
-            reporter.flush()  # A NaN is caught before its state is written.
+            reporter.before_checkpoint()  # A NaN is caught first; events reach the disk.
             extra = {**(qaf.metadata() if qaf else {}), "monitor": reporter.state_dict()}
             meta = _metadata(config, done, elapsed_before + time.time() - t0, extra)
             ckpt.save(done, state, train_iter.get_state(), meta, force=force)
@@ -207,6 +251,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                     summary["stopped_at"] = done
                     break
             reporter.flush()
+            ckpt.wait()  # The last save's failure (a full disk) surfaces before 'completed'.
         status = "stopped" if "stopped_at" in summary else "completed"
         final_step = int(jax.device_get(state["step"]))
         summary.update(_write_summary(workdir, status, config, reporter, final_step))

@@ -46,6 +46,13 @@ def validate_train_config(config: Any, num_devices: int | None = None) -> None:
     ``num_devices``: the devices the run will use (default all of ``jax.devices()``; the
     deviceless GPU compile of fogjax.bench passes its target's)."""
     t, o = config.train, config.optim
+    # jax.random.key keeps only the low 32 bits of larger seeds (2**32 would train seed 0's run)
+    # and the data order refuses negative ones deep inside grain, naming no field.
+    _require(
+        0 <= config.seed < 2**32,
+        f"seed={config.seed} must be in [0, 2**32) (it seeds the parameter init and the data "
+        "order); e.g. --config.seed=1.",
+    )
     for field in ("steps", "batch_size", "micro_batches", "log_every", "stats_every", "ckpt_every"):
         _require(getattr(t, field) >= 1, f"train.{field}={getattr(t, field)} must be >= 1.")
     _require(
@@ -115,6 +122,10 @@ def _check_divergence_fields(log: Any) -> None:
     _require(
         log.grad_spike_ratio == 0 or log.grad_spike_ratio > 1,
         f"log.grad_spike_ratio={log.grad_spike_ratio} must be > 1 (or 0 = off).",
+    )
+    _require(
+        log.loss_blowup_ratio == 0 or log.loss_blowup_ratio > 1,
+        f"log.loss_blowup_ratio={log.loss_blowup_ratio} must be > 1 (or 0 = off).",
     )
     for field in ("loss_spike_patience", "grad_spike_patience"):
         _require(getattr(log, field) >= 1, f"log.{field}={getattr(log, field)} must be >= 1.")

@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -210,13 +211,63 @@ def _model_defining(config_dict: dict) -> dict[str, Any]:
     }
 
 
+def _read_config(path: str) -> dict:
+    """The JSON object in ``path``; ValueError saying what is wrong with it."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON (truncated, edited, not text).
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    return saved
+
+
+def _history_files(workdir: str) -> list[str]:
+    """``config_history/step_<N>.json`` paths, oldest (smallest N) first."""
+    history = os.path.join(workdir, HISTORY_DIR)
+    if not os.path.isdir(history):
+        return []
+    names = [f for f in os.listdir(history) if re.fullmatch(r"step_\d+\.json", f)]
+    return [os.path.join(history, f) for f in sorted(names, key=lambda f: int(f[5:-5]))]
+
+
 def load_saved(workdir: str) -> dict | None:
-    """The workdir's current ``config.json`` as a dict, or None if there is none."""
+    """The workdir's current ``config.json`` as a dict, or None if there is none.
+
+    An unreadable ``config.json`` (truncated, edited) is replaced by its copy, the newest
+    ``config_history/step_<N>.json`` (:func:`record` writes that entry with the same text just
+    before it), with a warning naming both files; ValueError naming the file and the fix if no
+    copy can be read either.
+    """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        return _read_config(path)
+    except ValueError as e:
+        problem = str(e)
+    for copy in reversed(_history_files(workdir)):
+        try:
+            saved = _read_config(copy)
+        except ValueError:
+            continue
+        log.warning(
+            "%s is unreadable (%s); using its copy %s, the config of the run's latest start. "
+            "A trainer rewrites %s; to restore it by hand: cp %s %s",
+            path,
+            problem,
+            copy,
+            CONFIG_FILE,
+            copy,
+            path,
+        )
+        return saved
+    raise ValueError(
+        f"{path} is unreadable ({problem}) and {os.path.join(workdir, HISTORY_DIR)} holds no "
+        "readable copy of it. Restore it from a backup (it is the run's config as JSON), or "
+        "train in another --workdir."
+    )
 
 
 def config_changes(saved: dict, config: Any) -> list[str]:
@@ -246,13 +297,10 @@ def record(workdir: str, config: Any, start_step: int) -> None:
     text = config.to_json_best_effort(indent=2)
     history = os.path.join(workdir, HISTORY_DIR)
     os.makedirs(history, exist_ok=True)
-    kept = sorted(
-        (f for f in os.listdir(history) if f.startswith("step_") and f.endswith(".json")),
-        key=lambda f: int(f[len("step_") : -len(".json")]),
-    )
+    kept = _history_files(workdir)
     last = None
     if kept:
-        with open(os.path.join(history, kept[-1])) as f:
+        with open(kept[-1]) as f:
             last = f.read()
     if last != text:
         write_atomic(os.path.join(history, f"step_{start_step}.json"), text)

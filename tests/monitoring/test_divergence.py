@@ -69,11 +69,40 @@ def test_a_blow_up_inside_the_warmup_is_found_right_after_it():
     losses, grads = loss_curve(300, rng), grad_curve(300, rng)
     exploded = losses.copy()
     exploded[5:] = 10.0 ** np.interp(np.arange(5, 300), [5, 20, 300], [1.0, 8.0, 1.5])
-    found = run(DivergenceDetector(start_step=40, grad_ratio=0.0), exploded, grads)
+    # The running-minimum rule alone (the blow-up rule, next test, finds it at once).
+    only_spikes = {"start_step": 40, "grad_ratio": 0.0, "blowup_ratio": 0.0}
+    found = run(DivergenceDetector(**only_spikes), exploded, grads)
     assert found.reason == "loss_spike" and found.step == 41 and found.detected_at == 50
     recovered = losses.copy()
     recovered[5:35] += 30.0  # Within the warm-up, then back on its curve.
-    assert run(DivergenceDetector(start_step=40, grad_ratio=0.0), recovered, grads) is None
+    assert run(DivergenceDetector(**only_spikes), recovered, grads) is None
+
+
+def test_a_single_blow_up_counts_at_once_even_when_the_loss_falls_back():
+    """LR 1000 on the tiny model: one step at 1.2e7, then uniform predictions (the loss back at
+    about its first value, ln V). The spike rules never fire on it (it does not stay up); the
+    blow-up rule does, at that step, warm-up or not."""
+    rng = np.random.default_rng(4)
+    losses, grads = loss_curve(200, rng), grad_curve(200, rng)
+    collapsed = losses.copy()
+    collapsed[2] = 1.2e7  # Step 3.
+    collapsed[3:] = losses[0] + rng.normal(0, 0.01, 197)  # Uniform from then on.
+    spikes_only = DivergenceDetector(start_step=1, grad_ratio=0.0, blowup_ratio=0.0)
+    assert run(spikes_only, collapsed, grads) is None
+    found = run(DivergenceDetector(start_step=40), collapsed, grads)
+    assert found.reason == "loss_blowup" and found.step == found.detected_at == 3
+    assert "1.2e+07 is above 2x the first step's loss" in found.detail
+    # A healthy run's worst warm-up transient stays well below twice the first loss.
+    transient = losses.copy()
+    transient[10:20] += 3.0
+    assert run(DivergenceDetector(start_step=40), transient, grads) is None
+    # The first loss survives a restart (a resumed run judges against the same one).
+    first = DivergenceDetector()
+    assert run(first, losses[:50], grads[:50]) is None
+    resumed = DivergenceDetector()
+    resumed.load_state_dict(first.state_dict())
+    found = resumed.update(51, 2.01 * float(losses[0]), 1.0)
+    assert found is not None and found.reason == "loss_blowup"
 
 
 def test_grad_norm_spike_is_found_at_its_onset():
@@ -121,6 +150,7 @@ def test_config_fields_are_validated_and_default_to_the_warmup():
         ("grad_spike_ratio", 0.5, "log.grad_spike_ratio=0.5 must be > 1"),
         ("loss_spike_patience", 0, "log.loss_spike_patience=0 must be >= 1"),
         ("loss_spike_margin", -1.0, "log.loss_spike_margin=-1.0 must be >= 0"),
+        ("loss_blowup_ratio", 0.5, "log.loss_blowup_ratio=0.5 must be > 1 (or 0 = off)"),
     ]:
         bad = config_lib.get_config("fog_flash", "tiny")
         setattr(bad.log, field, value)

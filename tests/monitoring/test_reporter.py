@@ -17,14 +17,17 @@ LAYERS = 4  # The tiny config's.
 
 
 class FakeCheckpointer:
-    """What the Reporter asks of a Checkpointer: the last saved step and where they are."""
+    """What the Reporter asks of a Checkpointer: the saved steps and where they are."""
 
-    def __init__(self, directory, latest=None):
+    def __init__(self, directory, latest=None, steps=None):
         self.directory = pathlib.Path(directory)
-        self.latest = latest
+        self.steps = steps if steps is not None else ([] if latest is None else [latest])
 
     def latest_step(self):
-        return self.latest
+        return self.steps[-1] if self.steps else None
+
+    def all_steps(self):
+        return list(self.steps)
 
 
 def make_config(**log):
@@ -57,9 +60,9 @@ def raw_metrics(loss=3.0, grad_norm=1.0, kurtosis=None):
     return raw
 
 
-def make_reporter(tmp_path, config, start_step=0, latest=None, name="run"):
+def make_reporter(tmp_path, config, start_step=0, latest=None, name="run", steps=None):
     workdir = tmp_path / name
-    ckpt = FakeCheckpointer(workdir / "checkpoints", latest)
+    ckpt = FakeCheckpointer(workdir / "checkpoints", latest, steps)
     return Reporter(config, str(workdir), 1e6, start_step, ckpt)
 
 
@@ -137,14 +140,40 @@ def spiking_run(reporter, steps=20):
 
 
 def test_loss_spike_stops_the_run_under_on_divergence_stop(tmp_path):
-    reporter = make_reporter(tmp_path, make_config(on_divergence="stop"), latest=10)
+    reporter = make_reporter(tmp_path, make_config(on_divergence="stop"), steps=[8, 9, 10])
     with pytest.raises(
         TrainingDiverged, match=r"loss_spike\) at step 11 \(confirmed at step 13"
     ) as e:
         spiking_run(reporter)
-    assert "Last good checkpoint: step 10" in str(e.value)
+    # Step 11's loss came from checkpoint 10's parameters: 9 is the newest from before it, and
+    # 10 must be moved aside for a rerun to resume from 9.
+    directory = tmp_path / "run" / "checkpoints"
+    assert f"Last good checkpoint: step 9 in {directory}" in str(e.value)
+    assert f"mkdir -p {directory}.diverged && mv {directory}/10 {directory}.diverged/" in str(
+        e.value
+    )
     assert "on_divergence=continue" in str(e.value)
     assert reporter.last_step == 13  # Raised as step 13 was reported, not later.
+
+
+def test_nan_after_a_blow_up_trained_through_names_a_checkpoint_from_before_the_blow_up(
+    tmp_path, capsys
+):
+    """LR 1000: a blow-up at step 3, then (trained through) NaN at step 6. The NaN error named
+    the latest checkpoint, saved after the collapse; it now names one from before step 3."""
+    reporter = make_reporter(tmp_path, make_config(on_divergence="continue"), steps=[1, 2, 4, 5])
+    for step, loss in enumerate([8.4, 8.5, 1.2e7, 8.3, 8.3], start=1):
+        reporter.step_done(step, raw_metrics(loss))
+    reporter.flush()
+    assert "WARNING: Training diverged (loss_blowup) at step 3" in capsys.readouterr().out
+    with pytest.raises(TrainingDiverged) as e:
+        reporter.step_done(6, raw_metrics(math.nan))
+        reporter.flush()
+    message, directory = str(e.value), tmp_path / "run" / "checkpoints"
+    assert "NaN/inf at step 6" in message
+    assert f"Last good checkpoint: step 1 in {directory}" in message
+    assert f"mv {directory}/2 {directory}/4 {directory}/5 {directory}.diverged/" in message
+    assert reporter.summary()["divergence"]["reason"] == "loss_blowup"
 
 
 def test_loss_spike_only_warns_under_on_divergence_continue(tmp_path, capsys):

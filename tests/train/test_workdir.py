@@ -103,6 +103,35 @@ def test_load_run_config(tmp_path):
     assert config.to_dict() == json.loads(tiny(model__rope_base=10000.0).to_json_best_effort())
 
 
+@pytest.mark.parametrize("damage", [b"", b'{"model": {"rope_b', b"[1, 2]", b"\xff\xfe"])
+def test_a_corrupt_config_json_is_replaced_by_its_history_copy_or_named(tmp_path, caplog, damage):
+    """A corrupt config.json used to fail with json's bare 'Expecting value: line 1 column 1',
+    naming no file; the newest config_history entry is the same config, so it is used instead
+    (with a warning naming both files), and only without one is it an error naming the file."""
+    workdir = str(tmp_path)
+    wd.record(workdir, tiny(), 0)
+    wd.record(workdir, tiny(model__rope_base=10000.0), 40)  # The latest start's config.
+    path = os.path.join(workdir, wd.CONFIG_FILE)
+    with open(path, "wb") as f:
+        f.write(damage)
+    with caplog.at_level("WARNING"):
+        assert wd.load_run_config(workdir).model.rope_base == 10000.0
+    copy = os.path.join(workdir, wd.HISTORY_DIR, "step_40.json")
+    assert f"{path} is unreadable" in caplog.text and f"cp {copy} {path}" in caplog.text
+    with open(path, "rb") as f:
+        assert f.read() == damage  # A reader changes nothing.
+    # Its model-defining fields are compared as if config.json were intact.
+    assert wd.config_changes(wd.load_saved(workdir), tiny(model__rope_base=10000.0)) == []
+    os.remove(copy)  # The older entry is not the latest config: still the newest readable one.
+    with open(os.path.join(workdir, wd.HISTORY_DIR, "step_0.json"), "w") as f:
+        f.write("{")
+    with pytest.raises(ValueError) as e:
+        wd.load_saved(workdir)
+    message = str(e.value)
+    assert message.startswith(f"{path} is unreadable (") and "holds no readable copy" in message
+    assert "another --workdir" in message
+
+
 # --- Atomic writes ------------------------------------------------------------------
 
 
