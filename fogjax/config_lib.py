@@ -108,7 +108,10 @@ def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
         arch_ref,
         m.get_ref("num_layers"),
     )
-    # 'none' | 'rms' (learnable gain) | 'frozen_rms' | 'tanh'; from model.arch.
+    # 'none' | 'rms' (learnable gain) | 'frozen_rms' | 'tanh', per head over d_h; from model.arch.
+    # 'rms_all_heads': learnable RMSNorm over the whole q / k projection ([H*d_h], [G*d_h] gains),
+    # Hugging Face's (and OLMo-core's) OLMo2; an olmo2 trained with it exports to transformers'
+    # own Olmo2ForCausalLM, per-head OLMo2 to remote code (fogjax/export).
     m.qk_norm = from_arch("qk_norm", str)
     m.tanh_alpha_init = 0.5  # alpha0 of FOG-flash's tanh(alpha x) QK regulariser.
     # FOG's fixed softmax scale at head dim 128 (paper: 0.17678 at 390M, 0.125 at 1.5B and 8B).
