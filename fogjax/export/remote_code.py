@@ -1,0 +1,35 @@
+"""The remote code shipped in an export directory: remote/configuration_fog.py and
+remote/modeling_fog.py (package data of fogjax.export), copied next to the weights so that
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` finds them through the
+config's ``auto_map`` (fogjax/export/hf_config.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+REMOTE_DIR = Path(__file__).resolve().parent / "remote"
+FILES = ("configuration_fog.py", "modeling_fog.py")
+
+
+def write_remote_code(directory: str) -> list[str]:
+    """Copies the remote-code files into ``directory``; returns their names."""
+    for name in FILES:
+        shutil.copyfile(REMOTE_DIR / name, Path(directory) / name)
+    return list(FILES)
+
+
+def config_class() -> type:
+    """``FogConfig`` from remote/configuration_fog.py (needs transformers, not torch), to
+    validate and write an export's config.json with the class that will read it."""
+    name = "fogjax_remote_configuration_fog"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REMOTE_DIR / "configuration_fog.py")
+        module = importlib.util.module_from_spec(spec)
+        # Registered before it runs: transformers turns the class into a dataclass, which looks
+        # its module up in sys.modules.
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].FogConfig
