@@ -254,6 +254,11 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.train.allow_config_change = False
     # 'FIRST,LAST': a jax.profiler trace of those steps into <workdir>/profile ('' = none).
     c.train.profile_steps = ""
+    # A Hugging Face checkpoint directory (transformers' Llama / OLMo2, or any fogjax export) whose
+    # weights replace the random init of a fresh run ('' = random init). Checked against the model
+    # config before anything is written (fogjax/export/hf_import.py); a workdir that already has
+    # checkpoints resumes from them and ignores it. Needs requirements-export.txt.
+    c.train.init_from = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes.

@@ -5,9 +5,11 @@ config's ``auto_map`` (fogjax/export/hf_config.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
@@ -19,6 +21,21 @@ def write_remote_code(directory: str) -> list[str]:
     for name in FILES:
         shutil.copyfile(REMOTE_DIR / name, Path(directory) / name)
     return list(FILES)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off while an export's config is built or read: its RoPE check
+    warns that llama3 scaling's original context (8192) exceeds max_position_embeddings, which
+    fogjax sets to the trained context on purpose (lm_eval reads it as the model's length)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def config_class() -> type:

@@ -32,7 +32,7 @@ import numpy as np
 from fogjax.data.tokenizer import Tokenizer
 from fogjax.export import family_fog, family_llama, family_olmo2, hf_config, mapping
 from fogjax.export.layout import split_layers
-from fogjax.export.remote_code import config_class, write_remote_code
+from fogjax.export.remote_code import config_class, quiet_transformers, write_remote_code
 from fogjax.export.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 from fogjax.export.tokenizer_files import write_tokenizer
 from fogjax.precision.recipe import Recipe
@@ -79,10 +79,11 @@ def _write_config(fields: dict, family: str, directory: str) -> None:
 
     cls = {"llama": LlamaConfig, "olmo2": Olmo2Config, "fog": None}[family] or config_class()
     extra = {k: fields[k] for k in ("architectures", "auto_map") if k in fields}
-    config = cls(**{k: v for k, v in fields.items() if k not in extra})
-    for key, value in extra.items():
-        setattr(config, key, value)
-    config.save_pretrained(directory)
+    with quiet_transformers():
+        config = cls(**{k: v for k, v in fields.items() if k not in extra})
+        for key, value in extra.items():
+            setattr(config, key, value)
+        config.save_pretrained(directory)
 
 
 def _write_generation_config(eos_id: int | None, directory: str) -> None:

@@ -25,7 +25,7 @@ from fogjax import checkpoint, config_lib, data, sharding
 from fogjax.accounting import model_info
 from fogjax.evaluate.loss import validation_loss
 from fogjax.monitoring.reporter import Reporter, TrainingDiverged
-from fogjax.train import preflight, provenance
+from fogjax.train import init_from, preflight, provenance
 from fogjax.train import workdir as workdir_lib
 from fogjax.train.control import Cadence, CompiledSteps, Profiler, StopRequest
 from fogjax.train.preflight import validate_train_config
@@ -37,13 +37,23 @@ __all__ = ["train_and_evaluate"]
 
 
 def _restore_or_init(
-    run: Run, ckpt: checkpoint.Checkpointer, train_iter: Any, workdir: str
+    run: Run,
+    ckpt: checkpoint.Checkpointer,
+    train_iter: Any,
+    workdir: str,
+    init_params: dict | None = None,
 ) -> tuple[Any, float, dict[str, Any] | None]:
     """(state, seconds trained before, checkpoint metadata): the latest checkpoint, or a fresh
-    state (metadata None)."""
+    state (metadata None), with ``init_params`` (train.init_from, already read) as its params."""
     config = run.config
     if ckpt.latest_step() is None:
-        return create_state(run.init, run.shardings, config.seed), 0.0, None
+        state = create_state(run.init, run.shardings, config.seed)
+        if init_params is not None:
+            state = init_from.state_with_params(run, state, init_params)
+            print(f"Initialised the parameters from {config.train.init_from} (train.init_from).")
+        return state, 0.0, None
+    if config.train.init_from:
+        print(f"Resuming from {ckpt.directory}; train.init_from is ignored.")
     # Shapes first (a different model is refused whatever the flags), then the fields that
     # keep every shape; restoring reads only, so a refusal still leaves the workdir untouched.
     state, data_state, meta = ckpt.restore(run.abstract)
@@ -143,6 +153,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     preflight.check_dataset(info, config)
     run = build_run(config)
     workdir = os.path.abspath(workdir)
+    # A fresh run's train.init_from is read and checked before the workdir is written.
+    init_params = init_from.read_init_params(run, workdir)
     preflight.check_workdir(workdir)
     cadence = Cadence.from_config(t)
     with workdir_lib.hold_workdir(workdir), contextlib.ExitStack() as stack:
@@ -155,7 +167,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         )
         train_iter = _train_iterator(config, info, run.mesh)
         with sharding.sharding_context(run.mesh):
-            state, elapsed_before, meta = _restore_or_init(run, ckpt, train_iter, workdir)
+            state, elapsed_before, meta = _restore_or_init(
+                run, ckpt, train_iter, workdir, init_params
+            )
         start = int(state["step"])
         if jax.process_index() == 0:
             workdir_lib.record(workdir, config, start)
