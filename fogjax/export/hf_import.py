@@ -177,12 +177,13 @@ def read_params(directory: str, config: Any, abstract_params: Any) -> dict:
         for mp in layer_maps
         for n in mp.names
     ]
-    missing = [n for n in needed if n not in set(ckpt.names)]
+    present, wanted = set(ckpt.names), set(needed)
+    missing = [n for n in needed if n not in present]
     tied_head = ["lm_head.weight"] if m.tie_embeddings else []  # Some writers keep both.
     unexpected = [
         n
         for n in ckpt.names
-        if n not in set(needed) | set(tied_head) and not n.endswith(IGNORED_SUFFIXES)
+        if n not in wanted and n not in tied_head and not n.endswith(IGNORED_SUFFIXES)
     ]
     if missing or unexpected:
         _fail(
