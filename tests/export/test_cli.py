@@ -52,7 +52,7 @@ def test_export_writes_the_checkpoint_and_the_byte_tokenizer(exported, trained_r
 
 
 def test_a_fresh_run_starts_from_the_export(exported, trained_run, tmp_path):
-    from conftest import trained_config
+    from helpers.export import trained_config
 
     from fogjax.train import loop
 

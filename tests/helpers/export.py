@@ -88,3 +88,21 @@ def max_relative_difference(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| / max |want| (relative to the largest logit, since logits near 0 have
     no meaningful elementwise relative error)."""
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def trained_config():
+    """A tiny FOG-flash (remote-code family) on the byte tokenizer, trained in float32 without
+    FP8 casts, so fogjax's own harness model and the exported float32 model compute alike."""
+    from configs.default import get_config
+
+    c = get_config()
+    m = c.model
+    m.num_layers, m.d_model, m.num_heads, m.num_kv_heads, m.ffn_base_dim = 2, 64, 2, 1, 128
+    m.vocab_size = 300  # Padded beyond the byte tokenizer's 257: the export keeps every row.
+    c.precision.recipe, c.precision.compute_dtype = "bf16", "float32"
+    c.data.path = "embedded:bytes"
+    t = c.train
+    t.steps, t.batch_size, t.seq_len, t.ckpt_every = 4, 8, 32, 2
+    t.eval_every, t.log_every, t.stats_every = 0, 4, 1
+    c.optim.warmup_steps, c.optim.cooldown_steps = 1, 1
+    return c
