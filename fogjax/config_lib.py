@@ -108,7 +108,10 @@ def model_config(arch: str, size: str) -> ml_collections.ConfigDict:
         arch_ref,
         m.get_ref("num_layers"),
     )
-    # 'none' | 'rms' (learnable gain) | 'frozen_rms' | 'tanh'; from model.arch.
+    # 'none' | 'rms' (learnable gain) | 'frozen_rms' | 'tanh', per head over d_h; from model.arch.
+    # 'rms_all_heads': learnable RMSNorm over the whole q / k projection ([H*d_h], [G*d_h] gains),
+    # Hugging Face's (and OLMo-core's) OLMo2; an olmo2 trained with it exports to transformers'
+    # own Olmo2ForCausalLM, per-head OLMo2 to remote code (fogjax/export).
     m.qk_norm = from_arch("qk_norm", str)
     m.tanh_alpha_init = 0.5  # alpha0 of FOG-flash's tanh(alpha x) QK regulariser.
     # FOG's fixed softmax scale at head dim 128 (paper: 0.17678 at 390M, 0.125 at 1.5B and 8B).
@@ -251,6 +254,11 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.train.allow_config_change = False
     # 'FIRST,LAST': a jax.profiler trace of those steps into <workdir>/profile ('' = none).
     c.train.profile_steps = ""
+    # A Hugging Face checkpoint directory (transformers' Llama / OLMo2, or any fogjax export) whose
+    # weights replace the random init of a fresh run ('' = random init). Checked against the model
+    # config before anything is written (fogjax/export/hf_import.py); a workdir that already has
+    # checkpoints resumes from them and ignores it. Needs requirements-export.txt.
+    c.train.init_from = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by the other axes.

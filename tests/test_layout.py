@@ -22,6 +22,7 @@ COMMANDS = [
     "fogjax.bench",
     "fogjax.info",
     "fogjax.data.prepare",
+    "fogjax.export",
 ]
 
 

@@ -4,7 +4,8 @@ Layout: the fused QKV kernel is [D, G, R + 2, d_h] with R = H / G query heads pe
 so query head h = g * R + r uses key/value group g (the repeat-kv convention), and tensor
 parallelism can shard whole groups. Per group the R query heads come first, then K, then V.
 
-Order of operations: QKV projection -> QK regulariser per head over d_h -> RoPE -> logits
+Order of operations: QKV projection -> QK regulariser per head over d_h (``rms_all_heads``: over
+the whole projection, as Hugging Face's Olmo2) -> RoPE -> logits
 s * q.k in float32 -> causal softmax in float32 -> PV -> output projection [G, R, d_h, D].
 
 QK^T and PV get their dot_general from the precision recipe (FP8 under ``fp8dpa``); with
@@ -29,13 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from fogjax.model import probes
-from fogjax.model.layers import Linear, RMSNorm
+from fogjax.model.layers import Linear, RMSNorm, rms_normalize
 from fogjax.model.rope import apply_rope, rope_frequencies
 from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
 
-QK_NORMS = ("none", "rms", "frozen_rms", "tanh")
+QK_NORMS = ("none", "rms", "rms_all_heads", "frozen_rms", "tanh")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 # Large negative logit for masked positions: finite so that fully-masked rows cannot produce NaN.
@@ -56,13 +57,45 @@ class TanhRegulariser(nn.Module):
         return jnp.tanh(alpha * x.astype(jnp.float32)).astype(x.dtype)
 
 
-def make_qk_regulariser(cfg: Any, dtype: Any, name: str) -> Callable[[Array], Array]:
-    """The QK regulariser named by ``cfg.qk_norm``; applied per head over d_h (the last axis)."""
+class AllHeadsRMSNorm(nn.Module):
+    """RMSNorm over every head of a projection at once, as Hugging Face's Olmo2 (and OLMo-core)
+    normalise q and k: x [..., heads..., d_h] is flattened to [..., prod(heads) * d_h], normalised
+    with one learnable gain of that length (float32, flattened in head order, so entry
+    h * d_h + i is head h's channel i), and reshaped back. ``n_head_axes``: the head axes before
+    d_h (2 for q [B, T, G, R, d_h], 1 for k [B, T, G, d_h])."""
+
+    eps: float
+    n_head_axes: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        lead = x.shape[: x.ndim - self.n_head_axes - 1]
+        flat = rms_normalize(x.reshape(lead + (-1,)), self.eps)
+        # Replicated gain (logical axis None): its entries span every head, so no mesh axis that
+        # splits heads can split it.
+        gain = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (None,)),
+            flat.shape[-1:],
+            jnp.float32,
+        )
+        return (flat * gain).astype(self.dtype).reshape(x.shape)
+
+
+def make_qk_regulariser(
+    cfg: Any, dtype: Any, name: str, n_head_axes: int = 1
+) -> Callable[[Array], Array]:
+    """The QK regulariser named by ``cfg.qk_norm``: per head over d_h (the last axis), except
+    ``rms_all_heads``, which normalises the whole projection (its ``n_head_axes`` head axes and
+    d_h together: :class:`AllHeadsRMSNorm`)."""
     kind = cfg.qk_norm
     if kind == "none":
         return lambda x: x
     if kind == "rms":
         return RMSNorm(cfg.norm_eps, learnable=True, logical_axis="kv", dtype=dtype, name=name)
+    if kind == "rms_all_heads":
+        return AllHeadsRMSNorm(cfg.norm_eps, n_head_axes, dtype, name=name)
     if kind == "frozen_rms":
         return RMSNorm(cfg.norm_eps, learnable=False, dtype=dtype, name=name)
     if kind == "tanh":
@@ -152,8 +185,8 @@ class Attention(nn.Module):
         probes.probe(self, "qkv", qkv, self.kurtosis_form)
         q, k, v = qkv[..., :r, :], qkv[..., r, :], qkv[..., r + 1, :]
 
-        q = make_qk_regulariser(cfg, recipe.compute_dtype, "q_norm")(q)
-        k = make_qk_regulariser(cfg, recipe.compute_dtype, "k_norm")(k)
+        q = make_qk_regulariser(cfg, recipe.compute_dtype, "q_norm", n_head_axes=2)(q)
+        k = make_qk_regulariser(cfg, recipe.compute_dtype, "k_norm", n_head_axes=1)(k)
         probes.probe(self, "q_reg", q, self.kurtosis_form)
         probes.probe(self, "k_reg", k, self.kurtosis_form)
 

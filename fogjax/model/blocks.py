@@ -34,7 +34,7 @@ class ArchSpec:
 
     pre_norm: bool  # RMSNorm (gain 1) before attention and FFN.
     post_norm: str  # 'none' | 'rms' | 'layerscale' on each branch output.
-    qk_norm: str  # 'none' | 'rms' | 'frozen_rms' | 'tanh'.
+    qk_norm: str  # 'none' | 'rms' | 'rms_all_heads' | 'frozen_rms' | 'tanh'.
     ffn_activation: str  # 'swiglu' | 'smooth_swiglu' | 'gelu' | 'xielu'.
     input_scale: float  # Embedding output multiplier.
     final_norm: bool  # RMSNorm before the LM head.

@@ -28,7 +28,7 @@ from fogjax.checkpoint import disk_space
 from fogjax.checkpoint.disk_space import DiskFullError
 from fogjax.evaluate.loss import validation_loss
 from fogjax.monitoring.reporter import Reporter, TrainingDiverged
-from fogjax.train import divergence_history, host_memory, preflight, provenance
+from fogjax.train import divergence_history, host_memory, init_from, preflight, provenance
 from fogjax.train import workdir as workdir_lib
 from fogjax.train.control import Cadence, CompiledSteps, Profiler, StopRequest
 from fogjax.train.preflight import validate_train_config
@@ -40,13 +40,23 @@ __all__ = ["train_and_evaluate"]
 
 
 def _restore_or_init(
-    run: Run, ckpt: checkpoint.Checkpointer, train_iter: Any, workdir: str
+    run: Run,
+    ckpt: checkpoint.Checkpointer,
+    train_iter: Any,
+    workdir: str,
+    init_params: dict | None = None,
 ) -> tuple[Any, float, dict[str, Any] | None]:
     """(state, seconds trained before, checkpoint metadata): the latest checkpoint, or a fresh
-    state (metadata None)."""
+    state (metadata None), with ``init_params`` (train.init_from, already read) as its params."""
     config = run.config
     if ckpt.latest_step() is None:
-        return create_state(run.init, run.shardings, config.seed), 0.0, None
+        state = create_state(run.init, run.shardings, config.seed)
+        if init_params is not None:
+            state = init_from.state_with_params(run, state, init_params)
+            print(f"Initialised the parameters from {config.train.init_from} (train.init_from).")
+        return state, 0.0, None
+    if config.train.init_from:
+        print(f"Resuming from {ckpt.directory}; train.init_from is ignored.")
     # Shapes first (a different model is refused whatever the flags), then the fields that
     # keep every shape; restoring reads only, so a refusal still leaves the workdir untouched.
     state, data_state, meta = ckpt.restore(run.abstract)
@@ -179,6 +189,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     run = build_run(config)
     host_memory.check_state_fits(run)  # On CPU: before the lock, before anything is written.
     workdir = os.path.abspath(workdir)
+    # A fresh run's train.init_from is read and checked before the workdir is written.
+    init_params = init_from.read_init_params(run, workdir)
     preflight.check_workdir(workdir)
     cadence = Cadence.from_config(t)
     with workdir_lib.hold_workdir(workdir), contextlib.ExitStack() as stack:
@@ -191,7 +203,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         )
         train_iter = _train_iterator(config, info, run.mesh)
         with sharding.sharding_context(run.mesh):
-            state, elapsed_before, meta = _restore_or_init(run, ckpt, train_iter, workdir)
+            state, elapsed_before, meta = _restore_or_init(
+                run, ckpt, train_iter, workdir, init_params
+            )
         start = int(state["step"])
         monitor = (meta or {}).get("monitor")
         # A recorded divergence outlives resumes; resuming its diverged model may be refused.
