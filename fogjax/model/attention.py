@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fogjax.model import probes
-from fogjax.model.layers import Linear, RMSNorm
+from fogjax.model.layers import Linear, RMSNorm, recompute_in_backward
 from fogjax.model.rope import apply_rope, rope_frequencies
 from fogjax.precision.recipe import Recipe
 
@@ -53,7 +53,12 @@ class TanhRegulariser(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
-        return jnp.tanh(alpha * x.astype(jnp.float32)).astype(x.dtype)
+        return _tanh_regularise(x, alpha)
+
+
+@recompute_in_backward
+def _tanh_regularise(x: Array, alpha: Array) -> Array:
+    return jnp.tanh(alpha * x.astype(jnp.float32)).astype(x.dtype)
 
 
 def make_qk_regulariser(cfg: Any, dtype: Any, name: str) -> Callable[[Array], Array]:
