@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fogjax.model import probes
-from fogjax.model.layers import Linear, RMSNorm, rms_normalize
+from fogjax.model.layers import Linear, RMSNorm, recompute_in_backward, rms_norm
 from fogjax.model.rope import apply_rope, rope_frequencies
 from fogjax.precision.recipe import Recipe
 
@@ -54,7 +54,12 @@ class TanhRegulariser(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
-        return jnp.tanh(alpha * x.astype(jnp.float32)).astype(x.dtype)
+        return _tanh_regularise(x, alpha)
+
+
+@recompute_in_backward
+def _tanh_regularise(x: Array, alpha: Array) -> Array:
+    return jnp.tanh(alpha * x.astype(jnp.float32)).astype(x.dtype)
 
 
 class AllHeadsRMSNorm(nn.Module):
@@ -71,7 +76,7 @@ class AllHeadsRMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         lead = x.shape[: x.ndim - self.n_head_axes - 1]
-        flat = rms_normalize(x.reshape(lead + (-1,)), self.eps)
+        flat = x.reshape(lead + (-1,))
         # Replicated gain (logical axis None): its entries span every head, so no mesh axis that
         # splits heads can split it.
         gain = self.param(
@@ -80,7 +85,7 @@ class AllHeadsRMSNorm(nn.Module):
             flat.shape[-1:],
             jnp.float32,
         )
-        return (flat * gain).astype(self.dtype).reshape(x.shape)
+        return rms_norm(flat, gain, self.eps, jnp.dtype(self.dtype)).reshape(x.shape)
 
 
 def make_qk_regulariser(

@@ -5,6 +5,7 @@ The equations are docs/spec.md §1.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fogjax.model import probes
-from fogjax.model.layers import Linear
+from fogjax.model.layers import Linear, recompute_in_backward
 from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
@@ -56,15 +57,28 @@ class XIELU(nn.Module):
         )
         alpha_p = jax.nn.softplus(a_p)
         alpha_n = self.beta + jax.nn.softplus(a_n)
-        x32 = x.astype(jnp.float32)
-        positive = alpha_p * jnp.square(x32) + self.beta * x32
-        negative = alpha_n * (jnp.expm1(jnp.minimum(x32, self.eps)) - x32) + self.beta * x32
-        return jnp.where(x32 > 0, positive, negative).astype(x.dtype)
+        return _xielu(x, alpha_p, alpha_n, self.beta, self.eps)
 
 
+@functools.partial(recompute_in_backward, static_argnums=(3, 4))
+def _xielu(x: Array, alpha_p: Array, alpha_n: Array, beta: float, eps: float) -> Array:
+    x32 = x.astype(jnp.float32)
+    positive = alpha_p * jnp.square(x32) + beta * x32
+    negative = alpha_n * (jnp.expm1(jnp.minimum(x32, eps)) - x32) + beta * x32
+    return jnp.where(x32 > 0, positive, negative).astype(x.dtype)
+
+
+@recompute_in_backward
 def gelu(x: Array) -> Array:
     """The exact (erf) GeLU, evaluated in float32."""
     return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+@recompute_in_backward
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) * up, evaluated in float32 (at least), returned in up's dtype."""
+    acc = jnp.promote_types(up.dtype, jnp.float32)
+    return (jax.nn.silu(gate.astype(acc)) * up.astype(acc)).astype(up.dtype)
 
 
 class MLP(nn.Module):
@@ -96,7 +110,7 @@ class MLP(nn.Module):
         down_scale = None
         if gated:
             gate, up = pre[..., 0, :], pre[..., 1, :]
-            h = (jax.nn.silu(gate.astype(acc)) * up.astype(acc)).astype(dtype)
+            h = swiglu(gate, up.astype(dtype))
             if act == "smooth_swiglu":
                 h, down_scale = _smooth(gate, h, cfg.smooth_swiglu_per_channel)
         elif act == "gelu":
