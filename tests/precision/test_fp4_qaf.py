@@ -95,15 +95,15 @@ def tiny_run(**precision):
 
 
 def test_trainer_hooks_run_the_qaf_step_from_the_configured_step():
-    assert QafHooks.maybe(tiny_run(), None, None) is None  # QAF off by default
+    assert QafHooks.maybe(tiny_run(), None) is None  # QAF off by default
     run = tiny_run(qaf_start=0.5)
     assert run.recipe.backward == "fp4"
-    hooks = QafHooks.maybe(run, None, None)
+    hooks = QafHooks.maybe(run, None)
     fp4_step = object()
     picks = [hooks.pick_step(s, False, fp4_step) is fp4_step for s in range(8, 12)]
     assert picks == [True, True, False, False]  # QAF from step 10 = 0.5 * 20
     assert hooks.pick_step(12, True, fp4_step) is not fp4_step
-    resumed = QafHooks.maybe(run, None, hooks.metadata())
+    resumed = QafHooks.maybe(run, hooks.metadata())
     assert resumed.switch.phase == "qaf" and resumed.metadata()[METADATA_KEY]["switch_step"] == 10
 
 

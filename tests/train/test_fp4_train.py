@@ -4,7 +4,7 @@ resumed mid-run, and one resumed before the QAF switch, reproduce the losses bit
 
 Sized for CI: 2 layers, d_model 64, seq 32, batch 8 (tens of ms a step on a CPU core). Each
 run is trained once per module (functools.cache) and asserted by several tests. The runs use the
-trainer's own objects (state.build_run's jitted, donating steps; fp4_training.QafHooks).
+trainer's own objects (train.run.build_run's jitted, donating steps; train.qaf.QafHooks).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def qaf_run():
     """FOG-flash nvfp4 with QAF from QAF_AT: (losses [STEPS], lrs, hooks, host state and QAF
     metadata at CKPT_BEFORE_QAF)."""
     run = build("fog_flash", "nvfp4", qaf_start=float(QAF_AT), qaf_warmup_steps=QAF_WARMUP)
-    hooks = QafHooks.maybe(run, None, None)
+    hooks = QafHooks.maybe(run, None)
     fp4_step = build("fog_flash", "nvfp4").train_steps[False]  # the same program, compiled once
     meta = {}
 
@@ -152,7 +152,7 @@ def test_resume_before_the_qaf_switch_reproduces_the_uninterrupted_losses_bitwis
     losses, lrs, run, hooks, saved, meta = qaf_run()
     assert meta["fp4_qaf"]["phase"] == "fp4"  # the checkpoint predates the switch
     resumed_hooks = copy.copy(hooks)  # the compiled steps; the phase comes from the checkpoint
-    resumed_hooks.switch = QafHooks.maybe(run, None, meta).switch
+    resumed_hooks.switch = QafHooks.maybe(run, meta).switch
     assert resumed_hooks.switch.phase == "fp4"
     fp4_step = build("fog_flash", "nvfp4").train_steps[False]
     resumed, resumed_lrs, _ = train(
