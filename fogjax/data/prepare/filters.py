@@ -72,7 +72,7 @@ def parse_filter(text: str) -> Filter:
       ValueError: not ``FIELD OP VALUE``.
     """
     match = _PATTERN.match(text)
-    if not match or not match.group(3):
+    if not match or not match.group(3) or match.group(3)[0] in "<>=!":
         raise ValueError(
             f"--filter {text!r} is not FIELD OP VALUE: write e.g. --filter 'int_score>=3' "
             f"(OP one of {', '.join(_PYTHON_OPS)})."
