@@ -29,6 +29,7 @@ _EXPORTS = {
     "make_train_iterator": "fogjax.data.pipeline",
     "Mixture": "fogjax.data.mixture",
     "load_mixture": "fogjax.data.mixture",
+    "eval_dataset_info": "fogjax.data.mixture",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -46,7 +46,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | No
     restored = load_run(workdir, step)
     config, run = restored.config, restored.run
     with sharding.sharding_context(run.mesh):
-        info = data.load_dataset_info(config.data.path)
+        info = data.eval_dataset_info(config.data)
         result = validation_loss(
             run.eval_step,
             restored.state,

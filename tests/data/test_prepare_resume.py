@@ -37,8 +37,8 @@ def corpus(tmp_path_factory):
 
 
 def _cmd(inputs, tok, out, workers=1, tokenizer=None):
-    return [sys.executable, "-m", "fogjax.data.prepare", "--input", str(inputs), "--output",
-            str(out), "--tokenizer", str(tokenizer or tok), "--workers", str(workers), *FLAGS]  # fmt: skip
+    where = ["--input", str(inputs), "--output", str(out), "--tokenizer", str(tokenizer or tok)]
+    return [sys.executable, "-m", "fogjax.data.prepare", *where, "--workers", str(workers), *FLAGS]
 
 
 def _start(cmd):
@@ -97,7 +97,8 @@ def test_ctrl_c_and_sigterm_keep_finished_units_and_a_changed_tokenizer_is_refus
     for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
         proc = _start(_cmd(inputs, tok, out, workers=2))
         before = len(kept)
-        _wait_until(lambda: ledger.plan_path.exists() and len(ledger.done_units()) > before, proc)
+        more_done = lambda n=before: ledger.plan_path.exists() and len(ledger.done_units()) > n  # noqa: E731
+        _wait_until(more_done, proc)
         os.killpg(proc.pid, sig)  # Ctrl-C in a terminal signals the whole foreground group.
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == code, err[-3000:]
