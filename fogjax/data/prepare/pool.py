@@ -179,7 +179,14 @@ def _check_alive(
         time.sleep(0.2)  # Its last messages may still be in the pipe: let the caller read them.
         if not results.empty():
             return
-        index = current.get(wid)
+        if wid not in current:
+            raise WorkerFailed(
+                f"Worker {wid} died as it started (exit code {p.exitcode}). Worker processes are "
+                "spawned: a script that calls fogjax.data.prepare.prepare(workers > 0) must do so "
+                "under `if __name__ == '__main__':` (each worker imports the script again); its "
+                "error is printed above."
+            )
+        index = current[wid]
         unit = by_index.get(index) if index is not None else None
         where = f" while preparing unit {unit.index} ({unit.describe()})" if unit else ""
         raise WorkerFailed(
