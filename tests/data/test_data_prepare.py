@@ -203,3 +203,25 @@ def test_token_ids_beyond_the_shard_dtype_are_refused(tmp_path):
     writer.add_document(np.array([1, 2, 65535]), eos_id=0)
     with pytest.raises(ValueError, match="Token id 70000 does not fit the uint16 shards"):
         writer.add_document(np.array([5, 70000]), eos_id=0)
+
+
+def test_hosts_from_a_slurm_job_array():
+    array = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5"}
+    assert prepare_cli.hosts_from_env(None, None, array) == (4, 2)  # --array=5-8
+    assert prepare_cli.hosts_from_env(2, 1, array) == (2, 1)  # The flags win.
+    assert prepare_cli.hosts_from_env(None, None, {}) == (1, 0)
+
+
+def test_the_same_tokenizer_file_moved_is_not_a_change(tmp_path):
+    inputs = _write_inputs(tmp_path / "in")
+    bpe = train_byte_level_bpe(DOCS, vocab_size=280, eos_token="<|endoftext|>")
+    (tmp_path / "a").mkdir()
+    bpe.backend.save(str(tmp_path / "a" / "tokenizer.json"))
+    first = prepare.prepare([inputs], tmp_path / "out", str(tmp_path / "a"), val_tokens=0)
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = prepare.prepare([inputs], tmp_path / "out", str(tmp_path / "b"), val_tokens=0)
+    assert again.prepared == 0 and again.info == first.info
+    other = train_byte_level_bpe(DOCS, vocab_size=290, eos_token="<|endoftext|>")
+    other.backend.save(str(tmp_path / "b" / "tokenizer.json"))
+    with pytest.raises(ValueError, match="--tokenizer \\(the file's contents, sha256\\)"):
+        prepare.prepare([inputs], tmp_path / "out", str(tmp_path / "b"), val_tokens=0)

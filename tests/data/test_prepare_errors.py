@@ -119,3 +119,11 @@ def test_gzip_of_a_non_json_file(tmp_path, capsys, user_output):
         f.write("plain text, not JSON\n")
     code, err = _run(capsys, "--input", str(path), "--output", str(user_output))
     assert code == 2 and f"{path}:1 is not valid JSON" in err and "Fix or drop that line" in err
+
+
+def test_bad_host_index_is_refused_before_anything_is_written(tmp_path, capsys, user_output):
+    data = corpora.write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    argv = ["--input", str(data), "--output", str(user_output), "--num-hosts", "2"]
+    code, err = _run(capsys, *argv, "--host-index", "2")
+    assert code == 2 and "--host-index 2 is not in [0, --num-hosts 2)" in err
+    assert not any(user_output.iterdir())

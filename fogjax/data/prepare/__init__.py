@@ -131,13 +131,16 @@ def _open_output(
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file. Choose a folder.")
     if ledger.plan_path.is_file():
-        saved, saved_inputs, units = plan_lib.read_plan(ledger.plan_path)
+        original, saved_inputs, units = plan_lib.read_plan(ledger.plan_path)
+        saved = original
         finished = {p.path for u in units if u.index in ledger.done_units() for p in u.pieces}
         complete = (output / shards.METADATA).is_file()
         if not complete:
             # Only the final cut uses --val-tokens: until metadata.json exists it may change
             # (a corpus too small for the default split is fixed by rerunning with a smaller one).
             saved = {**saved, "val_tokens": settings["val_tokens"]}
+        if saved["tokenizer_sha256"] and saved["tokenizer_sha256"] == settings["tokenizer_sha256"]:
+            saved = {**saved, "tokenizer": settings["tokenizer"]}  # The same file, moved.
         changes = plan_lib.differences(saved, settings)
         changes += plan_lib.input_differences(saved_inputs, inputs, finished)
         if changes:
@@ -145,7 +148,7 @@ def _open_output(
                 f"{output} was prepared with other settings: {'; '.join(changes)}. Run the "
                 "original command to continue it, or prepare into a new --output."
             )
-        if not complete and saved != plan_lib.read_plan(ledger.plan_path)[0]:
+        if not complete and settings != original:  # Record what finalise will use.
             plan_lib.write_plan(ledger.plan_path, settings, saved_inputs, units)
         return units
     if output.is_dir() and any(p.name != LEDGER_DIR for p in output.iterdir()):
@@ -211,6 +214,9 @@ def prepare(
       WorkerFailed: a worker process died or hit a bug.
     """
     output = Path(output).expanduser().absolute()
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0 (0: in this process), got {workers}.")
+    plan_lib.host_units([], num_hosts, host_index)  # Checked before anything is written.
     settings, tok, tok_path = _settings(
         tokenizer, eos_token, bos, bos_token, text_field, filters, val_tokens, dtype,
         shard_tokens, unit_bytes,
