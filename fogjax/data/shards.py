@@ -2,13 +2,19 @@
 
 A prepared dataset is a folder::
 
-    metadata.json          tokenizer, vocab_size, eos_id, dtype, token/document counts, shard names
+    metadata.json          tokenizer, vocab_size, eos_id, bos_id, dtype, token/document counts,
+                           each split's shard names in stream order, each shard's tokens and
+                           largest id (shard_stats)
     tokenizer.json         copy of the HF tokenizer (absent for the 'bytes' tokenizer)
-    train_00000.npy ...    1-D token ids, uint16 if the vocabulary fits, else uint32
-    val_00000.npy ...      the held-out split, same layout
+    u000000_00000.npy ...  1-D token ids, uint16 if the vocabulary fits, else uint32: the shards
+                           of work unit 0 (fogjax.data.prepare); ``train_00000.npy``,
+                           ``val_00000.npy`` from the in-memory path (the embedded corpus)
+    .shard_scan.json       each shard's size, mtime and largest id (fogjax.data.shard_scan)
+    .prepare/              the preparation's ledger (fogjax.data.prepare.ledger)
 
-Each split is one stream of documents, each followed by EOS, cut into shards of at most
-``shard_tokens`` tokens. ``metadata.json`` is written last, so a folder without it is incomplete.
+Each split is one stream of documents, each ``[BOS] ids EOS``, cut into shards of at most
+``shard_tokens`` tokens; metadata.json lists which shards make up which split. It is written
+last, so a folder without it is incomplete.
 """
 
 from __future__ import annotations

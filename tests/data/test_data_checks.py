@@ -86,3 +86,26 @@ def test_a_batch_of_one(dataset):
     first, second, pair = next(ones), next(ones), next(pairs)
     assert first.shape == (1, 9)
     np.testing.assert_array_equal(np.concatenate([first, second]), pair)
+
+
+def test_start_up_checks_every_mixture_dataset_and_sets_the_eos_for_the_mask(dataset, tmp_path):
+    from fogjax import config_lib
+    from fogjax.data.mixture import load_mixture
+    from fogjax.train import preflight
+
+    other = prepare.prepare_documents(
+        ["1 300", "400 500"], tmp_path / "o", tdp.RangeTokenizer(), val_fraction=0
+    )
+    config = config_lib.get_config("fog_flash", "tiny")
+    config.model.vocab_size, config.train.seq_len = 2**20, 8
+    config.data.mixture = f"{dataset.dir}=1,{other.dir}=1"
+    config.data.document_mask = True
+    mixture = load_mixture(config.data)
+    preflight.check_data(mixture, config)  # The second has no validation split: not needed.
+    assert config.data.eos_id == 0
+    config.data.eos_id = 5
+    with pytest.raises(ValueError, match=r"data.eos_id=5 but .* ends its documents with id 0"):
+        preflight.check_data(mixture, config)
+    config.data.eos_id, config.data.mixture = -1, f"{other.dir}=1,{dataset.dir}=1"
+    with pytest.raises(ValueError, match=r"o has no usable validation split"):
+        preflight.check_data(load_mixture(config.data), config)  # Now the first: evaluated.
