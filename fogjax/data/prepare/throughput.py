@@ -77,21 +77,21 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def encode_batch_rate(inputs: list[str], tokenizer: str, read_ids: bool, batch: int = 1024) -> dict:
+def encode_batch_rate(inputs: list[str], tokenizer: str, read_ids: bool) -> dict:
     """Tokens per second and per CPU-second of ``encode_batch`` on one core over the documents
-    of ``inputs``; ``read_ids``: also take each Encoding's ``.ids`` (a Python list), as any
-    consumer of the ids must."""
+    of ``inputs``, in the batches a worker reads them in (the same calls a worker makes);
+    ``read_ids``: also take each Encoding's ``.ids`` (a Python list), as any consumer must."""
     import tokenizers
 
     files = documents.expand_inputs(inputs)
     units = plan_lib.make_units(files, [documents.kind_of(f) for f in files], 1, "text")
-    texts = [t for u in units for p in u.pieces for b in read_piece(p, "text", []) for t in b.texts]
+    batches = [b.texts for u in units for p in u.pieces for b in read_piece(p, "text", [])]
     backend = tokenizers.Tokenizer.from_file(tokenizer)
     backend.encode_special_tokens = True  # As preparation encodes documents.
     start, cpu = time.perf_counter(), _cpu_seconds()
     tokens = 0
-    for i in range(0, len(texts), batch):
-        encodings = backend.encode_batch(texts[i : i + batch], False)
+    for batch in batches:
+        encodings = backend.encode_batch(batch, False)
         tokens += sum(len(e.ids) for e in encodings) if read_ids else sum(map(len, encodings))
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     return {
