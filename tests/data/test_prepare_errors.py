@@ -107,7 +107,7 @@ def test_full_disk(tmp_path, user_output):
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
                           preexec_fn=_file_size_limit(20_000))  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert f"Writing u000000 shards into {user_output} failed" in done.stderr
+    assert f"Writing u000000 into {user_output} failed" in done.stderr
     assert "Free disk space" in done.stderr and "finished units are kept" in done.stderr
     assert user_output.is_dir()
     assert not list(user_output.glob(".*.tmp.*"))  # The half-written shard was removed.
@@ -127,3 +127,24 @@ def test_bad_host_index_is_refused_before_anything_is_written(tmp_path, capsys, 
     code, err = _run(capsys, *argv, "--host-index", "2")
     assert code == 2 and "--host-index 2 is not in [0, --num-hosts 2)" in err
     assert not any(user_output.iterdir())
+
+
+def test_disk_full_at_the_last_step_then_the_same_command_finishes(
+    tmp_path, capsys, user_output, monkeypatch
+):
+    import errno
+
+    from fogjax.data import shards
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    data = corpora.write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    argv = ["--input", str(data), "--output", str(user_output), "--workers", "0"]
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "write_metadata", full)
+        code, err = _run(capsys, *argv)
+    assert code == 2 and f"Writing {user_output}/metadata.json failed" in err
+    assert "No space left on device" in err and "Every unit is done" in err
+    cli.main(argv)
+    assert "wrote" in capsys.readouterr().out

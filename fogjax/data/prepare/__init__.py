@@ -158,9 +158,15 @@ def _open_output(
             "folder), or delete the old one to prepare it again."
         )
     units = make_units()  # Before anything is created: a bad input leaves no trace.
-    output.mkdir(parents=True, exist_ok=True)
-    ledger.create()
-    plan_lib.write_plan(ledger.plan_path, settings, inputs, units)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        ledger.create()
+        plan_lib.write_plan(ledger.plan_path, settings, inputs, units)
+    except OSError as e:
+        raise ValueError(
+            f"Cannot write --output {output} ({e}). Choose a folder you can write, on a disk "
+            "with free space."
+        ) from None
     return units
 
 
@@ -268,5 +274,11 @@ def prepare(
     info = None
     if pending == 0:
         sources = [p for p, _ in inputs_list]
-        info = finalise(output, ledger, units, settings, tok, tok_path, sources)
+        try:
+            info = finalise(output, ledger, units, settings, tok, tok_path, sources)
+        except OSError as e:
+            raise ValueError(
+                f"Writing {output}/{shards.METADATA} failed ({e}). Every unit is done: free disk "
+                "space and run the same command again to write it."
+            ) from None
     return Result(info, len(units), len(mine), prepared, pending)

@@ -93,31 +93,31 @@ class UnitWorker:
             record = self.ledger.record(unit.index)
             if record is not None:
                 return record
-            if claim.resumed:
-                self.ledger.discard_partial(unit.name)  # A killed worker's leftovers.
-            record = self._tokenise(unit, report)
-            self.ledger.write_record(unit.index, record)
+            try:
+                if claim.resumed:
+                    self.ledger.discard_partial(unit.name)  # A killed worker's leftovers.
+                record = self._tokenise(unit, report)
+                self.ledger.write_record(unit.index, record)
+            except OSError as e:  # Reading errors are InputErrors by now: this is the output.
+                raise OutputError(
+                    f"Writing {unit.name} into {self.output} failed: {e}. Free disk space (or "
+                    "raise the quota) and run the same command again: finished units are kept."
+                ) from None
             return record
 
     def _tokenise(self, unit: Unit, report: Report) -> dict[str, Any]:
         job, tok = self.job, self.tokenizer
         writer = shards.ShardWriter(self.output, unit.name, self.dtype, job.shard_tokens)
         filtered = empty = 0
-        try:
-            for piece in unit.pieces:
-                position = 0
-                for batch in read_piece(piece, job.text_field, self.filters):
-                    stream = pack(tok.encode_batch(batch.texts), job.bos_id, tok.eos_id)
-                    writer.add_stream(stream, len(batch.texts))
-                    filtered, empty = filtered + batch.filtered, empty + batch.empty
-                    report(batch.position - position, len(batch.texts), len(stream))
-                    position = batch.position
-            writer.close()
-        except OSError as e:
-            raise OutputError(
-                f"Writing {unit.name} shards into {self.output} failed: {e}. Free disk space "
-                "(or raise the quota) and run the same command again: finished units are kept."
-            ) from None
+        for piece in unit.pieces:
+            position = 0
+            for batch in read_piece(piece, job.text_field, self.filters):
+                stream = pack(tok.encode_batch(batch.texts), job.bos_id, tok.eos_id)
+                writer.add_stream(stream, len(batch.texts))
+                filtered, empty = filtered + batch.filtered, empty + batch.empty
+                report(batch.position - position, len(batch.texts), len(stream))
+                position = batch.position
+        writer.close()
         return {
             "unit": unit.index,
             "tokens": writer.tokens,
