@@ -154,7 +154,7 @@ def test_progress_lines_when_stderr_is_a_file(corpus, tmp_path):
     assert done.returncode == 0, lines[-5:]
     assert len(lines) >= 3 and all(line.startswith("prepare: ") for line in lines), lines
     last = lines[-1]
-    for field in ("units,", "96 documents", "tokens,", "MB,", "MB/s", "ETA"):
+    for field in ("9/9 units,", "4/4 files,", "96 documents", "tokens,", "MB,", "MB/s", "ETA"):
         assert field in last, last
     assert "\r" not in log.read_text()  # No bar redrawn into a log.
 

@@ -251,6 +251,7 @@ def prepare(
             sum(u.bytes for u in todo),
             len(mine),
             len(mine) - len(todo),
+            unit_files={u.index: tuple(p.path for p in u.pieces) for u in todo},
             every=progress_every,
             stream=progress_stream or sys.stderr,
             tty=tty,

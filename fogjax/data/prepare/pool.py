@@ -104,7 +104,7 @@ def _run_here(job: Job, units: Sequence[Unit], progress: Progress) -> list[dict[
         record = worker.run(unit, progress.add)
         if record is not None:
             records.append(record)
-            progress.unit_done()
+            progress.unit_done(unit.index)
     return records
 
 
@@ -145,7 +145,7 @@ def _run_pool(
                 current[wid] = None
                 if rest[1] is not None:
                     records.append(rest[1])
-                    progress.unit_done()
+                    progress.unit_done(rest[0])
             elif kind == "exit":
                 exited.add(wid)
             elif kind == "error":
