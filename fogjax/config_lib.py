@@ -203,6 +203,15 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.path = "embedded"  # Directory of prepared shards, or 'embedded' (bundled corpus).
     c.data.num_workers = 0  # grain worker processes (0 = in-process).
+    # Several prepared datasets drawn with weights, 'PATH=WEIGHT,PATH=WEIGHT' (shares of training
+    # windows; fogjax/data/mixture.py); replaces data.path, validation uses the first. '' = off.
+    c.data.mixture = ""
+    # Attention stays inside each document of a window: a query sees only the keys after the last
+    # EOS before it (segment ids from the tokens; model.attention_impl='xla' only). The loss is
+    # unchanged otherwise. Off by default: windows attend across documents, as in the paper.
+    c.data.document_mask = False
+    # The EOS id that ends a document; -1: the dataset's (metadata.json), set at start-up.
+    c.data.eos_id = -1
 
     c.optim = ml_collections.ConfigDict()
     c.optim.peak_lr = lr

@@ -8,20 +8,34 @@
     for batch in eval_batches(info, seq_len=T, batch_size=B, num_batches=n): ...
 
 Prepare a corpus with ``python -m fogjax.data.prepare`` (see :mod:`fogjax.data.prepare`).
+
+The names below are imported on first use: ``fogjax.data.prepare``'s worker processes import
+``fogjax.data.shards`` and must not pay for grain (3-4 s per process on a small machine).
 """
 
-from fogjax.data.datasets import load_dataset_info
-from fogjax.data.pipeline import TokenWindows, eval_batches, make_train_iterator
-from fogjax.data.shards import DatasetInfo, read_dataset_info, token_dtype
-from fogjax.data.tokenizer import load_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "DatasetInfo",
-    "TokenWindows",
-    "eval_batches",
-    "load_dataset_info",
-    "load_tokenizer",
-    "make_train_iterator",
-    "read_dataset_info",
-    "token_dtype",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DatasetInfo": "fogjax.data.shards",
+    "read_dataset_info": "fogjax.data.shards",
+    "token_dtype": "fogjax.data.shards",
+    "load_tokenizer": "fogjax.data.tokenizer",
+    "load_dataset_info": "fogjax.data.datasets",
+    "TokenWindows": "fogjax.data.pipeline",
+    "eval_batches": "fogjax.data.pipeline",
+    "make_train_iterator": "fogjax.data.pipeline",
+    "Mixture": "fogjax.data.mixture",
+    "load_mixture": "fogjax.data.mixture",
+    "eval_dataset_info": "fogjax.data.mixture",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fogjax.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 from fogjax.data import prepare, shards
+from fogjax.data.cache import cache_root
 from fogjax.data.tokenizer import BYTES_SPEC, ByteTokenizer, train_byte_level_bpe
 
 TOKENIZERS = ("bpe", BYTES_SPEC)
@@ -40,11 +41,6 @@ VAL_FRACTION = 0.1
 _CACHE_VERSION = 2  # Bump when preparation changes in a way the hash below does not see.
 # Corpus size in characters: the default run's 614k training tokens fit in its train split.
 CORPUS_CHARS = 3_000_000
-
-
-def cache_root() -> Path:
-    """``$FOGJAX_CACHE`` or ``~/.cache/fogjax``."""
-    return Path(os.environ.get("FOGJAX_CACHE") or Path.home() / ".cache" / "fogjax").expanduser()
 
 
 def documents() -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 from absl import flags
 
 from fogjax.data import datasets, shards
+from fogjax.data.mixture import Mixture
 
 # One background reader keeps a few batches ready. Reads are memory-mapped copies (cheap), so more
 # threads would only contend for the GIL with the training loop on small CPU hosts.
@@ -77,7 +78,7 @@ def _windows(info: shards.DatasetInfo, split: str, seq_len: int) -> TokenWindows
         raise ValueError(
             f"The {split} split of {info.dir} has {windows.num_tokens} tokens, too few for one "
             f"sequence of train.seq_len + 1 = {seq_len + 1} tokens. Lower train.seq_len or prepare "
-            "more text" + (" (or a larger --val-fraction)." if split == "val" else ".")
+            "more text" + (" (or a larger --val-tokens)." if split == "val" else ".")
         )
     return windows
 
@@ -102,8 +103,32 @@ def _order_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, _DATA_ORDER_TAG]).generate_state(1)[0])
 
 
+def _component_seed(seed: int, component: int) -> int:
+    # Component 0 of a mixture is not shuffled like a lone dataset: no reuse of the order.
+    return int(np.random.SeedSequence([seed, _DATA_ORDER_TAG, component]).generate_state(1)[0])
+
+
+def _train_windows(
+    data: Mixture | str | os.PathLike | shards.DatasetInfo, seq_len: int, seed: int
+) -> tuple[grain.MapDataset, int]:
+    """(the endless shuffled stream of training windows, windows in one pass of the data)."""
+    if isinstance(data, Mixture) and len(data.components) == 1:
+        data = data.components[0][0]
+    if not isinstance(data, Mixture):
+        windows = _windows(datasets.load_dataset_info(data), "train", seq_len)
+        stream = grain.MapDataset.source(windows).shuffle(seed=_order_seed(seed)).repeat()
+        return stream, len(windows)
+    sources = [_windows(info, "train", seq_len) for info in data.infos]
+    parts = [
+        grain.MapDataset.source(w).shuffle(seed=_component_seed(seed, i)).repeat()
+        for i, w in enumerate(sources)
+    ]
+    weights = [w for _, w in data.components]
+    return grain.MapDataset.mix(parts, weights), sum(map(len, sources))
+
+
 def make_train_iterator(
-    data_dir: str | os.PathLike | shards.DatasetInfo,
+    data_dir: Mixture | str | os.PathLike | shards.DatasetInfo,
     *,
     seq_len: int,
     global_batch_size: int,
@@ -121,7 +146,8 @@ def make_train_iterator(
     ``num_workers`` (:class:`TrainBatches`).
 
     Args:
-      data_dir: a prepared dataset folder, 'embedded', or a :class:`DatasetInfo`.
+      data_dir: a prepared dataset folder, 'embedded', a :class:`DatasetInfo`, or a
+        :class:`~fogjax.data.mixture.Mixture` (several datasets drawn with weights).
       seq_len: train.seq_len, tokens per input sequence (windows hold one more).
       global_batch_size: train.batch_size, sequences per step over all processes.
       seed: data-order seed (0 <= seed).
@@ -132,21 +158,22 @@ def make_train_iterator(
       ValueError: the batch is not divisible by the process count, or seq_len exceeds the data.
     """
     local = _local_batch_size(global_batch_size, process_index, process_count)
-    info = datasets.load_dataset_info(data_dir)
-    windows = _windows(info, "train", seq_len)
-    if len(windows) < global_batch_size:
+    ds, size = _train_windows(data_dir, seq_len, seed)
+    if size < global_batch_size:
         logging.warning(
-            "The train split of %s has %d windows of %d tokens, fewer than one batch of %d: "
-            "batches will repeat windows.",
-            info.dir,
-            len(windows),
+            "The training data has %d windows of %d tokens, fewer than one batch of %d: batches "
+            "will repeat windows.",
+            size,
             seq_len + 1,
             global_batch_size,
         )
-    ds = grain.MapDataset.source(windows).shuffle(seed=_order_seed(seed)).repeat()
     # The shuffled stream is cut into local batches; batches p, p + P, p + 2P, ... go to process p,
     # so global batch g (local batches gP .. gP + P - 1) holds the same windows whatever P is.
-    return TrainBatches(ds.batch(local)[process_index::process_count], num_workers)
+    # drop_remainder: the stream is endless (sys.maxsize windows) and grain computes the batch
+    # count of a kept remainder in floating point, which for a batch of 1 exceeds sys.maxsize
+    # (an OverflowError); with it the count is exact, and no batch changes.
+    batches = ds.batch(local, drop_remainder=True)
+    return TrainBatches(batches[process_index::process_count], num_workers)
 
 
 class TrainBatches:
@@ -230,8 +257,8 @@ def eval_batches(
     info = datasets.load_dataset_info(data_dir)
     if info.val_tokens == 0:
         raise ValueError(
-            f"{info.dir} has no validation split (prepared with --val-fraction 0). Prepare it "
-            "again with --val-fraction > 0."
+            f"{info.dir} has no validation split (prepared with --val-tokens 0). Prepare it "
+            "again with --val-tokens > 0."
         )
     windows = _windows(info, "val", seq_len)
     if len(windows) < num_batches * batch_size:

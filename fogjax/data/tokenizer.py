@@ -25,6 +25,9 @@ import numpy as np
 BYTES_SPEC = "bytes"
 # Special tokens tried, in order, when a tokenizer.json does not say which one ends a document.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
+# Tried, in order, for ``--bos yes`` when the tokenizer's post-processor adds no BOS of its own.
+BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|bos|>", "[BOS]", "<|startoftext|>")
+BOS_POLICIES = ("auto", "yes", "no")
 
 
 class Tokenizer(Protocol):
@@ -134,7 +137,15 @@ class HFTokenizer:
 def _hf_from_file(path: Path, spec: str, eos_token: str | None) -> HFTokenizer:
     import tokenizers  # Imported here: the bytes tokenizer must not need it.
 
-    return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)), spec, eos_token)
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for any unreadable file.
+        raise ValueError(
+            f"Tokenizer file {path} cannot be read ({e}). It must be a tokenizer.json saved by "
+            "the Hugging Face `tokenizers` library (tokenizer.save(...)); download or save it "
+            "again."
+        ) from None
+    return HFTokenizer(backend, spec, eos_token)
 
 
 def _package_resource(spec: str) -> Path | None:
@@ -158,6 +169,30 @@ def _package_resource(spec: str) -> Path | None:
     return path
 
 
+def tokenizer_file(spec: str | os.PathLike) -> Path | None:
+    """The tokenizer.json that ``spec`` names (None for 'bytes').
+
+    Raises:
+      FileNotFoundError: ``spec`` names no file and no installed package resource.
+    """
+    spec = os.fspath(spec)
+    if spec == BYTES_SPEC:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        return path.resolve()
+    resource = _package_resource(spec)
+    if resource is not None:
+        return resource
+    raise FileNotFoundError(
+        f"Tokenizer {spec!r} not found. Pass 'bytes', a path to a tokenizer.json saved by the "
+        "Hugging Face `tokenizers` library, or PACKAGE:RESOURCE for one inside an installed "
+        "package."
+    )
+
+
 def load_tokenizer(spec: str, *, eos_token: str | None = None) -> Tokenizer:
     """The tokenizer named by ``spec`` (see the module docstring for the three forms).
 
@@ -167,24 +202,15 @@ def load_tokenizer(spec: str, *, eos_token: str | None = None) -> Tokenizer:
 
     Raises:
       FileNotFoundError: ``spec`` names no file and no installed package resource.
-      ValueError: the tokenizer has no end-of-document token.
+      ValueError: the file is not a readable tokenizer.json, or has no end-of-document token.
     """
-    spec = os.fspath(spec)
-    if spec == BYTES_SPEC:
+    path = tokenizer_file(spec)
+    if path is None:
         return ByteTokenizer()
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if path.is_file():
-        return _hf_from_file(path, str(path.resolve()), eos_token)
-    resource = _package_resource(spec)
-    if resource is not None:
-        return _hf_from_file(resource, spec, eos_token)
-    raise FileNotFoundError(
-        f"Tokenizer {spec!r} not found. Pass 'bytes', a path to a tokenizer.json saved by the "
-        "Hugging Face `tokenizers` library, or PACKAGE:RESOURCE for one inside an installed "
-        "package."
-    )
+    local = Path(os.fspath(spec)).expanduser()
+    # A file keeps its resolved path as spec; a package resource keeps PACKAGE:RESOURCE.
+    name = str(path) if local.exists() else os.fspath(spec)
+    return _hf_from_file(path, name, eos_token)
 
 
 def train_byte_level_bpe(texts: Sequence[str], vocab_size: int, eos_token: str) -> HFTokenizer:
@@ -207,3 +233,62 @@ def train_byte_level_bpe(texts: Sequence[str], vocab_size: int, eos_token: str) 
     tok.train_from_iterator(texts, trainer=trainer)
     spec = f"byte-level BPE, {vocab_size} tokens, trained on {len(texts)} documents"
     return HFTokenizer(tok, spec=spec, eos_token=eos_token)
+
+
+def bos_id(tokenizer: Tokenizer, policy: str = "auto", bos_token: str | None = None) -> int | None:
+    """The id to put before every document, or None.
+
+    Args:
+      policy: 'auto' (what the tokenizer's own post-processor adds: Llama 3's tokenizer.json adds
+        <|begin_of_text|>, GPT-2's adds nothing), 'yes' (that token, else ``bos_token`` or the
+        first of :data:`BOS_CANDIDATES` the vocabulary has) or 'no'.
+      bos_token: the token to use for 'yes' (overrides the post-processor's).
+
+    Raises:
+      ValueError: an unknown policy, or 'yes' with no BOS token to be found.
+    """
+    if policy not in BOS_POLICIES:
+        raise ValueError(f"--bos {policy!r}: choose one of {list(BOS_POLICIES)}.")
+    if policy == "no":
+        return None
+    if not isinstance(tokenizer, HFTokenizer):
+        if policy == "yes":
+            raise ValueError(
+                f"--bos yes: the {tokenizer.spec!r} tokenizer has no BOS token. Use a "
+                "tokenizer.json that has one, or drop --bos yes."
+            )
+        return None
+    backend = tokenizer.backend
+    if bos_token is not None:
+        found = backend.token_to_id(bos_token)
+        if found is None:
+            raise ValueError(
+                f"--bos-token {bos_token!r} is not in the vocabulary of {tokenizer.spec}; name "
+                "one of its special tokens."
+            )
+        return found if policy == "yes" else None
+    # What the post-processor puts before a text: one id in front of the plain encoding.
+    plain = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    lead = full[: len(full) - len(plain)] if full[len(full) - len(plain) :] == plain else []
+    if len(lead) == 1:
+        return lead[0]
+    if policy == "auto":
+        return None
+    for name in BOS_CANDIDATES:
+        if (found := backend.token_to_id(name)) is not None:
+            return found
+    raise ValueError(
+        f"--bos yes: {tokenizer.spec} adds no BOS and has none of {list(BOS_CANDIDATES)}. Name "
+        "its BOS with --bos-token, or drop --bos yes."
+    )
+
+
+def for_documents(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer`` set up to encode corpus documents: the text of a special token inside a
+    document (a web page quoting "<|endoftext|>") is encoded as ordinary text, so only the EOS
+    and BOS that preparation adds ever mark a document boundary (``data.document_mask`` and the
+    validation cut rely on it). Changes the tokenizer in place; returns it."""
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.backend.encode_special_tokens = True
+    return tokenizer

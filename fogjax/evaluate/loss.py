@@ -62,7 +62,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | No
                 "--batches=N (N >= 1)."
             )
     with sharding.sharding_context(run.mesh):
-        info = data.load_dataset_info(config.data.path)
+        info = data.eval_dataset_info(config.data)
         result = validation_loss(
             run.eval_step,
             restored.state,

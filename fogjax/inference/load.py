@@ -185,7 +185,7 @@ def load_model(workdir: str, step: int | None = None, recipe: str | None = None)
         config.precision.recipe = recipe
         variables = {"params": variables["params"]}
     active = make_recipe(config.precision)
-    tokenizer = data.load_dataset_info(config.data.path).load_tokenizer()
+    tokenizer = data.eval_dataset_info(config.data).load_tokenizer()
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"The run's tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "

@@ -179,7 +179,9 @@ class Attention(nn.Module):
     decode_length: int = 0  # Cache slots; 0 = no cache (training and full forward passes).
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array) -> Array:
+    def __call__(self, x: Array, positions: Array, segments: Array | None = None) -> Array:
+        """``segments``: int32 [B, T] document ids; a query sees only keys of its own document
+        (and causally). None: plain causal attention."""
         cfg, recipe = self.cfg, self.recipe
         g, d_h = cfg.num_kv_heads, cfg.d_model // cfg.num_heads
         r = cfg.num_heads // g
@@ -215,6 +217,13 @@ class Attention(nn.Module):
                 f"Unknown model.attention_impl={cfg.attention_impl!r}; choose one of "
                 f"{ATTENTION_IMPLS}."
             )
+        elif segments is not None:
+            # Only XLA attention takes a mask (fogjax.model.document_eos_id refuses the others).
+            t = segments.shape[1]
+            causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+            same = segments[:, :, None] == segments[:, None, :]  # [B, T, S]
+            visible = (causal & same)[:, None, :, None, :]  # [B, 1, T, 1, S] as the logits
+            out = xla_attention(q, k, v, cfg.softmax_scale, recipe, visible)
         else:
             out = ATTENTION_FUNCTIONS[cfg.attention_impl](q, k, v, cfg.softmax_scale, recipe)
 

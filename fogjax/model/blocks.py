@@ -84,7 +84,10 @@ class Block(nn.Module):
     decode_length: int = 0  # KV-cache slots of the attention (0: no cache).
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, positions: Array, segments: Array | None = None
+    ) -> tuple[Array, None]:
+        """``segments``: int32 [B, T] document ids that attention must not cross, or None."""
         cfg, dtype = self.cfg, self.recipe.compute_dtype
 
         def pre(name: str) -> Any:
@@ -96,7 +99,7 @@ class Block(nn.Module):
             return _branch_norm(cfg.post_norm, cfg.post_norm_init, cfg.norm_eps, dtype, name)
 
         attn = Attention(cfg, self.recipe, self.kurtosis_form, self.decode_length, name="attn")
-        x = x + post("attn_post_norm")(attn(pre("attn_pre_norm")(x), positions))
+        x = x + post("attn_post_norm")(attn(pre("attn_pre_norm")(x), positions, segments))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         mlp = MLP(cfg, self.recipe, self.kurtosis_form, name="mlp")
         x = x + post("mlp_post_norm")(mlp(pre("mlp_pre_norm")(x)))

@@ -141,12 +141,15 @@ class Transformer(nn.Module):
       kurtosis_form: 'token' (paper) or 'sequence' (released code), for the probes.
       decode_length: KV-cache slots for decoding (0, the default: no cache). When > 0, call with
         explicit ``positions`` and ``mutable=['cache']``; see fogjax/inference/decoding.py.
+      document_eos_id: with an id, attention stays inside each document of a window (the tokens
+        after an EOS start a new one: :func:`segment_ids`); None (the default) attends across.
     """
 
     cfg: Any
     recipe: Recipe
     kurtosis_form: str = "token"
     decode_length: int = 0
+    document_eos_id: int | None = None
 
     def __post_init__(self) -> None:
         validate_model_config(self.cfg)
@@ -183,6 +186,11 @@ class Transformer(nn.Module):
             x = x * jnp.asarray(cfg.input_scale, dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
+        # Decoding writes one document into the cache: no segments there.
+        segments = None
+        if self.document_eos_id is not None and not self.decode_length:
+            segments = segment_ids(tokens, self.document_eos_id)
+
         block = Block
         # Remat only matters for gradients; decoding never differentiates.
         if REMAT_POLICIES[cfg.remat] is not None and not self.decode_length:
@@ -196,13 +204,13 @@ class Transformer(nn.Module):
                     variable_axes={c: 0 for c in collections},
                     # Each layer draws its own FP4 stochastic-rounding keys.
                     split_rngs={"params": True, FP4_RNG: True},
-                    in_axes=(nn.broadcast,),
+                    in_axes=(nn.broadcast, nn.broadcast),
                     length=segment.length,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
-                x, _ = stack(*layer_args, name=segment.name)(x, positions)
+                x, _ = stack(*layer_args, name=segment.name)(x, positions, segments)
             else:
-                x, _ = block(*layer_args, name=segment.name)(x, positions)
+                x, _ = block(*layer_args, name=segment.name)(x, positions, segments)
 
         if cfg.final_norm:
             x = RMSNorm(cfg.norm_eps, learnable=True, dtype=dtype, name="final_norm")(x)
@@ -221,6 +229,16 @@ class Transformer(nn.Module):
         # float32 logits (bf16_dot.py says why the backward needs its own rule).
         logits = bf16_dot_general(x.astype(dtype), head.astype(dtype), (((2,), (0,)), ((), ())))
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def segment_ids(tokens: Array, eos_id: int) -> Array:
+    """int32 [B, T]: which document of its window each token belongs to, counted from 0.
+
+    Every document ends with EOS, so a token's document is the number of EOS strictly before it:
+    an EOS belongs to the document it ends, and the token after it starts the next.
+    """
+    is_eos = (tokens == eos_id).astype(jnp.int32)
+    return jnp.cumsum(is_eos, axis=1) - is_eos
 
 
 def weight_decay_mask(params: Any) -> Any:

@@ -74,11 +74,11 @@ def _restore_or_init(
     return state, float(meta.get("elapsed_s", 0.0)), meta
 
 
-def _train_iterator(config: Any, info: data.DatasetInfo, mesh: Any) -> Any:
+def _train_iterator(config: Any, mixture: data.Mixture, mesh: Any) -> Any:
     index, count = sharding.process_batch_shard(mesh)
     t = config.train
     return data.make_train_iterator(
-        info,
+        mixture,
         seq_len=t.seq_len,
         global_batch_size=t.batch_size,
         seed=config.seed,
@@ -102,7 +102,9 @@ def _metadata(
     }
 
 
-def _announce(reporter: Reporter, run: Run, ckpt: Any, workdir: str, start: int) -> None:
+def _announce(
+    reporter: Reporter, run: Run, ckpt: Any, workdir: str, start: int, mixture: data.Mixture
+) -> None:
     c, steps = run.config, run.config.train.steps
     reporter.print(
         f"fogjax: {c.model.arch} {run.num_params / 1e6:.1f}M params, recipe "
@@ -120,6 +122,7 @@ def _announce(reporter: Reporter, run: Run, ckpt: Any, workdir: str, start: int)
     record = provenance.provenance(c, run.num_params)
     reporter.writer.write_text(start, "run/provenance", provenance.to_markdown(record))
     reporter.writer.write_text(start, "run/config", "```\n" + str(c) + "\n```")
+    reporter.writer.write_text(start, "run/data", mixture.describe())
 
 
 def _write_summary(
@@ -184,8 +187,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns a summary."""
     t0, t = time.time(), config.train
     validate_train_config(config)
-    info = data.load_dataset_info(config.data.path)
-    preflight.check_dataset(info, config)
+    mixture = data.load_mixture(config.data)
+    info = mixture.eval_info  # Validation reads the first dataset.
+    preflight.check_data(mixture, config)
     run = build_run(config)
     host_memory.check_state_fits(run)  # On CPU: before the lock, before anything is written.
     workdir = os.path.abspath(workdir)
@@ -201,7 +205,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 save_every=t.ckpt_every,
             )
         )
-        train_iter = _train_iterator(config, info, run.mesh)
+        train_iter = _train_iterator(config, mixture, run.mesh)
         with sharding.sharding_context(run.mesh):
             state, elapsed_before, meta = _restore_or_init(
                 run, ckpt, train_iter, workdir, init_params
@@ -222,7 +226,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         divergence_history.carry(after, earlier, reporter)
         stack.enter_context(_summary_on_divergence(workdir, config, reporter))
         stack.enter_context(_summary_on_disk_full(workdir, config, reporter, ckpt))
-        _announce(reporter, run, ckpt, workdir, start)
+        _announce(reporter, run, ckpt, workdir, start, mixture)
         stop = stack.enter_context(StopRequest())
         profiler = Profiler(workdir, preflight.parse_profile_steps(t.profile_steps))
         stack.callback(profiler.close)

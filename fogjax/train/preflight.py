@@ -4,7 +4,8 @@ Each failure is a ValueError whose message names the field, file or folder and t
 prints it without a traceback and exits 2. Checked here rather than hours into a run: a
 ``keep_checkpoints`` of 0 (which deleted every checkpoint), a truncated shard, a validation split
 shorter than one sequence, token ids beyond the model's vocabulary (which trained into NaN and
-read as a divergence), a ``checkpoints`` path that is a file, a read-only workdir.
+read as a divergence, even when a shard is edited after preparation), a ``checkpoints`` path that
+is a file, a read-only workdir.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 
 from fogjax import data, sharding
+from fogjax.data import shard_scan
 from fogjax.data import shards as shards_lib
 from fogjax.train.step import micro_batch_size
 
@@ -164,8 +166,10 @@ def check_workdir(workdir: str) -> None:
         ) from None
 
 
-def check_dataset(info: data.DatasetInfo, config: Any) -> None:
-    """The shards are readable, long enough, and their ids fit the model's vocabulary."""
+def check_dataset(info: data.DatasetInfo, config: Any, evaluates: bool = True) -> None:
+    """The shards are readable, long enough, and their ids fit the model's vocabulary (checked
+    on the shards themselves, cheaply: :mod:`fogjax.data.shard_scan`). ``evaluates``: the run
+    reads this dataset's validation split."""
     t, m = config.train, config.model
     _require(
         info.vocab_size <= m.vocab_size,
@@ -179,15 +183,32 @@ def check_dataset(info: data.DatasetInfo, config: Any) -> None:
         f"(train.seq_len + 1 = {t.seq_len + 1}); use more data or a shorter train.seq_len.",
     )
     _require(
-        not t.eval_every or info.val_tokens >= t.seq_len + 1,
+        not evaluates or not t.eval_every or info.val_tokens >= t.seq_len + 1,
         f"{info.dir} has no usable validation split ({info.val_tokens} tokens, fewer than "
         f"train.seq_len + 1 = {t.seq_len + 1}) but train.eval_every={t.eval_every}; prepare it "
-        "with a larger --val-fraction, shorten train.seq_len, or set --config.train.eval_every=0.",
+        "with a larger --val-tokens, shorten train.seq_len, or set --config.train.eval_every=0.",
     )
-    largest = shards_lib.scan_max_token_id(info)
+    largest = shard_scan.shard_max_token_ids(info)
+    path, top = max(largest.items(), key=lambda item: item[1])
     _require(
-        largest < m.vocab_size,
-        f"{info.dir} holds token id {largest}, beyond model.vocab_size={m.vocab_size} (ids must "
-        f"be < vocab_size): set --config.model.vocab_size={largest + 1} or more, or prepare the "
-        "data with the model's tokenizer.",
+        top < m.vocab_size,
+        f"Shard {path} holds token id {top}, beyond model.vocab_size={m.vocab_size} (ids must "
+        f"be < vocab_size; {info.dir}/{shards_lib.METADATA} says {info.vocab_size}): the shard "
+        "was changed after preparation, or the model is too small. Prepare the data again (or "
+        f"restore the shard), or set --config.model.vocab_size={top + 1} or more.",
     )
+
+
+def check_data(mixture: data.Mixture, config: Any) -> None:
+    """:func:`check_dataset` for every dataset a run reads (validation: the first only), and
+    sets ``data.eos_id`` from them for ``data.document_mask``."""
+    for info in mixture.infos:
+        check_dataset(info, config, evaluates=info is mixture.eval_info)
+    if config.data.document_mask:
+        eos = mixture.eval_info.eos_id
+        _require(
+            config.data.eos_id in (-1, eos),
+            f"data.eos_id={config.data.eos_id} but {mixture.eval_info.dir} ends its documents "
+            f"with id {eos}; leave data.eos_id at -1 (the dataset's) or set it to {eos}.",
+        )
+        config.data.eos_id = eos

@@ -186,5 +186,5 @@ def test_eval_batches(dataset):
 
 def test_eval_without_validation_split(tmp_path):
     info = prepare.prepare_documents(["1 100"], tmp_path / "d", RangeTokenizer(), val_fraction=0)
-    with pytest.raises(ValueError, match="no validation split.*--val-fraction > 0"):
+    with pytest.raises(ValueError, match="no validation split.*--val-tokens > 0"):
         data.eval_batches(info, seq_len=SEQ, batch_size=2, num_batches=1)

@@ -1,4 +1,7 @@
-"""`python -m fogjax.data.prepare`: readers, tokenizers, round trip, dtype choice, clear errors."""
+"""`python -m fogjax.data.prepare`: readers, tokenizers, round trip, dtype choice, clear errors.
+
+Parallel, multi-host and resumed preparation: test_prepare_parallel.py, test_prepare_resume.py;
+bad inputs from the command line: test_prepare_errors.py."""
 
 import gzip
 import json
@@ -57,7 +60,7 @@ class RangeTokenizer:
 
 def test_round_trip_all_formats_bytes(tmp_path):
     inputs = _write_inputs(tmp_path / "in")
-    info = prepare.prepare([inputs], tmp_path / "out", "bytes", val_fraction=0, shard_tokens=50)
+    info = prepare.prepare([inputs], tmp_path / "out", "bytes", val_tokens=0, shard_tokens=50).info
     tok = info.load_tokenizer()
     assert _documents(info, "train", tok) == DOCS  # The empty jsonl document is skipped.
     assert info.train_documents == len(DOCS) and info.val_tokens == 0
@@ -72,16 +75,15 @@ def test_round_trip_tokenizer_json_with_validation_split(tmp_path):
     bpe = train_byte_level_bpe(DOCS * 3, vocab_size=300, eos_token="<|endoftext|>")
     bpe.backend.save(str(tmp_path / "tokenizer.json"))
     inputs = _write_inputs(tmp_path / "in")
+    first = len(bpe.encode(DOCS[0])) + 1  # Its tokens and EOS.
     info = prepare.prepare(
-        [inputs], tmp_path / "out", str(tmp_path / "tokenizer.json"), val_fraction=0.3
-    )
-    assert (info.dir / "tokenizer.json").is_file()  # The folder carries its own copy.
+        [inputs], tmp_path / "out", str(tmp_path / "tokenizer.json"), val_tokens=first + 1
+    ).info
+    # The folder carries its own copy, the very file.
+    assert (info.dir / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
     tok = info.load_tokenizer()
     train, val = _documents(info, "train", tok), _documents(info, "val", tok)
-    assert val and train[0] == DOCS[0]  # The first document always trains.
-    assert sorted(train + val) == sorted(DOCS)
-    held_out = sum(map(len, val)) / sum(map(len, DOCS))
-    assert 0 < held_out <= 0.3
+    assert val == DOCS[:2] and train == DOCS[2:]  # The first documents, past val_tokens.
     assert (info.vocab_size, info.eos_id) == (tok.vocab_size, tok.eos_id) == (300, 0)
 
 
@@ -137,16 +139,16 @@ def test_error_missing_input(tmp_path):
 def test_error_empty_input(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.jsonl").write_text(json.dumps({"text": ""}) + "\n")
-    with pytest.raises(ValueError, match=r"No text found.*empty\.txt.*non-empty 'text' field"):
+    with pytest.raises(ValueError, match=r"No text found in 2 input file.*--text-field"):
         prepare.prepare([tmp_path / "empty.txt", tmp_path / "blank.jsonl"], tmp_path / "out")
-    assert not (tmp_path / "out").exists()  # No half-written dataset is left behind.
+    assert not (tmp_path / "out" / shards.METADATA).exists()  # Not a dataset.
 
 
 @pytest.mark.parametrize(
     "name, content, message",
     [
         ("x.csv", "a,b", r"unsupported format.*\.jsonl"),
-        ("x.jsonl", '{"body": "hi"}\n', r"x\.jsonl:1 has no string 'text' field.*rename"),
+        ("x.jsonl", '{"body": "hi"}\n', r"x\.jsonl:1 has no string 'text' field.*--text-field"),
         ("x.jsonl", "not json\n", r"x\.jsonl:1 is not valid JSON"),
     ],
 )
@@ -154,20 +156,27 @@ def test_error_malformed_input(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(ValueError, match=message):
         prepare.prepare([tmp_path / name], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # Refused before anything was written.
 
 
-def test_error_no_validation_document_and_used_output(tmp_path):
-    (tmp_path / "one.txt").write_text("a single document")
-    with pytest.raises(ValueError, match="held out no document.*--val-fraction 0"):
-        prepare.prepare([tmp_path / "one.txt"], tmp_path / "out")
-    prepare.prepare([tmp_path / "one.txt"], tmp_path / "out", val_fraction=0)
-    with pytest.raises(ValueError, match="not an empty folder.*new --output"):
-        prepare.prepare([tmp_path / "one.txt"], tmp_path / "out", val_fraction=0)
+def test_error_no_training_document_then_a_smaller_val_tokens(tmp_path):
+    (tmp_path / "one.txt").write_text("a single document of 100 bytes".ljust(100, "."))
+    with pytest.raises(ValueError, match="leaves no training document.*smaller --val-tokens"):
+        prepare.prepare([tmp_path / "one.txt"], tmp_path / "out")  # 5% takes the one document.
+    # --val-tokens may change until the dataset is finished: nothing is prepared again.
+    result = prepare.prepare([tmp_path / "one.txt"], tmp_path / "out", val_tokens=0)
+    assert result.prepared == 0 and result.info.train_documents == 1
+    with pytest.raises(ValueError, match="other settings: --val-tokens: 0 before, 5 now"):
+        prepare.prepare([tmp_path / "one.txt"], tmp_path / "out", val_tokens=5)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="already holds other files.*new --output"):
+        prepare.prepare([tmp_path / "one.txt"], tmp_path / "other", val_tokens=0)
     with pytest.raises(FileNotFoundError, match="'bytes', a path to a tokenizer.json"):
         prepare.prepare([tmp_path / "one.txt"], tmp_path / "o2", "no/such/tokenizer.json")
 
 
-def test_validation_split_follows_character_fraction():
+def test_in_memory_validation_split_follows_character_fraction():
     split = prepare.ValidationSplit(0.1)
     lengths = [(7 * i) % 23 + 1 for i in range(2000)]
     held = [n for n in lengths if split.is_validation("x" * n)]
@@ -176,14 +185,15 @@ def test_validation_split_follows_character_fraction():
 
 def test_cli(tmp_path, capsys):
     inputs = _write_inputs(tmp_path / "in")
-    prepare_cli.main(
-        ["--input", str(inputs), "--output", str(tmp_path / "o"), "--val-fraction", "0.2"]
-    )
+    out = str(tmp_path / "o")
+    prepare_cli.main(["--input", str(inputs), "--output", out, "--val-tokens", "40", "--workers=0"])
     assert "train tokens" in capsys.readouterr().out
     info = shards.read_dataset_info(tmp_path / "o")
-    assert info.val_documents > 0 and info.tokenizer == "bytes"
-    with pytest.raises(SystemExit, match="error: .*does not exist"):
+    assert info.val_documents == 1 and info.tokenizer == "bytes"  # DOCS[0]: 45 bytes + EOS.
+    with pytest.raises(SystemExit) as exit_info:
         prepare_cli.main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o3")])
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_token_ids_beyond_the_shard_dtype_are_refused(tmp_path):
@@ -193,3 +203,25 @@ def test_token_ids_beyond_the_shard_dtype_are_refused(tmp_path):
     writer.add_document(np.array([1, 2, 65535]), eos_id=0)
     with pytest.raises(ValueError, match="Token id 70000 does not fit the uint16 shards"):
         writer.add_document(np.array([5, 70000]), eos_id=0)
+
+
+def test_hosts_from_a_slurm_job_array():
+    array = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5"}
+    assert prepare_cli.hosts_from_env(None, None, array) == (4, 2)  # --array=5-8
+    assert prepare_cli.hosts_from_env(2, 1, array) == (2, 1)  # The flags win.
+    assert prepare_cli.hosts_from_env(None, None, {}) == (1, 0)
+
+
+def test_the_same_tokenizer_file_moved_is_not_a_change(tmp_path):
+    inputs = _write_inputs(tmp_path / "in")
+    bpe = train_byte_level_bpe(DOCS, vocab_size=280, eos_token="<|endoftext|>")
+    (tmp_path / "a").mkdir()
+    bpe.backend.save(str(tmp_path / "a" / "tokenizer.json"))
+    first = prepare.prepare([inputs], tmp_path / "out", str(tmp_path / "a"), val_tokens=0)
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = prepare.prepare([inputs], tmp_path / "out", str(tmp_path / "b"), val_tokens=0)
+    assert again.prepared == 0 and again.info == first.info
+    other = train_byte_level_bpe(DOCS, vocab_size=290, eos_token="<|endoftext|>")
+    other.backend.save(str(tmp_path / "b" / "tokenizer.json"))
+    with pytest.raises(ValueError, match="--tokenizer \\(the file's contents, sha256\\)"):
+        prepare.prepare([inputs], tmp_path / "out", str(tmp_path / "b"), val_tokens=0)

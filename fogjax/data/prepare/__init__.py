@@ -1,171 +1,173 @@
-"""Tokenise text files into train/validation token shards.
+"""Tokenise text files into train/validation token shards: parallel, multi-host, resumable.
 
-    python -m fogjax.data.prepare --input data/*.jsonl.gz --output /data/mycorpus --tokenizer bytes
-    python -m fogjax.data.prepare --input books/ --output /data/books \\
-        --tokenizer path/to/tokenizer.json --val-fraction 0.01
+    python -m fogjax.data.prepare --input corpus/*.jsonl.gz --output /data/corpus --tokenizer bytes
+    python -m fogjax.data.prepare --input fineweb-edu/ --output /data/fwe \\
+        --tokenizer llama3/tokenizer.json --filter 'int_score>=3' --workers 16
 
 Reads .txt (one document per file), .jsonl / .jsonl.gz and .parquet (one document per line / row,
-in a ``text`` field), tokenises with a progress bar, ends every document with EOS, and writes the
-folder described in :mod:`fogjax.data.shards`. Train with ``--config.data.path=/data/mycorpus``.
+the text in ``--text-field``, default ``text``). The input is cut into work units (whole files, or
+runs of parquet row groups: :mod:`~fogjax.data.prepare.plan`); ``--workers`` processes tokenise
+units into their own shards (:mod:`~fogjax.data.prepare.worker`), hosts split the units
+(``--num-hosts/--host-index``, or a SLURM job array), a ledger records finished units
+(:mod:`~fogjax.data.prepare.ledger`) so that the same command continues after Ctrl-C, SIGTERM or
+SIGKILL, and the last process to finish writes metadata.json
+(:mod:`~fogjax.data.prepare.finalise`). The output is the same files, bit for bit, whatever the
+number of workers and hosts. Train with ``--config.data.path=/data/corpus``.
+
+:func:`prepare_documents` (:mod:`~fogjax.data.prepare.memory`) prepares documents held in memory
+in one process (the embedded corpus).
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import os
-import shutil
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-import tqdm
+from typing import TextIO
 
 from fogjax.data import documents, shards
-from fogjax.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
+from fogjax.data.prepare import plan as plan_lib
+from fogjax.data.prepare.filters import parse_filter
+from fogjax.data.prepare.finalise import DEFAULT_VAL_CAP, finalise
+from fogjax.data.prepare.ledger import LEDGER_DIR, Ledger
+from fogjax.data.prepare.memory import (
+    DEFAULT_SHARD_TOKENS,
+    DEFAULT_VAL_FRACTION,
+    ValidationSplit,
+    prepare_documents,
+)
+from fogjax.data.prepare.pool import WorkerFailed, run_units
+from fogjax.data.prepare.progress import Progress
+from fogjax.data.prepare.worker import Job
+from fogjax.data.tokenizer import bos_id, load_tokenizer, tokenizer_file
 
-DEFAULT_VAL_FRACTION = 0.05
-DEFAULT_SHARD_TOKENS = 2**27  # 256 MiB of uint16 per shard: few files, each cheap to memory-map.
-_ENCODE_BATCH = 256  # Documents per encode_batch call (HF tokenizers parallelise within a batch).
+__all__ = [
+    "DEFAULT_SHARD_TOKENS",
+    "DEFAULT_UNIT_BYTES",
+    "DEFAULT_VAL_CAP",
+    "DEFAULT_VAL_FRACTION",
+    "Result",
+    "ValidationSplit",
+    "WorkerFailed",
+    "default_workers",
+    "prepare",
+    "prepare_documents",
+]
+
+DEFAULT_UNIT_BYTES = 256 << 20  # Input bytes per unit: thousands of units per terabyte.
 
 
-class ValidationSplit:
-    """Decides, one document at a time, whether it is held out for validation.
+@dataclasses.dataclass
+class Result:
+    """What a :func:`prepare` call did.
 
-    A document is held out when adding it keeps the held-out share of characters at or below
-    ``fraction``. Deterministic, needs no pass over the data first, spreads the held-out documents
-    through the corpus, and follows the fraction in characters even when document sizes are skewed
-    (a count of documents would not). The first document always trains.
+    Attributes:
+      info: the finished dataset, or None while other hosts' units are pending.
+      units: all units of the plan; host_units: this host's; prepared: units prepared by this
+        call; pending: units of any host not yet finished.
     """
 
-    def __init__(self, fraction: float):
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(
-                f"--val-fraction must be in [0, 1), got {fraction}; 0 writes no validation split."
-            )
-        self.fraction = fraction
-        self._total = 0
-        self._held_out = 0
-
-    def is_validation(self, text: str) -> bool:
-        self._total += len(text)
-        if self._held_out + len(text) <= self.fraction * self._total:
-            self._held_out += len(text)
-            return True
-        return False
+    info: shards.DatasetInfo | None
+    units: int
+    host_units: int
+    prepared: int
+    pending: int
 
 
-def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise ValueError(
-            f"Output {str(output)!r} exists and is not an empty folder. Choose a new --output, or "
-            "delete the old one to prepare it again."
-        )
-
-
-def prepare_documents(
-    docs: Iterable[str],
-    output: str | os.PathLike,
-    tokenizer: Tokenizer,
-    *,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    dtype: str = "auto",
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    progress: bool = True,
-    sources: Sequence[str] = (),
-) -> shards.DatasetInfo:
-    """Tokenises ``docs`` into a dataset folder at ``output`` (created; must be new or empty).
-
-    Args:
-      docs: document texts, in corpus order (empty ones are skipped).
-      output: the dataset folder.
-      tokenizer: the tokenizer; a Hugging Face one is saved as ``output/tokenizer.json``.
-      val_fraction: share of characters held out as whole documents (see :class:`ValidationSplit`).
-      dtype: 'auto' (uint16 when the vocabulary fits, else uint32), 'uint16' or 'uint32'.
-      shard_tokens: tokens per shard file.
-      progress: show a tqdm bar (only on a terminal).
-      sources: input names recorded in metadata.json.
-
-    Raises:
-      ValueError: the vocabulary does not fit ``dtype``; no document was given; or
-        ``val_fraction`` > 0 but the corpus is too small to hold out a whole document.
-    """
-    output = Path(output).expanduser()
-    np_dtype = shards.token_dtype(tokenizer.vocab_size, dtype)
-    split = ValidationSplit(val_fraction)
-    if shard_tokens < 1:
-        raise ValueError(f"--shard-tokens must be positive, got {shard_tokens}.")
-    _check_output(output)
-    output.mkdir(parents=True, exist_ok=True)
+def default_workers() -> int:
+    """The cores this process may run on (SLURM's --cpus-per-task, taskset), else all."""
     try:
-        _write_splits(docs, output, tokenizer, split, np_dtype, shard_tokens, progress, sources)
-    except BaseException:
-        shutil.rmtree(output, ignore_errors=True)  # Never leave a half-written dataset behind.
-        raise
-    return shards.read_dataset_info(output)
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # Not Linux.
+        return os.cpu_count() or 1
 
 
-def _names(sources: Sequence[str]) -> str:
-    if not sources:
-        return "the documents"
-    more = f" and {len(sources) - 3} more" if len(sources) > 3 else ""
-    return ", ".join(sources[:3]) + more
-
-
-def _write_splits(
-    docs: Iterable[str],
-    output: Path,
-    tokenizer: Tokenizer,
-    split: ValidationSplit,
-    dtype: np.dtype,
+def _settings(
+    tokenizer: str,
+    eos_token: str | None,
+    bos: str,
+    bos_token: str | None,
+    text_field: str,
+    filters: Sequence[str],
+    val_tokens: int | None,
+    dtype: str,
     shard_tokens: int,
-    progress: bool,
-    sources: Sequence[str],
-) -> None:
-    writers = {s: shards.ShardWriter(output, s, dtype, shard_tokens) for s in shards.SPLITS}
-    bar = tqdm.tqdm(
-        desc="tokenising", unit="doc", disable=None if progress else True, mininterval=1
-    )
-    docs = (d for d in docs if d)  # An empty document would only add a lone EOS.
-    with bar:
-        while batch := list(itertools.islice(docs, _ENCODE_BATCH)):
-            for text, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
-                name = "val" if split.is_validation(text) else "train"
-                writers[name].add_document(ids, tokenizer.eos_id)
-            bar.update(len(batch))
-            bar.set_postfix(tokens=writers["train"].tokens + writers["val"].tokens, refresh=False)
-    for w in writers.values():
-        w.close()
-    if writers["train"].documents == 0:
+    unit_bytes: int,
+) -> tuple[dict, object, Path | None]:
+    """(the settings recorded in the plan, the tokenizer, its file); checks every value."""
+    for name, value, low in (("--shard-tokens", shard_tokens, 1), ("--unit-bytes", unit_bytes, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}.")
+    if val_tokens is not None and val_tokens < 0:
+        raise ValueError(f"--val-tokens must be >= 0 (0: no validation split), got {val_tokens}.")
+    if not text_field:
+        raise ValueError("--text-field must name a field, e.g. --text-field text.")
+    path = tokenizer_file(tokenizer)
+    tok = load_tokenizer(tokenizer, eos_token=eos_token)
+    bos = bos_id(tok, bos, bos_token)
+    np_dtype = shards.token_dtype(tok.vocab_size, dtype)
+    settings = {
+        "version": plan_lib.PLAN_VERSION,
+        "tokenizer": tok.spec,
+        "tokenizer_sha256": plan_lib.file_sha256(path) if path else None,
+        "eos_token": getattr(tok, "eos_token", None),
+        "bos_id": bos,
+        "text_field": text_field,
+        "filters": [str(parse_filter(f)) for f in filters],
+        "val_tokens": val_tokens,
+        "dtype": np_dtype.name,
+        "shard_tokens": shard_tokens,
+        "unit_bytes": unit_bytes,
+    }
+    return settings, tok, path
+
+
+def _open_output(
+    output: Path, ledger: Ledger, settings: dict, inputs: list[list], make_units
+) -> list[plan_lib.Unit]:
+    """The plan's units: from an existing plan (refusing changed settings), or made now."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file. Choose a folder.")
+    if ledger.plan_path.is_file():
+        original, saved_inputs, units = plan_lib.read_plan(ledger.plan_path)
+        saved = original
+        finished = {p.path for u in units if u.index in ledger.done_units() for p in u.pieces}
+        complete = (output / shards.METADATA).is_file()
+        if not complete:
+            # Only the final cut uses --val-tokens: until metadata.json exists it may change
+            # (a corpus too small for the default split is fixed by rerunning with a smaller one).
+            saved = {**saved, "val_tokens": settings["val_tokens"]}
+        if saved["tokenizer_sha256"] and saved["tokenizer_sha256"] == settings["tokenizer_sha256"]:
+            saved = {**saved, "tokenizer": settings["tokenizer"]}  # The same file, moved.
+        changes = plan_lib.differences(saved, settings)
+        changes += plan_lib.input_differences(saved_inputs, inputs, finished)
+        if changes:
+            raise ValueError(
+                f"{output} was prepared with other settings: {'; '.join(changes)}. Run the "
+                "original command to continue it, or prepare into a new --output."
+            )
+        if not complete and settings != original:  # Record what finalise will use.
+            plan_lib.write_plan(ledger.plan_path, settings, saved_inputs, units)
+        return units
+    if output.is_dir() and any(p.name != LEDGER_DIR for p in output.iterdir()):
+        what = "a prepared dataset" if (output / shards.METADATA).exists() else "other files"
         raise ValueError(
-            f"No text found in {_names(sources)}. Check the inputs hold text: "
-            "non-empty .txt files, or .jsonl lines / .parquet rows with a non-empty 'text' field."
+            f"--output {output} already holds {what}. Choose a new --output (or an empty "
+            "folder), or delete the old one to prepare it again."
         )
-    if split.fraction > 0 and writers["val"].documents == 0:
+    units = make_units()  # Before anything is created: a bad input leaves no trace.
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        ledger.create()
+        plan_lib.write_plan(ledger.plan_path, settings, inputs, units)
+    except OSError as e:
         raise ValueError(
-            f"--val-fraction {split.fraction} held out no document: the corpus has "
-            f"{writers['train'].documents} document(s) and none is small enough. Split the text "
-            "into more documents (one .txt per document, or .jsonl lines), raise --val-fraction, "
-            "or pass --val-fraction 0 for no validation split."
-        )
-    tokenizer_meta = {"source": tokenizer.spec, "file": None}
-    tokenizer_meta["eos_token"] = getattr(tokenizer, "eos_token", None)
-    if isinstance(tokenizer, HFTokenizer):
-        # A copy makes the folder self-contained: decoding never depends on the original file.
-        tokenizer.backend.save(str(output / shards.TOKENIZER_FILE))
-        tokenizer_meta["file"] = shards.TOKENIZER_FILE
-    shards.write_metadata(
-        output,
-        {
-            "tokenizer": tokenizer_meta,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "dtype": dtype.name,
-            "val_fraction": split.fraction,
-            "splits": {s: w.summary() for s, w in writers.items()},
-            "max_token_id": max(w.max_token_id for w in writers.values()),
-            "sources": list(sources),
-        },
-    )
+            f"Cannot write --output {output} ({e}). Choose a folder you can write, on a disk "
+            "with free space."
+        ) from None
+    return units
 
 
 def prepare(
@@ -173,27 +175,111 @@ def prepare(
     output: str | os.PathLike,
     tokenizer: str = "bytes",
     *,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
+    workers: int = 0,
+    num_hosts: int = 1,
+    host_index: int = 0,
+    val_tokens: int | None = None,
+    text_field: str = documents.TEXT_FIELD,
+    filters: Sequence[str] = (),
+    bos: str = "auto",
+    bos_token: str | None = None,
+    eos_token: str | None = None,
     dtype: str = "auto",
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    eos_token: str | None = None,
-    progress: bool = True,
-) -> shards.DatasetInfo:
-    """Tokenises the text files ``inputs`` into a dataset folder at ``output``.
+    unit_bytes: int = DEFAULT_UNIT_BYTES,
+    progress_every: float = 30.0,
+    progress_stream: TextIO | None = None,
+    tty: bool | None = None,
+) -> Result:
+    """Prepares (or continues preparing) the text files ``inputs`` into ``output``.
 
-    ``tokenizer`` is a spec of :func:`fogjax.data.tokenizer.load_tokenizer`; the other arguments
-    are those of :func:`prepare_documents`. Errors name the problem and the fix: FileNotFoundError
-    for a missing input or tokenizer, ValueError for an unsupported or empty input.
+    Args:
+      inputs: files, or folders searched recursively (see :mod:`fogjax.data.documents`).
+      output: the dataset folder: new, empty, or one this function started with the same
+        settings (then it continues).
+      tokenizer: a spec of :func:`fogjax.data.tokenizer.load_tokenizer`.
+      workers: worker processes (0: tokenise in this process).
+      num_hosts, host_index: this call prepares the units ``u % num_hosts == host_index``.
+      val_tokens: validation tokens, the first documents of the corpus (None: the smaller of
+        50M and 5% of the corpus; 0: no validation split).
+      text_field: the field / column holding the text.
+      filters: ``FIELD OP VALUE`` comparisons all documents must pass
+        (:mod:`fogjax.data.prepare.filters`).
+      bos, bos_token: BOS policy 'auto' | 'yes' | 'no' (:func:`fogjax.data.tokenizer.bos_id`).
+      eos_token: the end-of-document token of a tokenizer.json (found by name if None).
+      dtype: token dtype on disk, 'auto' | 'uint16' | 'uint32'.
+      shard_tokens: tokens per shard file, at most.
+      unit_bytes: input bytes per work unit, at least (the last unit less).
+      progress_every, progress_stream, tty: progress lines every that many seconds on that
+        stream (default stderr) when it is not a terminal (``tty`` overrides), else a bar.
+
+    Raises:
+      FileNotFoundError: an input or the tokenizer does not exist.
+      ValueError: a bad input, setting or output (the message names the file or flag and the
+        fix); finished units are kept.
+      WorkerFailed: a worker process died or hit a bug.
     """
+    output = Path(output).expanduser().absolute()
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0 (0: in this process), got {workers}.")
+    plan_lib.host_units([], num_hosts, host_index)  # Checked before anything is written.
+    settings, tok, tok_path = _settings(
+        tokenizer, eos_token, bos, bos_token, text_field, filters, val_tokens, dtype,
+        shard_tokens, unit_bytes,
+    )  # fmt: skip
     files = documents.expand_inputs(inputs)
-    tok = load_tokenizer(tokenizer, eos_token=eos_token)
-    return prepare_documents(
-        documents.read_documents(files),
-        output,
-        tok,
-        val_fraction=val_fraction,
-        dtype=dtype,
-        shard_tokens=shard_tokens,
-        progress=progress,
-        sources=[str(f) for f in files],
-    )
+    kinds = [documents.kind_of(f) for f in files]
+    if filters and ".txt" in kinds:
+        txt = files[kinds.index(".txt")]
+        raise ValueError(
+            f"--filter needs fields, but {txt} is a .txt file (one document, no fields). Filter "
+            "only .jsonl / .parquet inputs."
+        )
+    inputs_list = [[str(f.resolve()), f.stat().st_size] for f in files]
+    ledger = Ledger(output)
+    parsed = [parse_filter(f) for f in filters]
+    units = _open_output(
+        output, ledger, settings, inputs_list,
+        lambda: plan_lib.make_units(files, kinds, unit_bytes, text_field, parsed),
+    )  # fmt: skip
+    mine = plan_lib.host_units(units, num_hosts, host_index)
+    done = ledger.done_units()
+    todo = [u for u in mine if u.index not in done]
+    prepared = 0
+    if todo and not (output / shards.METADATA).is_file():
+        progress = Progress(
+            sum(u.bytes for u in todo),
+            len(mine),
+            len(mine) - len(todo),
+            unit_files={u.index: tuple(p.path for p in u.pieces) for u in todo},
+            every=progress_every,
+            stream=progress_stream or sys.stderr,
+            tty=tty,
+        )
+        job = Job(
+            output=str(output),
+            tokenizer=str(tok_path) if tok_path else tokenizer,
+            tokenizer_sha256=settings["tokenizer_sha256"],
+            eos_token=eos_token,
+            bos_id=settings["bos_id"],
+            text_field=text_field,
+            filters=tuple(settings["filters"]),
+            dtype=settings["dtype"],
+            shard_tokens=shard_tokens,
+        )
+        try:
+            prepared = len(run_units(job, todo, workers, progress))
+        finally:
+            progress.close()
+    pending = len(units) - len(ledger.done_units())
+    info = None
+    if pending == 0:
+        sources = [p for p, _ in inputs_list]
+        try:
+            info = finalise(output, ledger, units, settings, tok, tok_path, sources)
+        except OSError as e:
+            raise ValueError(
+                f"Writing {output}/{shards.METADATA} failed ({e}). Every unit is done: free disk "
+                "space and run the same command again to write it."
+            ) from None
+    return Result(info, len(units), len(mine), prepared, pending)
