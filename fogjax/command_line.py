@@ -12,10 +12,12 @@ shows its error.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import app
 
@@ -68,6 +70,27 @@ def quiet_closed_event_loops() -> None:
 
     hook._fogjax_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Prints ``ERROR: message`` to stderr and exits with ``code``.
+
+    A checkpoint read that failed leaves orbax's other parallel array reads abandoned: at exit
+    Python closes their coroutines ("Exception ignored in: <coroutine ...>") and asyncio reports
+    their tasks ("Task exception was never retrieved"), each with a page of traceback after the
+    one-line error, depending on when the garbage collector runs. Both are silenced here: the
+    failure they belong to is the error just reported.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not inspect.iscoroutine(unraisable.object):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    print(f"ERROR: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def run(main: Callable[[list[str]], Any], **kwargs: Any) -> None:

@@ -80,8 +80,7 @@ def main(argv: list[str]) -> None:
         loaded = load_model(f.workdir, f.step, f.recipe)
         text = generate_text(loaded, f.prompt, f.max_new_tokens, sampling, f.seed)
     except (NoCheckpointError, PromptTooLongError, ValueError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)
+        command_line.fail(str(e))
     print(f.prompt + text)
 
 

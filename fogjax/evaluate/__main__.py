@@ -63,8 +63,7 @@ def _downstream(f: Any) -> None:
             include_path=f.include_path,
         )
     except (NoCheckpointError, ValueError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)
+        command_line.fail(str(e))
     from lm_eval.utils import make_table
 
     print(make_table(out))
@@ -85,8 +84,7 @@ def main(argv: list[str]) -> None:
     try:
         print(json.dumps(evaluate_checkpoint(f.workdir, f.step, f.batches)))
     except (FileNotFoundError, ValueError) as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)
+        command_line.fail(str(e))
 
 
 if __name__ == "__main__":
