@@ -15,6 +15,7 @@ from fogjax.precision.recipe import Recipe
 ROOT = str(REPO_ROOT)
 
 
+@pytest.mark.slow
 def test_info_cli_every_arch_and_size():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = {

@@ -47,6 +47,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_cli_benchmarks_every_recipe_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "fogjax.bench", *TINY, "--recipes=bf16,fp8,fp8dpa"]
@@ -303,6 +304,7 @@ def test_attention_variants_must_be_impl_colon_recipe(spec):
         bench_attention.parse_variants(spec)
 
 
+@pytest.mark.slow
 def test_attention_benchmark_times_the_einsum_path_and_reports_cudnn_as_an_error_on_cpu():
     config = config_lib.get_config("fog_flash", "tiny")
     with config.unlocked():

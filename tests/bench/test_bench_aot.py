@@ -19,6 +19,8 @@ from helpers import REPO_ROOT
 from fogjax import config_lib
 from fogjax.bench import aot, estimate, gemms, hlo_module, plan, targets
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 ROOT = str(REPO_ROOT)
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 

@@ -228,6 +228,7 @@ def test_restore_onto_a_two_device_mesh(tmp_path):
     _assert_bitwise_equal(restored, state)
 
 
+@pytest.mark.slow
 def test_changed_bytes_fail_the_checksum_and_fall_back(tmp_path, caplog):
     """One flipped bit in an array file: orbax and zstd read it without complaint."""
     with Checkpointer(str(tmp_path), keep=3) as ckpt:

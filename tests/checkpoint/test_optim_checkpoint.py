@@ -110,6 +110,7 @@ def stepped_state(optim_cfg, mesh):
     return abstract, shardings, state
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_resumes_exactly(tmp_path):
     """4 steps straight = 2 steps, save, restore on another mesh, 2 more: bit for bit, with
     stochastic rounding of the master and of FP8 moments (their bits come from the step)."""
@@ -140,6 +141,7 @@ def test_stochastic_rounding_resumes_exactly(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_round_trip_across_meshes_is_bitwise(tmp_path):
     """Every precision's state, saved on fsdp=8 (one checkpoint holding them all, so orbax runs
     once), restores on data=2 x fsdp=2 x tensor=2 bit for bit, in the new mesh's shardings."""

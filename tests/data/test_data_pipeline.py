@@ -99,6 +99,7 @@ def test_iterator_state_round_trip(dataset):
     np.testing.assert_array_equal(np.stack(_take(fresh, 5)), np.stack(expected))
 
 
+@pytest.mark.slow
 def test_iterator_state_round_trip_with_workers(dataset):
     it = _iterator(dataset, num_workers=1)
     try:

@@ -16,6 +16,7 @@ FOG_EVAL = ["lambada_openai", "winogrande", "piqa", "social_iqa", "openbookqa", 
             "commonsense_qa", "triviaqa", "wikitext", "lambada", "hellaswag"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_fog_eval_lists_the_release_tasks_and_lm_eval_knows_each():
     with open(f"{TASKS_DIR}/fog_eval.yaml") as f:
         group = yaml.safe_load(f)

@@ -26,6 +26,8 @@ from fogjax.inference.decoding import PromptTooLongError, Sampling  # noqa: E402
 from fogjax.inference.load import NoCheckpointError, load_model  # noqa: E402
 from fogjax.train import loop as trainer  # noqa: E402
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 SEQ = 32
 
 

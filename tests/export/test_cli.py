@@ -18,6 +18,8 @@ from helpers.cli import run  # noqa: E402
 from fogjax.export.layout import flatten  # noqa: E402
 from fogjax.inference.load import load_run  # noqa: E402
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 
 def export_cmd(workdir, output, *extra):
     return [sys.executable, "-m", "fogjax.export", f"--workdir={workdir}", f"--output={output}",

@@ -19,6 +19,8 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from fogjax.evaluate.harness import FogjaxLM  # noqa: E402
 from fogjax.export.run_export import export_run  # noqa: E402
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 TASK_YAML = """task: fogjax_toy_mc
 dataset_path: json
 dataset_kwargs:

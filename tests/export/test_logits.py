@@ -31,6 +31,8 @@ from fogjax.export.writer import export_params  # noqa: E402
 from fogjax.inference.decoding import Decoder  # noqa: E402
 from fogjax.precision.registry import make_recipe  # noqa: E402
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 TOKENS = np.random.default_rng(1).integers(0, VOCAB, (2, 24))
 NEW_TOKENS = 20
 

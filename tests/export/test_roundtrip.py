@@ -48,6 +48,7 @@ def assert_identical(a: dict, b: dict) -> None:
         assert np.array_equal(x, y), path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "overrides"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_import_of_export_is_bit_identical(arch, overrides, tmp_path):
     config = tiny_config(arch, **overrides)
@@ -59,6 +60,7 @@ def test_import_of_export_is_bit_identical(arch, overrides, tmp_path):
 @pytest.mark.parametrize(
     ("arch", "model", "precision"), [c[1:] for c in LAYOUTS], ids=[c[0] for c in LAYOUTS]
 )
+@pytest.mark.slow
 def test_layouts_round_trip_and_name_blocks_in_layer_order(arch, model, precision, tmp_path):
     config = tiny_config(arch, **model)
     for key, value in precision.items():
@@ -79,6 +81,7 @@ def test_layouts_round_trip_and_name_blocks_in_layer_order(arch, model, precisio
     assert np.array_equal(down, kernel.T)
 
 
+@pytest.mark.slow
 def test_sharded_export_has_an_index_and_loads(tmp_path):
     torch = pytest.importorskip("torch")
     config = tiny_config("fog_max")

@@ -87,6 +87,7 @@ def cached_logits(cfg, variables, tokens):
     return first, jnp.swapaxes(per_step, 0, 1), cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["bf16", "fp8dpa"])
 @pytest.mark.parametrize("arch", config_lib.ARCHS)
 def test_cached_decoding_matches_full_forward(arch, recipe):
@@ -177,6 +178,7 @@ def decoder():
     return Decoder(cfg.model, make_recipe(cfg.precision), variables, 32, mesh), cfg, variables
 
 
+@pytest.mark.slow
 def test_decoder_generate_greedy_is_argmax_of_full_forward(decoder):
     dec, cfg, variables = decoder
     prompts = [[5, 6, 7], [9, 1, 2, 3, 4]]  # Different lengths: row 0's padding gets overwritten.
@@ -209,6 +211,7 @@ def test_decoder_seed_and_stop(decoder):
         dec.generate([list(range(30))], 3)
 
 
+@pytest.mark.slow
 def test_fogjax_never_imports_lm_eval():
     code = (
         "import sys, fogjax.evaluate, fogjax.evaluate.__main__, fogjax.evaluate.loss, "

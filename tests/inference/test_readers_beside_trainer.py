@@ -105,6 +105,8 @@ print("CHECKED " + json.dumps({"first": first.step, "latest": latest, "steps": r
 RELOAD = """
 import json, os, sys
 from fogjax.inference.load import load_model
+
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
 workdir, stop = sys.argv[1:]
 steps = []
 while not os.path.exists(stop):

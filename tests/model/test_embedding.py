@@ -135,6 +135,7 @@ COMPILE_TINY = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_train_step_compiles_without_involuntary_rematerialization():
     """XLA's SPMD partitioner logs "Involuntary full rematerialization" (on stderr, from C++, so
     only a subprocess sees it) when it must replicate a tensor to reshard it; the plain

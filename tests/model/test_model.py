@@ -64,6 +64,7 @@ def test_parameter_counts_match_paper(arch, size):
     assert info["params_total"] == pytest.approx(PAPER_COUNTS[size], rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", config_lib.ARCHS)
 def test_forward_matches_float64_reference(arch):
     cfg = small_config(arch)
@@ -76,6 +77,7 @@ def test_forward_matches_float64_reference(arch):
     assert rel_err(logits, expected) < 1e-5
 
 
+@pytest.mark.slow
 def test_unrolled_layers_match_scan():
     cfg = small_config("fog_flash")
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.model.vocab_size)
@@ -95,6 +97,7 @@ def test_unrolled_layers_match_scan():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_keeps_values_and_gradients(remat):
     cfg = small_config("fog_opt")
@@ -114,6 +117,7 @@ def test_remat_keeps_values_and_gradients(remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_smooth_swiglu_per_channel_matches_reference_swiglu():
     cfg = small_config("llama3_smooth_swiglu", smooth_swiglu_per_channel=True)
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.model.vocab_size)
@@ -125,6 +129,7 @@ def test_smooth_swiglu_per_channel_matches_reference_swiglu():
     assert rel_err(model.apply({"params": params}, tokens), expected) < 1e-5
 
 
+@pytest.mark.slow
 def test_smooth_swiglu_equals_swiglu_in_float64():
     cfg = small_config("llama3_smooth_swiglu")
     with jax.enable_x64(True):
@@ -152,6 +157,7 @@ def _params_of(arch, size="tiny"):
     return cfg, nn.unbox(model.init(jax.random.key(0), tokens)["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["fog_max", "fog_opt", "fog_flash"])
 def test_fog_initialisation(arch):
     cfg, params = _params_of(arch)
@@ -175,6 +181,7 @@ def test_fog_initialisation(arch):
         np.testing.assert_allclose(0.5 + jax.nn.softplus(xp["alpha_n_raw"]), 0.8, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_tanh_alpha_is_trainable():
     cfg = small_config("fog_flash")
     model = build_model(cfg, F32)
@@ -185,6 +192,7 @@ def test_tanh_alpha_is_trainable():
     assert np.all(np.abs(grads["layers"]["attn"]["k_norm"]["alpha"]) > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["op", "olmo2", "llama3"])
 def test_baseline_initialisation(arch):
     cfg, params = _params_of(arch)
@@ -221,6 +229,7 @@ def test_matrix_init_std():
         assert abs(w.mean()) < 5 * std / math.sqrt(w.size), name
 
 
+@pytest.mark.slow
 def test_tied_embeddings_have_no_separate_head():
     cfg = small_config("fog_opt", tie_embeddings=True)
     model = build_model(cfg, F32)
@@ -231,6 +240,7 @@ def test_tied_embeddings_have_no_separate_head():
     assert rel_err(model.apply({"params": params}, tokens), expected) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama3", "fog_flash"])
 def test_causality(arch):
     cfg = small_config(arch)
@@ -244,6 +254,7 @@ def test_causality(arch):
     assert not np.allclose(a[0, 6:], b[0, 6:])
 
 
+@pytest.mark.slow
 def test_gqa_matches_repeat_kv():
     b, t, g, r, d = 2, 7, 2, 3, 8
     keys = jax.random.split(jax.random.key(0), 3)

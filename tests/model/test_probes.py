@@ -40,6 +40,7 @@ def test_forms_differ_and_gaussian_gives_three():
     assert float(kurtosis(jnp.asarray(scaled), "sequence")) > 4.0
 
 
+@pytest.mark.slow
 def test_probes_only_when_asked_and_per_layer():
     cfg = config_lib.get_config("fog_flash", "tiny")
     with cfg.unlocked():

@@ -62,6 +62,7 @@ def is_one_wide(shape: tuple[int, ...]) -> bool:
     return len(shape) <= 1 or shape[-1] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_no_float32_copy_of_an_activation_is_saved(arch):
     shapes = float32_residuals(arch, "bf16")

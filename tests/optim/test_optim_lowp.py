@@ -291,6 +291,7 @@ def float32_run():
     return _run(_cfg())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_low_precision_tracks_float32_within_the_derived_bound(case, float32_run):
     cfg = _cfg(**CASES[case])

@@ -74,6 +74,7 @@ class _Bigram(nn.Module):
         return nn.Dense(64, use_bias=False)(x)
 
 
+@pytest.mark.slow
 def test_bfloat16_gradients_are_accumulated_in_bfloat16_from_the_float32_master_view():
     """Micro-batches k = 2, grad_dtype bfloat16, a bfloat16 master: each chunk is differentiated
     at the float32 view of the master, its gradient (of loss / k) cast to bfloat16, and the two

@@ -19,6 +19,8 @@ from fogjax import config_lib, optim, sharding
 from fogjax.train import run as state_lib
 from fogjax.train.step import compute_grads, make_train_step
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 STEPS, BATCH, SEQ_LEN, VOCAB = 300, 8, 32, 256
 PRESETS = ("fp32", "fog_fp16", "fog_fp8_m1")
 

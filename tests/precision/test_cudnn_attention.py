@@ -73,6 +73,7 @@ def _rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+@pytest.mark.slow
 def test_fp8_attention_tracks_float32_and_keeps_every_state(emulated_kernel):
     q, k, v, cotangent = _inputs()
     ref_out, vjp = jax.vjp(_reference, q, k, v)
@@ -116,6 +117,7 @@ def test_fp8_attention_uses_the_stored_scales(emulated_kernel):
     assert _rel(saturated, out) > 0.5
 
 
+@pytest.mark.slow
 def test_sharded_attention_reduces_amaxes_over_the_mesh(emulated_kernel):
     """Under a (data=2, fsdp=2, tensor=2) mesh the kernels run per shard; the amaxes (and so every
     state, output and gradient) must equal the single-device ones."""
@@ -149,6 +151,7 @@ def _cudnn_config(recipe="fp8dpa"):
     return cfg
 
 
+@pytest.mark.slow
 def test_model_trains_with_emulated_kernel_and_reports_its_state(emulated_kernel):
     _, state, step = setup(_cudnn_config())
     attn_state = state["fp8"]["layers"]["attn"]["fp8_attention"]
@@ -181,6 +184,7 @@ def test_model_trains_with_emulated_kernel_and_reports_its_state(emulated_kernel
     assert {f"fp8/layers_1/attn/fp8_attention/{n}_scale" for n in TENSORS} <= set(tags)
 
 
+@pytest.mark.slow
 def test_micro_batches_leave_the_same_attention_state_as_one_batch(emulated_kernel):
     model, state, step = setup(_cudnn_config())
     step = jax.jit(functools.partial(step, with_stats=False))

@@ -72,6 +72,7 @@ def close(a, b):
     return np.allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_each_gemm_uses_the_stated_rounding_and_orientation():
     out, dx, dw = run(Fp4GemmConfig(NVFP4))
     fwd, dgrad, wgrad = references()
@@ -167,6 +168,7 @@ class _Linear(nn.Module):
         return Fp4DotGeneral(name="dot")(x, w, LINEAR_DIMS)
 
 
+@pytest.mark.slow
 def test_module_sows_zero_fraction_and_block_scale_range():
     x, w, _ = operands()
     x = x.copy()

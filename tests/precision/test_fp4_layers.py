@@ -62,6 +62,7 @@ def unrolled_from_segments(params):
     return out
 
 
+@pytest.mark.slow
 def test_scanned_runs_are_named_and_stacked_and_unrolled_names_are_unchanged():
     params = init_params()
     stacked = {k: jax.tree.leaves(v)[0].shape[0] for k, v in params.items() if "layers" in k}
@@ -158,6 +159,7 @@ def test_traced_step_has_fp4_gemms_only_in_the_fp4_run():
         assert totals[0] == totals[1] == totals[2], counts  # same block, only the format differs
 
 
+@pytest.mark.slow
 def test_bf16_blocks_equal_a_bf16_model_on_the_same_parameters():
     x = tokens()[:, :SEQ]
     params = unrolled_from_segments(init_params())
@@ -209,6 +211,7 @@ def test_rho_leaves_out_the_bf16_blocks():
     assert list(rho) == ["layers_fp4/mlp/w_in"]
 
 
+@pytest.mark.slow
 def test_split_model_trains():
     step, state = train_step_and_state()
     step = jax.jit(step)

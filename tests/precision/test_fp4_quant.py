@@ -134,6 +134,7 @@ def test_stochastic_rounding_is_unbiased_bounded_and_reproducible():
     assert not np.array_equal(draws[7], draws[8])
 
 
+@pytest.mark.slow
 def test_sr_quantize_dequantize_is_unbiased_on_nvfp4_blocks():
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 32)), jnp.float32)
     n = 4000

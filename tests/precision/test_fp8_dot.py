@@ -92,6 +92,7 @@ class NumpyFp8:
         return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", [LINEAR_DIMS, QK_DIMS], ids=["linear", "qk"])
 def test_matches_float_rederivation_over_steps(dims):
     if dims == LINEAR_DIMS:
@@ -116,6 +117,7 @@ def test_matches_float_rederivation_over_steps(dims):
             np.testing.assert_array_equal(fp8[f"{name}_scale_inv"], [ref.scale_inv[name]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_bit_identical_to_flax_direct_op_over_steps(dtype):
     ours = Fp8DotGeneral(amax_history_len=H)
@@ -267,6 +269,7 @@ def _unstack(tree):
     return {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], tree["layers"]) for i in range(3)}
 
 
+@pytest.mark.slow
 def test_nn_scan_stacks_state_and_matches_unrolled_layers():
     x = jax.random.normal(jax.random.PRNGKey(7), (2, 8, 16)).astype(jnp.bfloat16)
     scanned, unrolled = _Scanned(), _Unrolled()

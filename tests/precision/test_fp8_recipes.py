@@ -69,6 +69,7 @@ def _block_inputs(dtype=jnp.bfloat16):
     "name, linears, attention",
     [("bf16", False, False), ("fp8", True, False), ("fp8dpa", True, True)],
 )
+@pytest.mark.slow
 def test_recipes_quantise_what_table_9_says(name, linears, attention):
     recipe = make_recipe(precision_config(recipe=name, amax_history_len=16))
     assert recipe.name == name and recipe.compute_dtype == jnp.bfloat16
@@ -197,6 +198,7 @@ class _Stack(nn.Module):
         return scan(name="layers")(x, None)[0]
 
 
+@pytest.mark.slow
 def test_detached_dot_general_keeps_foreign_state_in_fp8_and_matches_it():
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 16))
     model = _Stack()

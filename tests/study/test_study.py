@@ -17,6 +17,8 @@ from fogjax.study import figures
 from fogjax.study.__main__ import main as study_main
 from fogjax.study.spec import build_study
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 SMOKE = "configs/study/smoke.py"
 RUNS = ["llama3_bf16", "fog_flash_fp8dpa"]
 

@@ -40,6 +40,7 @@ def summary(workdir):
     return json.loads(pathlib.Path(workdir, "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_blow_up_stops_at_once_and_its_record_survives_the_resume(tmp_path):
     workdir = str(tmp_path / "run")
     checkpoints = os.path.join(workdir, "checkpoints")

@@ -54,6 +54,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_exits_4_naming_the_disk_writes_the_summary_and_resumes(small_disk):
     """It used to print ~400 lines of orbax tracebacks, exit 2 ('bad input') and leave no
     summary; the save of step 4 is now refused before orbax writes anything (the fallback, a
@@ -99,6 +100,7 @@ runpy.run_module("fogjax.train", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_after_a_sigkill_tensorboard_has_every_checkpointed_step(tmp_path):
     """Events were flushed only at close: a run killed after checkpointing step N lost the
     events of steps before N for good (the resumed run starts after N). They are now flushed

@@ -21,6 +21,8 @@ from fogjax import config_lib, data, sharding
 from fogjax.train import run as state_lib
 from fogjax.train.qaf import QafHooks
 
+pytestmark = pytest.mark.slow  # 300-step trainings, cached across the module's tests
+
 STEPS = 300
 RESUME_AT = 280  # mid-run resume of the plain nvfp4 run
 QAF_AT = 240  # precision.qaf_start

@@ -44,6 +44,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from fogjax import checkpoint, config_lib, sharding
 from fogjax.train import run as state_lib
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 ROOT = REPO_ROOT
 
 MESHES = {  # (data, fsdp, tensor)

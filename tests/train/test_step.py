@@ -19,6 +19,7 @@ from helpers.steps import E4M3_MAX, batch, fp8_dot_counts, jit_grads, setup, tin
         ("fp8dpa", 6, 12),  # + QK^T and PV
     ],
 )
+@pytest.mark.slow
 def test_train_step_fp8_gemm_counts(recipe, fwd, bwd):
     _, state, step = setup(tiny_config(recipe))
     jaxpr = jax.make_jaxpr(functools.partial(step, with_stats=False))(state, batch())
@@ -33,6 +34,7 @@ def test_train_step_fp8_gemm_counts(recipe, fwd, bwd):
     assert sum(counts.values()) == fwd + bwd
 
 
+@pytest.mark.slow
 def test_scales_after_one_step_equal_fp8_max_over_amax_seen():
     _, state, step = setup(tiny_config("fp8dpa"))
     new_state, metrics = jax.jit(functools.partial(step, with_stats=True))(state, batch())
@@ -55,6 +57,7 @@ def test_scales_after_one_step_equal_fp8_max_over_amax_seen():
     assert np.all(np.asarray(fp8["attn"]["wqkv"]["dot"]["lhs_amax_history"][:, 1:]) == 0)
 
 
+@pytest.mark.slow
 def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
     cfg = tiny_config("fp8dpa")
     model, state, _ = setup(cfg)
@@ -85,6 +88,7 @@ def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
         assert np.linalg.norm(b - a) <= 0.02 * np.linalg.norm(a) + 1e-12
 
 
+@pytest.mark.slow
 def test_clipping_and_weight_decay_leave_fp8_state_alone():
     tokens = batch()
     # warmup 0 so that step 0 already has a learning rate.
@@ -108,6 +112,7 @@ def test_clipping_and_weight_decay_leave_fp8_state_alone():
     assert np.hypot(expected, fp8_norm) > 1.4 * expected  # including it would show clearly
 
 
+@pytest.mark.slow
 def test_fp8_recipes_start_close_to_bf16_and_all_learn():
     tokens = [batch(seed=s) for s in range(4)]
     curves = {}

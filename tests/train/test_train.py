@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from helpers.cli import run, scalars, sigterm_after, train_cmd
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -26,6 +26,8 @@ from fogjax.data import load_dataset_info, load_tokenizer, prepare
 from fogjax.train import preflight
 from fogjax.train.workdir import LOCK_FILE, WorkdirLock, WorkdirLockedError
 
+pytestmark = pytest.mark.slow  # module fixtures train or run commands
+
 
 def train_cmd(workdir, *overrides):
     """test_train's short run, with a schedule that fits 2-3 steps."""
