@@ -21,6 +21,8 @@ from helpers.cli import ENV, ROOT, run, train_cmd
 
 from fogjax.inference.load import NoCheckpointError, load_run
 
+pytestmark = pytest.mark.slow  # a real trainer and the command lines in subprocesses
+
 # A one-layer bf16 model: one step variant (stats_every=1) compiles in seconds, and a step with
 # its checkpoint takes ~0.2 s on 2 idle CPU cores, most of it the save, so an in-flight
 # ``<step>.orbax-checkpoint-tmp`` exists most of the time.
@@ -105,8 +107,6 @@ print("CHECKED " + json.dumps({"first": first.step, "latest": latest, "steps": r
 RELOAD = """
 import json, os, sys
 from fogjax.inference.load import load_model
-
-pytestmark = pytest.mark.slow  # module fixtures train or run commands
 workdir, stop = sys.argv[1:]
 steps = []
 while not os.path.exists(stop):
