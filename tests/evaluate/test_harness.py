@@ -11,6 +11,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from helpers.lm_eval_tasks import write_multiple_choice_task
 
 pytest.importorskip("lm_eval", reason="needs requirements-eval.txt (lm-eval)")
 
@@ -168,24 +169,6 @@ def test_same_seed_same_text_and_named_errors(lm, tmp_path):
         load_model(str(tmp_path))
 
 
-TASK_YAML = """task: fogjax_toy_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
 DOCS = [
     {"question": "2 + 2 =", "choices": ["4", "five", "22"], "label": 0},
     {"question": "The sky is", "choices": ["green", "blue", "loud"], "label": 1},
@@ -201,9 +184,7 @@ def test_simple_evaluate_on_an_offline_task_matches_hand_computed_accuracy(
 ):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    (tmp_path / "toy.yaml").write_text(TASK_YAML.format(data=data))
+    write_multiple_choice_task(tmp_path, "fogjax_toy_mc", DOCS)
     out = run_downstream(
         workdir, ["fogjax_toy_mc"], include_path=[str(tmp_path)], lm=lm, include_defaults=False
     )

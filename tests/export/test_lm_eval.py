@@ -5,10 +5,9 @@ per-choice log-likelihoods)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
+from helpers.lm_eval_tasks import write_multiple_choice_task
 
 pytest.importorskip("torch", reason="needs requirements-test-hf.txt (torch)")
 pytest.importorskip("accelerate", reason="needs requirements-test-hf.txt (lm_eval's hf model)")
@@ -20,27 +19,6 @@ from fogjax.evaluate.harness import FogjaxLM  # noqa: E402
 from fogjax.export.run_export import export_run  # noqa: E402
 
 pytestmark = pytest.mark.slow  # module fixtures train or run commands
-
-TASK_YAML = """task: fogjax_toy_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 
 DOCS = [
     {"question": "2 + 2 =", "choices": ["4", "five", "22"], "label": 0},
@@ -68,9 +46,7 @@ def evaluate(model, tasks_dir):
 
 @pytest.mark.slow
 def test_lm_eval_hf_scores_the_export_like_fogjax(trained_run, tmp_path):
-    data = tmp_path / "toy.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-    (tmp_path / "toy.yaml").write_text(TASK_YAML.format(data=data))
+    write_multiple_choice_task(tmp_path, "fogjax_toy_mc", DOCS, ("acc", "acc_norm"))
     export_run(trained_run, str(tmp_path / "hf"))
 
     ours, ours_scores = evaluate(FogjaxLM(workdir=trained_run, batch_size=8), tmp_path)

@@ -18,6 +18,7 @@ import time
 
 import pytest
 from helpers.cli import ENV, ROOT, run, train_cmd
+from helpers.lm_eval_tasks import write_multiple_choice_task
 
 from fogjax.inference.load import NoCheckpointError, load_run
 
@@ -38,24 +39,6 @@ TINY = [
 STEPS = 60
 PROMPT = "The module"
 
-TASK_YAML = """\
-task: fogjax_readers_toy
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-validation_split: validation
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
 DOCS = [
     {"question": "2 + 2 =", "choices": ["4", "five"], "label": 0},
     {"question": "The sky is", "choices": ["green", "blue"], "label": 1},
@@ -129,9 +112,7 @@ def _reader_commands(workdir, tmp_path):
     if importlib.util.find_spec("lm_eval") is not None:
         tasks = tmp_path / "tasks"
         tasks.mkdir()
-        data = tasks / "toy.jsonl"
-        data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
-        (tasks / "toy.yaml").write_text(TASK_YAML.format(data=data))
+        write_multiple_choice_task(tasks, "fogjax_readers_toy", DOCS)
         env = {**ENV, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}  # fmt: skip
         harness = _py("-m", "fogjax.evaluate", f"--workdir={workdir}",
