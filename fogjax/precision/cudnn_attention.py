@@ -20,8 +20,9 @@ ten tensors:
 
 cuDNN's convention: ``scale_x`` multiplies a tensor into FP8 and ``descale_x`` multiplies it back
 out, so scale = 1 / scale_inv and descale = scale_inv in fogjax's terms; the amaxes it returns are
-of the unscaled tensors. As with fp8_dot.py, each state's "gradient" is its new value (the train
-step replaces the ``fp8`` collection with it), so k micro-batches combine by elementwise max.
+of the unscaled tensors. As with fp8_dot.py, each state's "gradient" is the amax its tensor had
+(scaling.observation); the train step max-combines them over micro-batches and updates every
+state once per optimizer step (bulk_scaling.py).
 
 Formats: JAX's binding gives every backward tensor the dtype of Q, so under this implementation
 dO, dP, dQ, dK and dV are E4M3 (max 448) rather than E5M2 as in the XLA einsum path. Delayed scaling
@@ -55,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 
 from fogjax import sharding
 from fogjax.precision import scaling
-from fogjax.precision.formats import E4M3, E4M3_MAX
+from fogjax.precision.formats import E4M3
 from fogjax.precision.fp8_dot import sow_operand_stats
 from fogjax.precision.scaling import ScalingState
 
@@ -212,7 +213,7 @@ def cudnn_fp8_attention(
       amax_reduction, margin: the scale update rule (scaling.py).
     Returns:
       [B, T, N, H] in q's dtype. Under ``jax.grad`` q, k, v get their gradients and every state
-      its updated value.
+      the observation ``ScalingState(None, amax [1])`` of its tensor.
     """
     mesh = jax.sharding.get_abstract_mesh()
     specs = _mesh_specs(mesh, q.shape[0], k.shape[2])
@@ -238,16 +239,17 @@ def _fwd(q, k, v, states, scale, reduction, margin, specs):
     )
     o8, amax_p, amax_o, stats = _run_forward(q8, k8, v8, factors, scale, specs)
     out = scaling.dequantize(o8, states["o"].scale_inv, q.dtype)
-
-    def update(name: str, seen: jax.Array) -> ScalingState:
-        return scaling.update(states[name], seen, E4M3_MAX, reduction, margin)
-
-    new = {n: update(n, x) for n, x in (("q", q), ("k", k), ("v", v), ("p", amax_p), ("o", amax_o))}
-    return out, (q8, k8, v8, o8, stats, states, new)
+    seen = {n: scaling.observation(x) for n, x in (("q", q), ("k", k), ("v", v))}
+    seen |= {"p": scaling.observation(amax_p), "o": scaling.observation(amax_o)}
+    # Only the scales travel to the backward, not the [H] histories (the step updates those).
+    scale_invs = {n: state.scale_inv for n, state in states.items()}
+    return out, (q8, k8, v8, o8, stats, scale_invs, seen)
 
 
 def _bwd(scale, reduction, margin, specs, residuals, g):
-    q8, k8, v8, o8, stats, states, new = residuals
+    del reduction, margin  # The step applies the rule (bulk_scaling.py); kept for the signature.
+    q8, k8, v8, o8, stats, scale_invs, seen = residuals
+    states = {n: ScalingState(None, s) for n, s in scale_invs.items()}
     do8 = scaling.quantize(g, states["do"].scale_inv, E4M3)
     factors = (
         _descale(states["q"]),
@@ -270,11 +272,9 @@ def _bwd(scale, reduction, margin, specs, residuals, g):
         scaling.dequantize(x8, states[n].scale_inv, g.dtype)
         for n, x8 in (("dq", dq8), ("dk", dk8), ("dv", dv8))
     )
-    seen = {"do": g, "dp": amax_dp, "dq": amax_dq, "dk": amax_dk, "dv": amax_dv}
-    new = dict(new)
-    for name, x in seen.items():
-        new[name] = scaling.update(states[name], x, E4M3_MAX, reduction, margin)
-    return (*grads, {n: new[n] for n in states})
+    backward = {"do": g, "dp": amax_dp, "dq": amax_dq, "dk": amax_dk, "dv": amax_dv}
+    seen = dict(seen) | {n: scaling.observation(x) for n, x in backward.items()}
+    return (*grads, {n: seen[n] for n in states})
 
 
 _attention.defvjp(_fwd, _bwd)

@@ -86,6 +86,10 @@ class Fp4Recipe(Recipe):
         return self.fp8_attention is not None
 
     @property
+    def amax_update_rule(self) -> tuple[str, float] | None:
+        return None if self.fp8_attention is None else self.fp8_attention.amax_update_rule
+
+    @property
     def runs_fp8_linear_gemms(self) -> bool:
         return False  # Emulated: every linear GEMM is BF16 x BF16 with FP32 accumulation.
 

@@ -11,9 +11,10 @@ is one multiply of the result; on GPU, XLA folds that pattern into cuBLASLt's
 XLA emulates the FP8 dot (convert, then an f32 GEMM): the same numbers, no speed-up.
 
 State: the delayed-scaling states of lhs, rhs and the output gradient are inputs of a custom VJP
-whose "gradient" for each is its NEW value (flax's overwrite-with-gradient trick). The train step
-differentiates the loss with respect to params and the ``fp8`` collection together and replaces
-the ``fp8`` collection with its gradient; nothing is written in the forward pass.
+whose "gradient" for each is the amax that tensor had (scaling.observation: None for the history,
+the amax in the ``scale_inv`` slot). The train step differentiates the loss with respect to params
+and the ``scale_inv`` leaves of the ``fp8`` collection and updates every state once per optimizer
+step from the max-combined amaxes (bulk_scaling.py); nothing is written in the forward pass.
 
 The numerics are those of flax's ``Fp8DirectDotGeneralOp`` (tested bit for bit), with two
 differences that do not change any number: the stored scale is one step fresher (scaling.py), and
@@ -33,7 +34,7 @@ from flax.linen import fp8_ops
 from jax import lax
 
 from fogjax.precision import scaling
-from fogjax.precision.formats import E4M3, E4M3_MAX, E5M2, E5M2_MAX
+from fogjax.precision.formats import E4M3, E5M2
 from fogjax.precision.recipe import FP8_STATS_COLLECTION
 from fogjax.precision.scaling import ScalingState
 
@@ -75,7 +76,9 @@ def fp8_dot_general(
       amax_reduction, margin: the scale update rule (scaling.py).
     Returns:
       ``lax.dot_general``'s output shape in ``out_dtype``. Under ``jax.grad`` lhs and rhs get their
-      FP8 gradients (in the compute dtype) and the three states get their updated values.
+      FP8 gradients (in the compute dtype) and each of the three states the observation
+      ``ScalingState(None, amax [1])`` (apply it with ``scaling.apply_observation`` or
+      ``bulk_scaling.apply``).
     """
     compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     out_dtype = jnp.dtype(out_dtype or compute_dtype)
@@ -108,28 +111,29 @@ def _forward(lhs, rhs, lhs_state, rhs_state, dims, out_dtype):
 
 def _fwd(lhs, rhs, lhs_state, rhs_state, grad_state, dims, dtypes, reduction, margin):
     out, q_lhs, q_rhs = _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])
-    new_lhs = scaling.update(lhs_state, lhs, E4M3_MAX, reduction, margin)
-    new_rhs = scaling.update(rhs_state, rhs, E4M3_MAX, reduction, margin)
-    # Only the FP8 operands are saved (a quarter of an f32 pair's memory, half of bf16's).
-    residuals = (q_lhs, q_rhs, lhs_state.scale_inv, rhs_state.scale_inv, new_lhs, new_rhs)
-    return out, residuals + (grad_state,)
+    seen = (scaling.observation(lhs), scaling.observation(rhs))
+    # Only the FP8 operands, the scales and two amaxes are saved (no [H] histories: they are not
+    # read here, and the step updates them once, bulk_scaling.py).
+    residuals = (q_lhs, q_rhs, lhs_state.scale_inv, rhs_state.scale_inv, grad_state.scale_inv)
+    return out, residuals + seen
 
 
 def _bwd(dims, dtypes, reduction, margin, residuals, g):
+    del reduction, margin  # The step applies the rule (bulk_scaling.py); kept for the signature.
     out_dtype, compute_dtype = dtypes
-    q_lhs, q_rhs, lhs_scale_inv, rhs_scale_inv, new_lhs, new_rhs, grad_state = residuals
-    q_g = scaling.quantize(g, grad_state.scale_inv, E5M2)
-    new_grad = scaling.update(grad_state, g, E5M2_MAX, reduction, margin)
+    q_lhs, q_rhs, lhs_scale_inv, rhs_scale_inv, grad_scale_inv, seen_lhs, seen_rhs = residuals
+    q_g = scaling.quantize(g, grad_scale_inv, E5M2)
     # flax's transposes emit dot_general(q_g, operand): E5M2 x E4M3 in both backward GEMMs. Their
     # middle argument only lends its rank, so the FP8 copy stands in for the unsaved original.
     transpose = dict(
         dimension_numbers=dims, precision=lax.Precision.HIGHEST, preferred_element_type=out_dtype
     )
     dlhs = fp8_ops.dot_general_transpose_lhs(q_g, q_lhs, q_rhs, **transpose)
-    dlhs = scaling.dequantize(dlhs, rhs_scale_inv * grad_state.scale_inv, out_dtype)
+    dlhs = scaling.dequantize(dlhs, rhs_scale_inv * grad_scale_inv, out_dtype)
     drhs = fp8_ops.dot_general_transpose_rhs(q_g, q_lhs, q_rhs, **transpose)
-    drhs = scaling.dequantize(drhs, lhs_scale_inv * grad_state.scale_inv, out_dtype)
-    return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), new_lhs, new_rhs, new_grad
+    drhs = scaling.dequantize(drhs, lhs_scale_inv * grad_scale_inv, out_dtype)
+    seen_grad = scaling.observation(g)
+    return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), seen_lhs, seen_rhs, seen_grad
 
 
 _fp8_dot_general.defvjp(_fwd, _bwd)

@@ -81,6 +81,10 @@ class Fp8Recipe(Recipe):
     def quantizes_attention(self) -> bool:
         return self.fp8_attention
 
+    @property
+    def amax_update_rule(self) -> tuple[str, float] | None:
+        return (self.amax_reduction, self.margin)
+
     def _fp8_dot_general(self, name: str) -> Fp8DotGeneral:
         return Fp8DotGeneral(
             amax_history_len=self.amax_history_len,

@@ -65,6 +65,13 @@ class Recipe:
         False for FP4, whose quantise-dequantise emulation runs BF16 GEMMs by design."""
         return self.quantizes_linears
 
+    @property
+    def amax_update_rule(self) -> tuple[str, float] | None:
+        """``(amax_reduction, margin)`` of the delayed-scaling states this recipe's ops keep in the
+        ``fp8`` collection (the train step updates them all with it, bulk_scaling.py); None when
+        it keeps none."""
+        return None
+
     def layer_recipes(self, num_layers: int) -> tuple[tuple[Recipe, int], ...]:
         """The recipe of each run of consecutive blocks, in order: ``((recipe, count), ...)`` with
         counts summing to ``num_layers``. This one recipe for every block, unless a subclass keeps

@@ -8,9 +8,7 @@ Every FP8-quantised tensor keeps two float32 arrays:
 - ``scale_inv`` [1]: the DEquantisation multiplier, ``amax * 2**margin / fp8_max``.
 
 ``scale_inv`` is the reciprocal of docs/spec.md's ``scale = fp8_max / amax / 2**margin`` (it is
-what flax and Transformer Engine call the scale of their FP8 metas). We store the reciprocal
-because then both arrays grow with amax, so the states that k micro-batches produce from one
-starting state combine exactly by an elementwise max.
+what flax and Transformer Engine call the scale of their FP8 metas).
 
 Step t quantises with the stored ``scale_inv`` (computed from steps < t) and records its own amax:
 
@@ -20,11 +18,17 @@ Step t quantises with the stored ``scale_inv`` (computed from steps < t) and rec
     scale_inv_t  = 1 / ((fp8_max / reduced_t) / 2**margin)   if 0 < reduced_t < inf
                  = scale_inv_{t-1}                            otherwise
 
+Who does what: an FP8 op quantises with the stored ``scale_inv`` and reports the amax it saw as
+the "gradient" of the state (:func:`observation`); the train step takes the max over micro-batches
+and then updates every state of the model at once (:func:`apply_observation`, vectorised over the
+stacked [L, ...] states; bulk_scaling.py). The ops never roll a history themselves: once per
+optimizer step, not once per layer and micro-batch (Transformer Engine's bulk amax update).
+
 flax's ``Fp8DirectDotGeneralOp`` quantises step t with the same number but stores it one step later
 (it derives the scale from the old history at the start of each step), so its stored scale after
 step t+1 equals ours after step t; quantised values, outputs and gradients are bit-identical.
-The arithmetic is flax's own ``compute_scale`` / ``compute_amax_history`` / ``quantize`` so that
-this holds to the last bit.
+The arithmetic is flax's own (``compute_scale``, ``quantize``; ``compute_amax_history``'s roll and
+set, vectorised) so that this holds to the last bit.
 """
 
 from __future__ import annotations
@@ -77,11 +81,6 @@ def amax(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(x)).astype(jnp.float32)
 
 
-def record_amax(amax_history: jax.Array, x: jax.Array) -> jax.Array:
-    """The window after a step that saw ``x``: flax's roll-left-then-set-index-0, float32 [H]."""
-    return fp8_ops.compute_amax_history(x, amax_history)
-
-
 def reduce_history(amax_history: jax.Array, reduction: str) -> jax.Array:
     """The amax that sets the next scale: max over the window, or the most recent entry."""
     if reduction == "max":
@@ -99,7 +98,7 @@ def next_scale_inv(
     """``1 / ((fp8_max / reduced_amax) / 2**margin)``, or the old ``scale_inv`` when the reduced
     amax is 0 (nothing seen yet) or not finite (an inf/NaN step must not destroy the scale).
 
-    Shapes: ``reduced_amax`` scalar, ``scale_inv`` float32 [1] -> float32 [1].
+    Shapes: ``reduced_amax`` and ``scale_inv`` broadcastable (scalar and [1]; or [..., 1] both).
     """
     fresh = fp8_ops.compute_scale(reduced_amax, scale_inv, fp8_max, margin)
     # compute_scale's own fallback returns 1/(1/old), which can differ from old in the last bit.
@@ -107,13 +106,45 @@ def next_scale_inv(
     return jnp.where(valid, fresh, scale_inv).astype(jnp.float32)
 
 
+def observation(seen: jax.Array) -> ScalingState:
+    """What an FP8 op returns as the "gradient" of a tensor's state: the amax it saw.
+
+    ``ScalingState(None, amax)``: no history cotangent (None is a symbolic zero; the history is
+    not differentiated) and max|seen| as float32 [1] in the ``scale_inv`` slot. The train step
+    max-combines these over micro-batches and applies :func:`apply_observation` once per step
+    (bulk_scaling.py), so no op writes an [H] history of its own.
+
+    Args:
+      seen: the tensor itself (any shape), or an amax that somebody else measured (cuDNN).
+    """
+    return ScalingState(None, jnp.reshape(amax(seen), (1,)))
+
+
+def apply_observation(
+    state: ScalingState,
+    observed: jax.Array,
+    fp8_max: float,
+    reduction: str = "max",
+    margin: float = 0,
+) -> ScalingState:
+    """The state after a step whose tensor had amax ``observed``; vectorised over leading axes.
+
+    Per row, exactly flax's ``compute_amax_history`` (roll the window left, write index 0) and
+    ``compute_scale``, so a stacked [L, H] state updated in one call equals L separate updates.
+
+    Shapes: ``amax_history`` float32 [..., H], ``scale_inv`` and ``observed`` float32 [..., 1].
+    """
+    history = jnp.roll(state.amax_history, -1, axis=-1)
+    history = history.at[..., 0].set(observed[..., 0].astype(history.dtype))
+    reduced = reduce_history(history, reduction)[..., None]
+    return ScalingState(history, next_scale_inv(reduced, state.scale_inv, fp8_max, margin))
+
+
 def update(
     state: ScalingState, x: jax.Array, fp8_max: float, reduction: str = "max", margin: float = 0
 ) -> ScalingState:
     """The state after a step whose tensor was ``x`` (records max|x|, then recomputes the scale)."""
-    history = record_amax(state.amax_history, x)
-    scale_inv = next_scale_inv(reduce_history(history, reduction), state.scale_inv, fp8_max, margin)
-    return ScalingState(history, scale_inv)
+    return apply_observation(state, observation(x).scale_inv, fp8_max, reduction, margin)
 
 
 def declare_state(module: nn.Module, prefix: str, history_len: int) -> ScalingState:

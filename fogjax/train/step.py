@@ -2,10 +2,11 @@
 
 The train state is a dict ``{step, params, fp8, opt_state}``. ``fp8`` holds the delayed-scaling
 state of every FP8 GEMM (empty under bf16). The loss is differentiated with respect to ``params``
-and ``fp8`` together; by construction of the FP8 ops (fogjax/precision/fp8_dot.py) the "gradient"
-of the FP8 state is its new value, which replaces it. It never enters the optimizer, weight decay,
-clipping or the gradient norm, and across micro-batches it is combined by elementwise max (every
-FP8 state entry grows with the amax it saw, so max is the exact combination), never summed.
+and the ``scale_inv`` leaves of ``fp8`` together; by construction of the FP8 ops
+(fogjax/precision/fp8_dot.py) the "gradient" of a ``scale_inv`` is the amax its tensor had. The
+amaxes never enter the optimizer, weight decay, clipping or the gradient norm; across micro-batches
+they combine by elementwise max (the full batch's amax), never summed, and then every state is
+updated once per step (fogjax/precision/bulk_scaling.py).
 
 On statistics steps (``with_stats=True``, a separate compilation) the step also returns the
 per-layer activation probes (kurtosis, rms, amax) and FP8 / FP4 statistics.
@@ -27,7 +28,7 @@ import optax
 
 from fogjax import optim
 from fogjax.model.probes import ACTIVATION_GROUPS, PROBES_COLLECTION
-from fogjax.precision import stats
+from fogjax.precision import bulk_scaling, stats
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
 from fogjax.precision.recipe import FP8_STATS_COLLECTION
 
@@ -118,8 +119,9 @@ def compute_grads(
     With ``micro_batches`` k > 1 the batch is split into k equal parts processed sequentially
     (``lax.scan``). Each part's loss is scaled by 1/k *before* differentiation, so every gradient
     tensor an FP8 cast sees has the magnitude it has in the full batch (its E5M2 scale stays
-    right); gradients then sum to the full-batch gradient. Statistics are averaged and the FP8
-    state is max-combined, which gives exactly the full batch's amaxes.
+    right); gradients then sum to the full-batch gradient. Statistics are averaged; the amaxes
+    the FP8 ops observed are max-combined (exactly the full batch's amaxes) and then every FP8
+    state is updated once (bulk_scaling.apply).
 
     ``grad_dtype`` (``optim.grad_dtype``; None = as the backward yields them): the loss is
     differentiated with respect to the float32 view of the parameters (exact for a 16-bit master),
@@ -128,43 +130,61 @@ def compute_grads(
     loss_fn = _loss_fn(model, with_stats)
     if grad_dtype is not None:
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    # Differentiated: the scale_inv leaves (their gradient is the amax seen) and TE's states (their
+    # gradient is their new value); not the [H] histories, which only the bulk update touches.
+    observed, fixed = bulk_scaling.split(fp8)
 
     def scaled_loss(
-        params: Any, fp8: Any, chunk: jax.Array, chunk_rng: jax.Array | None
+        params: Any, observed: Any, chunk: jax.Array, chunk_rng: jax.Array | None
     ) -> tuple[jax.Array, Any]:
-        loss, aux = loss_fn(params, fp8, chunk, chunk_rng)
+        loss, aux = loss_fn(params, bulk_scaling.merge(observed, fixed), chunk, chunk_rng)
         return loss / micro_batches, aux
 
     grad_fn = jax.value_and_grad(scaled_loss, argnums=(0, 1), has_aux=True)
 
     def one(chunk: jax.Array, index: jax.Array | int = 0) -> tuple[jax.Array, Any, Any, Any]:
         chunk_rng = None if rng is None else jax.random.fold_in(rng, index)
-        (loss, aux), (grads, new_fp8) = grad_fn(params, fp8, chunk, chunk_rng)
+        (loss, aux), (grads, seen) = grad_fn(params, observed, chunk, chunk_rng)
         if grad_dtype is not None:
             grads = jax.tree.map(lambda g: g.astype(grad_dtype), grads)
-        return loss, grads, new_fp8, aux
+        return loss, grads, seen, aux
 
     if micro_batches == 1:
-        return one(tokens)
-    b = tokens.shape[0]
-    micro_batch_size(b, micro_batches)
-    # Chunk j takes rows j, j + k, j + 2k, ...: every device keeps a share of every chunk, so the
-    # split needs no data movement across the batch-sharded devices.
-    chunks = tokens.reshape(b // micro_batches, micro_batches, *tokens.shape[1:]).swapaxes(0, 1)
-    first = one(chunks[0])
+        loss, grads, seen, aux = one(tokens)
+    else:
+        b = tokens.shape[0]
+        micro_batch_size(b, micro_batches)
+        # Chunk j takes rows j, j + k, j + 2k, ...: every device keeps a share of every chunk, so
+        # the split needs no data movement across the batch-sharded devices.
+        chunks = tokens.reshape(b // micro_batches, micro_batches, *tokens.shape[1:]).swapaxes(0, 1)
+        first = one(chunks[0])
 
-    def body(acc: Any, chunk_and_index: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
-        return _combine_microbatch(acc, one(*chunk_and_index)), None
+        def body(acc: Any, chunk_and_index: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
+            return _combine_microbatch(acc, one(*chunk_and_index)), None
 
-    indices = jnp.arange(1, micro_batches)
-    (loss, grads, new_fp8, aux), _ = jax.lax.scan(body, first, (chunks[1:], indices))
-    aux = jax.tree_util.tree_map_with_path(
-        lambda path, x: (
-            x if _is_max_statistic(path) or _is_min_statistic(path) else x / micro_batches
-        ),
-        aux,
-    )
-    return loss, grads, new_fp8, aux
+        indices = jnp.arange(1, micro_batches)
+        (loss, grads, seen, aux), _ = jax.lax.scan(body, first, (chunks[1:], indices))
+        aux = jax.tree_util.tree_map_with_path(
+            lambda path, x: (
+                x if _is_max_statistic(path) or _is_min_statistic(path) else x / micro_batches
+            ),
+            aux,
+        )
+    return loss, grads, _updated_fp8(model, observed, fixed, seen), aux
+
+
+def _updated_fp8(model: nn.Module, observed: Any, fixed: Any, seen: Any) -> Any:
+    """The ``fp8`` collection after the step: one bulk update from the max-combined amaxes."""
+    if not observed:
+        return {}
+    rule = getattr(getattr(model, "recipe", None), "amax_update_rule", None)
+    if rule is None and fixed:
+        raise ValueError(
+            "the model keeps delayed-scaling state in its fp8 collection but its recipe declares "
+            "no amax_update_rule; give the recipe one (fogjax/precision/recipe.py)."
+        )
+    reduction, margin = rule or ("max", 0)
+    return bulk_scaling.apply(observed, fixed, seen, reduction, margin)
 
 
 def activation_metrics(probes: Any, layer_order: tuple[str, ...] = ()) -> Metrics:

@@ -66,7 +66,12 @@ def _fp8_step(q, k, v, cotangent, states):
         return jnp.sum(out * cotangent), out
 
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, states)
-    return out, grads[:3], grads[3]
+    # Each state's "gradient" is the amax its tensor had; the train step applies it (bulk_scaling).
+    new = {
+        n: scaling.apply_observation(states[n], seen.scale_inv, E4M3_MAX)
+        for n, seen in grads[3].items()
+    }
+    return out, grads[:3], new
 
 
 def _rel(a, b):

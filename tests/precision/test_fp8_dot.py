@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax.linen import fp8_ops
+from helpers import fp8_state
 
 from fogjax.precision import stats
 from fogjax.precision.fp8_dot import FP8_STATS_COLLECTION, Fp8DotGeneral, operand_stats
@@ -30,7 +31,7 @@ def make_step(module, dims, out_dtype=None):
             )
             return jnp.sum(out.astype(jnp.float32) * ct), out
 
-        (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(lhs, rhs, fp8)
+        (_, out), grads = fp8_state.value_and_grad(loss, (0, 1, 2), 2, has_aux=True)(lhs, rhs, fp8)
         return out, grads[0], grads[1], grads[2]
 
     return step
@@ -284,7 +285,7 @@ def test_nn_scan_stacks_state_and_matches_unrolled_layers():
             )
             return jnp.sum(jnp.square(out.astype(jnp.float32))), sown[FP8_STATS_COLLECTION]
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(params, fp8)
+        return jax.jit(fp8_state.grad(loss, (0, 1), 1, has_aux=True))(params, fp8)
 
     params, fp8 = variables["params"], variables[FP8_COLLECTION]
     for _ in range(2):  # the second step quantises with scales learnt in the first
