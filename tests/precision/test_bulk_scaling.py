@@ -1,0 +1,102 @@
+"""The bulk delayed-scaling update (fogjax/precision/bulk_scaling.py): one vectorised update per
+step equals the per-op, per-micro-batch update it replaced, bit for bit; its bookkeeping is
+complete (every state an op declares has a format) and refuses what it cannot place."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import fp8_state
+from helpers.steps import batch, setup, tiny_config
+
+from fogjax.precision import bulk_scaling, scaling
+from fogjax.precision.cudnn_attention import TENSORS
+from fogjax.precision.formats import E4M3_MAX, E5M2_MAX
+from fogjax.precision.fp8_dot import Fp8DotGeneral
+from fogjax.train.step import _loss_fn, compute_grads
+
+
+@pytest.mark.parametrize("reduction", ["max", "most_recent"])
+def test_stacked_update_equals_one_update_per_row(reduction):
+    """[L, H] at once == L separate scaling.update calls (the flax-identical per-tensor rule)."""
+    rng = np.random.default_rng(0)
+    history = jnp.asarray(rng.uniform(0, 3, (5, 6)), jnp.float32).at[1].set(0.0)
+    scale_inv = jnp.asarray(rng.uniform(0.001, 0.01, (5, 1)), jnp.float32)
+    # Row 1 saw nothing ever, row 2 sees inf, row 3 sees 0: the scale must survive all three.
+    amaxes = jnp.asarray([[2.5], [0.0], [np.inf], [0.0], [7.0]], jnp.float32)
+    bulk = scaling.apply_observation(
+        scaling.ScalingState(history, scale_inv), amaxes, E5M2_MAX, reduction, margin=1
+    )
+    for row in range(5):
+        one = scaling.update(
+            scaling.ScalingState(history[row], scale_inv[row]),
+            jnp.full((3,), amaxes[row, 0]),
+            E5M2_MAX,
+            reduction,
+            margin=1,
+        )
+        np.testing.assert_array_equal(bulk.amax_history[row], one.amax_history)
+        np.testing.assert_array_equal(bulk.scale_inv[row], one.scale_inv)
+    np.testing.assert_array_equal(bulk.scale_inv[1], scale_inv[1])  # nothing seen: unchanged
+
+
+def test_every_declared_state_has_a_format():
+    """FP8_MAX names exactly the tensors the ops declare, with the format each is cast to."""
+    dot = Fp8DotGeneral(amax_history_len=4)
+    fp8 = dot.init(jax.random.key(0), jnp.ones((2, 8)), jnp.ones((8, 4)), (((1,), (0,)), ((), ())))
+    prefixes = {k.removesuffix("_scale_inv") for k in fp8["fp8"] if k.endswith("_scale_inv")}
+    assert prefixes | set(TENSORS) == set(bulk_scaling.FP8_MAX)
+    assert bulk_scaling.FP8_MAX["grad"] == E5M2_MAX  # the only E5M2 tensor
+    assert {bulk_scaling.FP8_MAX[t] for t in (*TENSORS, "lhs", "rhs")} == {E4M3_MAX}
+
+
+def test_split_refuses_an_unknown_state_and_keeps_te_states_whole():
+    bad = {"layer": {"x_amax_history": jnp.zeros(4), "x_scale_inv": jnp.ones(1)}}
+    with pytest.raises(ValueError, match="FP8_MAX"):
+        bulk_scaling.split(bad)
+    te = {"dot": {"state": {"kernel_scale": jnp.ones(1), "kernel_amax_history": jnp.zeros(4)}}}
+    observed, fixed = bulk_scaling.split(te)
+    assert not fixed and len(observed) == 2  # TE's state: gradient = new value, replaced whole
+    new = bulk_scaling.apply(observed, fixed, {p: v + 5 for p, v in observed.items()}, "max", 0)
+    np.testing.assert_array_equal(new["dot"]["state"]["kernel_scale"], [6.0])
+
+
+def _per_op_reference(model, params, fp8, tokens, micro_batches):
+    """The old path: each micro-batch updates every state itself (scaling.update inside the op,
+    here the helper's apply of one micro-batch's amaxes); the k states then combine by max."""
+    loss_fn = _loss_fn(model, with_stats=False)
+    step = jax.jit(
+        fp8_state.value_and_grad(
+            lambda p, f, t: loss_fn(p, f, t, None)[0] / micro_batches, (0, 1), 1
+        )
+    )
+    b = tokens.shape[0]
+    chunks = tokens.reshape(b // micro_batches, micro_batches, -1).swapaxes(0, 1)
+    results = [step(params, fp8, chunk) for chunk in chunks]
+    grads = results[0][1][0]
+    for _, (g, _) in results[1:]:
+        grads = jax.tree.map(jnp.add, grads, g)
+    new_fp8 = jax.tree.map(lambda *s: jnp.max(jnp.stack(s), axis=0), *(r[1][1] for r in results))
+    return grads, new_fp8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["fp8", "fp8dpa"])
+def test_train_step_bulk_update_equals_per_op_updates_over_steps(recipe):
+    """A tiny model, 2 micro-batches, 3 steps: the step's once-per-step update of every state
+    (histories, scales) and the parameter gradients equal the per-op path bit for bit."""
+    model, state, _ = setup(tiny_config(recipe))
+    bulk = jax.jit(lambda p, f, t: compute_grads(model, p, f, t, 2, False)[1:3])
+    params, fp8 = state["params"], state["fp8"]
+    for step in range(3):
+        tokens = batch(seed=step, b=4, t=16) * (step + 1) % 4096
+        grads, new_fp8 = bulk(params, fp8, tokens)
+        ref_grads, ref_fp8 = _per_op_reference(model, params, fp8, tokens, 2)
+        jax.tree.map(np.testing.assert_array_equal, new_fp8, ref_fp8)
+        jax.tree.map(np.testing.assert_array_equal, grads, ref_grads)
+        fp8 = new_fp8
+        params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)  # move: new amaxes
+    # Three steps, three amaxes in every window (flax's ring: newest at 0, then H-1, H-2).
+    for path, h in jax.tree_util.tree_leaves_with_path(fp8):
+        if "history" in jax.tree_util.keystr(path):
+            assert (np.count_nonzero(np.asarray(h), axis=-1) == 3).all(), path
