@@ -242,8 +242,9 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     # Scale block of float16/float8/int8 moments: elements along the last axis (0 = per tensor).
     c.optim.state_block_size = 128
     # Requantising 16- and 8-bit moments: 'nearest' (even) | 'stochastic' (unbiased, seeded by
-    # the step).
-    c.optim.moment_rounding = "nearest"
+    # the step) | 'auto' (stochastic for 8-bit moments and where nearest would stall a moment's
+    # decay, else nearest; an explicit 'nearest' that would stall it, e.g. FP8 nu, is refused).
+    c.optim.moment_rounding = "auto"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = steps

@@ -83,9 +83,12 @@ def scale_by_adam_lowp(
     float32 moments; then mu_stored, nu_stored = encode(mu), encode(nu). Rounding happens only in
     encode (fogjax.optim.moment_formats). ``block_size``: scale block along the last axis, 0 = one
     scale per tensor. ``stochastic``: requantise with unbiased stochastic rounding (bits from the
-    step count, leaf and moment, so a resumed run draws the same) instead of to nearest: with 3
-    mantissa bits, a moment whose EMA moves it by less than half a grid step per step (nu: 5% per
-    step at b2 = 0.95, E4M3's grid is 12.5%) is otherwise rounded back where it was.
+    step count, leaf and moment, so a resumed run draws the same and every step draws new ones)
+    instead of to nearest: with 3 mantissa bits, a moment whose EMA moves it by less than half a
+    grid step per step is otherwise rounded back where it was (the stored sqrt(nu) shrinks by
+    2.5% per zero-gradient step at b2 = 0.95; half the E4M3 step below a value is 3.1% to 5.6%
+    of it, so an FP8 nu rounded to nearest never decays: fogjax.optim.state_precision refuses
+    that configuration).
     """
 
     def init(params: Any) -> ScaleByAdamLowpState:

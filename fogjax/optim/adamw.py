@@ -66,7 +66,7 @@ def make_optimizer(
             moment_formats.moment_format(precision.mu, "optim.mu_dtype"),
             moment_formats.moment_format(precision.nu, "optim.nu_dtype"),
             int(state_precision.field(optim_cfg, "state_block_size")),
-            stochastic=state_precision.field(optim_cfg, "moment_rounding") == "stochastic",
+            stochastic=state_precision.moment_rounding(optim_cfg) == "stochastic",
         )
     # optax.adamw's own chain, with the moments' storage swapped.
     inner = optax.chain(

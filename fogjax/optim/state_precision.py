@@ -12,10 +12,11 @@ import dataclasses
 from typing import Any
 
 from fogjax.optim.adam_lowp import MASTER_ROUNDINGS
-from fogjax.optim.moment_formats import moment_format
+from fogjax.optim.moment_formats import moment_format, nearest_min_shrink, stored_shrink
 
 MASTER_DTYPES = ("float32", "bfloat16", "float16")
 GRAD_DTYPES = ("float32", "bfloat16")
+MOMENT_ROUNDINGS = ("auto", "nearest", "stochastic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ FIELD_DEFAULTS = {
     "grad_dtype": "float32",
     "master_rounding": "auto",
     "state_block_size": 128,
-    "moment_rounding": "nearest",
+    "moment_rounding": "auto",
 }
 # The fields that decide the layout of params and opt_state (a checkpoint written with other
 # values cannot be restored; fogjax.checkpoint names them in its error). Rounding is not layout.
@@ -82,7 +83,8 @@ def resolve(optim_cfg: Any) -> StatePrecision:
 
     Raises ValueError naming the field and the fix: unknown names, a preset contradicted by a
     dtype field set to something else, 'remainder' without a bfloat16 master, 'stochastic' on a
-    float32 master, int8 moments without blocks.
+    float32 master, moment_rounding=nearest on a moment whose decay it would stall
+    (:func:`moment_rounding`), int8 moments without blocks.
     """
     name = field(optim_cfg, "state_precision")
     fields = {
@@ -124,7 +126,7 @@ def resolve(optim_cfg: Any) -> StatePrecision:
             "optim.master_rounding=stochastic needs a 16-bit master (optim.master_dtype="
             "bfloat16 or float16); a float32 master is not rounded."
         )
-    _check(field(optim_cfg, "moment_rounding"), ("nearest", "stochastic"), "moment_rounding")
+    _moment_rounding(optim_cfg, precision)
     block = int(field(optim_cfg, "state_block_size"))
     if block < 0:
         raise ValueError(f"optim.state_block_size={block} must be >= 0 (0 = one scale per tensor).")
@@ -143,3 +145,63 @@ def master_rounding(optim_cfg: Any) -> str:
         return "remainder" if field(optim_cfg, "state_precision") == "bf16" else "nearest"
     _check(rounding, ("auto", *MASTER_ROUNDINGS), "master_rounding")
     return rounding
+
+
+def moment_rounding(optim_cfg: Any) -> str:
+    """``optim.moment_rounding`` resolved to 'nearest' or 'stochastic'.
+
+    'auto' (the default) is stochastic wherever rounding to nearest would freeze a moment's decay
+    (below) and for int8 moments, else nearest. An explicit 'nearest' that would freeze the decay
+    of a float-format moment is refused (ValueError naming the numbers and the fix).
+
+    The rule: with a zero gradient a moment shrinks by a fixed fraction per step (mu by 1 - b1;
+    nu by 1 - b2, or by 1 - sqrt(b2) where sqrt(nu) is stored: float16, FP8, int8). Round to
+    nearest puts a value back on its grid point when the shrink is under half the grid step
+    below it; :func:`fogjax.optim.moment_formats.nearest_min_shrink` is a format's exact
+    threshold (1/18 = 5.56% for E4M3), under which some grid points never decay. An FP8 nu at
+    b2 = 0.95 shrinks by 1 - sqrt(0.95) = 2.53%, under half of every E4M3 step, so it never
+    decays (an FP8 nu is refused nearest for b2 > (17/18)^2 = 0.892; an FP8 mu for
+    b1 > 17/18 = 0.944, so fog_fp8_m1's mu at b1 = 0.9 keeps nearest; a bfloat16 nu for
+    b2 > 0.99612, a float16 nu for b2 > 0.999025). int8 codes are relative to a scale that
+    follows the block's amax, so a block decaying as a whole decays exactly and nearest is not
+    refused; but next to a coordinate that keeps the amax up, codes under 1 / (2 shrink) stall
+    (mu: under 5 of 127 at b1 = 0.9), hence stochastic under 'auto'.
+    """
+    return _moment_rounding(optim_cfg, resolve(optim_cfg))
+
+
+def _moment_rounding(optim_cfg: Any, precision: StatePrecision) -> str:
+    rounding = field(optim_cfg, "moment_rounding")
+    _check(rounding, MOMENT_ROUNDINGS, "moment_rounding")
+    if rounding == "stochastic":
+        return rounding
+    stalls = _nearest_stalls(optim_cfg, precision)
+    if rounding == "auto":
+        return "stochastic" if stalls or "int8" in (precision.mu, precision.nu) else "nearest"
+    if stalls:
+        raise ValueError(stalls[0])
+    return rounding
+
+
+def _nearest_stalls(optim_cfg: Any, precision: StatePrecision) -> list[str]:
+    """One refusal message per moment (nu first) whose zero-gradient decay round to nearest
+    would stall (:func:`moment_rounding`)."""
+    problems = []
+    for state, beta in (("nu", "b2"), ("mu", "b1")):
+        fmt = moment_format(getattr(precision, state), f"optim.{state}_dtype")
+        threshold = nearest_min_shrink(fmt)
+        if not threshold:
+            continue
+        factor = float(getattr(optim_cfg, beta))
+        shrink = stored_shrink(fmt, factor, state == "nu")
+        if shrink < threshold:
+            stored = "sqrt(nu)" if state == "nu" and fmt.scaled else state
+            problems.append(
+                f"optim.moment_rounding=nearest cannot represent {state}'s per-step decay in "
+                f"{fmt.name}: {beta}={factor:g} shrinks the stored {stored} by "
+                f"{100 * shrink:.3g}% a step, less than the {100 * threshold:.3g}% round to "
+                f"nearest needs to move every value off its grid point, so {state} stops "
+                "decaying; use --config.optim.moment_rounding=stochastic (what the default, auto, "
+                'picks here; in a saved run\'s config.json: "moment_rounding": "auto").'
+            )
+    return problems

@@ -67,7 +67,7 @@ def _cfg(**overrides) -> ml_collections.ConfigDict:
             grad_dtype="float32",
             master_rounding="auto",
             state_block_size=128,
-            moment_rounding="nearest",
+            moment_rounding="auto",
         )
     )
     c.update(overrides)
@@ -227,7 +227,7 @@ def error_bound(cfg, lowp_params) -> tuple[dict, dict, dict]:
             low = 1.0 / (np.sqrt(np.maximum(v - b, 0.0)) + EPS)
             det += lr[t] * (a * low + np.abs(m) * (low - 1.0 / (np.sqrt(v) + EPS)))
             # Stochastic requantisation may go to either neighbour: twice the nearest bound.
-            sr = 2.0 if cfg.moment_rounding == "stochastic" else 1.0
+            sr = 2.0 if optim_precision.moment_rounding(cfg) == "stochastic" else 1.0
             qm = sr * _storage_error(np.abs(mu) + dm, cfg.mu_dtype, block, False)
             if fmts.MOMENT_FORMATS[cfg.nu_dtype].scaled:
                 r = np.sqrt(nu + dv)
@@ -256,9 +256,8 @@ CASES = {
         mu_dtype="float8_e4m3fn", nu_dtype="float8_e4m3fn", state_block_size=0
     ),
     "mu_nu_int8_block128": dict(mu_dtype="int8", nu_dtype="int8"),
-    "mu_nu_fp8_stochastic": dict(
-        mu_dtype="float8_e4m3fn", nu_dtype="float8_e4m3fn", moment_rounding="stochastic"
-    ),
+    # int8 codes follow their block's amax, so rounding them to nearest is allowed.
+    "mu_nu_int8_nearest": dict(mu_dtype="int8", nu_dtype="int8", moment_rounding="nearest"),
     "master_bf16_nearest": dict(master_dtype="bfloat16", master_rounding="nearest"),
     "master_fp16_stochastic": dict(master_dtype="float16", master_rounding="stochastic"),
     "master_bf16_stochastic": dict(master_dtype="bfloat16", master_rounding="stochastic"),
@@ -273,15 +272,17 @@ CASES = {
 
 EIGHT_BIT = {"float8_e4m3fn", "int8"}
 # Not derived: regression ceilings at ~1.2x the worst relative L2 error measured on this stream
-# over the two tensors (0.44, 0.45, 0.74, 0.28, 0.34). Stochastic requantisation halves the
-# error of 8-bit moments (0.29 -> 0.15 on the kernel): nearest rounding sticks. 3 mantissa bits
-# (or linear 8-bit codes) on moments that are EMAs of heavy-tailed noise move the trajectory
-# visibly; the loss test (test_optim_training.py) is the check that matters for them.
+# over the two tensors (0.28, 0.31, 0.50, 0.74, 0.34). The FP8 and int8 cases round
+# stochastically (optim.moment_rounding=auto); int8 rounded to nearest tracks worse (0.74 vs
+# 0.50), and an FP8 nu rounded to nearest (now refused) never decayed: 0.44 here, a ceiling of
+# 0.55 that accepted it (test_fp8_nu_decays_like_float32 checks the decay itself). 3 mantissa
+# bits (or linear 8-bit codes) on moments that are EMAs of heavy-tailed noise move the
+# trajectory visibly; the loss test (test_optim_training.py) is the check that matters for them.
 EIGHT_BIT_REL_L2 = {
-    "mu_nu_fp8_block128": 0.55,
-    "mu_nu_fp8_per_tensor": 0.55,
-    "mu_nu_int8_block128": 0.9,
-    "mu_nu_fp8_stochastic": 0.35,
+    "mu_nu_fp8_block128": 0.35,
+    "mu_nu_fp8_per_tensor": 0.38,
+    "mu_nu_int8_block128": 0.6,
+    "mu_nu_int8_nearest": 0.9,
     "preset_fog_fp8_m1": 0.42,
 }
 
@@ -331,6 +332,57 @@ def test_fp8_moments_keep_tiny_coordinates_alive(float32_run):
     assert np.all(step < 10 * PEAK)
 
 
+# --- the FP8 second moment decays --------------------------------------------------------------
+
+DECAY_SHAPE, RANDOM_STEPS, ZERO_STEPS = (16, 256), 20, 100
+
+
+def test_fp8_nu_decays_like_float32():
+    """fog_fp8 with the default moment_rounding (auto: stochastic here), 20 random-gradient steps
+    then 100 zero-gradient ones: nu against its float64 re-derivation (an EMA of g^2 at b2).
+
+    Round to nearest left every coordinate where it was after step 20 (nu ~190x float32's at the
+    end; test_optim_formats.py shows why). Stochastic rounding is unbiased for nu, so each
+    coordinate's ratio has mean 1; 100 random roundings make it roughly log-normal (median ~0.7,
+    sd ~1), so over 4096 coordinates the mean ratio is within 10% (~6 standard errors), the
+    median within [0.5, 2], and every coordinate has moved down since step 20. Gradients
+    N(0, s^2) with s from 0.01 to 1 per coordinate: every sqrt(nu) is a normal E4M3 value of its
+    block (far smaller ones stall at the subnormals or the zero guard whatever the rounding)."""
+    cfg = _cfg(state_precision="fog_fp8")
+    assert optim_precision.moment_rounding(cfg) == "stochastic"
+    rng = np.random.default_rng(3)
+    scale = 10.0 ** rng.uniform(-2, 0, DECAY_SHAPE)
+    random = rng.standard_normal((RANDOM_STEPS, *DECAY_SHAPE)) * scale
+    grads = np.concatenate([random, np.zeros((ZERO_STEPS, *DECAY_SHAPE))]).astype(np.float32)
+    tx = optim.make_optimizer(cfg, T, {"w": True})
+
+    @jax.jit
+    def go(grads):
+        def body(carry, g):
+            p, st = carry
+            u, st = tx.update({"w": g}, st, p)
+            return (optax.apply_updates(p, u), st), optax.tree_utils.tree_get(st, "nu")["w"]
+
+        p0 = {"w": jnp.zeros(DECAY_SHAPE)}
+        return jax.lax.scan(body, (p0, tx.init(p0)), grads)[1]
+
+    stored = go(grads)
+
+    def nu_after(step):
+        at = jax.tree.map(lambda x: x[step - 1], stored)
+        return np.asarray(fmts.decode(at, cfg.state_block_size, True), np.float64)
+
+    reference = np.zeros(DECAY_SHAPE)
+    for g in grads.astype(np.float64):
+        reference = B2 * reference + (1 - B2) * g * g
+    before, after = nu_after(RANDOM_STEPS), nu_after(RANDOM_STEPS + ZERO_STEPS)
+    ratio = after / reference
+    assert np.all(after < before), f"{np.mean(after >= before):.1%} of nu did not decay"
+    assert 0.5 < np.median(ratio) < 2.0, np.median(ratio)
+    assert abs(ratio.mean() - 1) < 0.1, ratio.mean()
+    assert abs(after.mean() / reference.mean() - 1) < 0.1
+
+
 # --- stochastic rounding and the remainder ------------------------------------------------------
 
 
@@ -370,6 +422,23 @@ def test_stochastic_rounding_is_reproducible_from_the_step():
         np.any(np.asarray(a) != np.asarray(b))
         for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u3), strict=True)
     )
+
+
+def test_moment_rounding_draws_new_bits_every_step():
+    """Stochastically rounded moments: the same state and step count give the same stored bits
+    (a resumed run redraws them); the same moments at the next step count are rounded with other
+    bits (a fixed key would round each coordinate up or down by the same uniform every step)."""
+    fp8 = fmts.MOMENT_FORMATS["float8_e4m3fn"]
+    tx = optim_lowp.scale_by_adam_lowp(B1, B2, EPS, fp8, fp8, 128, stochastic=True)
+    update = jax.jit(tx.update)
+    _, st = update(jax.tree.map(lambda x: x[0], STREAM), tx.init(P0))
+    zero = jax.tree.map(np.zeros_like, P0)
+    at = lambda count: update(zero, st._replace(count=jnp.asarray(count, jnp.int32)))[1]  # noqa: E731
+    _bitwise(at(5), at(5))
+    five, six = at(5).nu, at(6).nu
+    for name in SHAPES:  # The scales follow the amax, the same; the rounded values differ.
+        np.testing.assert_array_equal(five[name].scale, six[name].scale)
+        assert np.any(np.asarray(five[name].values) != np.asarray(six[name].values))
 
 
 def test_remainder_master_is_the_float32_master_exactly(float32_run):

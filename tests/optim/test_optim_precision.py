@@ -1,6 +1,8 @@
 """optim.* precision fields: presets, refusals that name the fix, and bfloat16 gradients
 accumulated over micro-batches by fogjax.train.step.compute_grads."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,12 +58,73 @@ def test_the_config_declares_every_precision_field_with_its_one_default():
         (dict(master_rounding="stochastic"), r"stochastic needs a 16-bit master"),
         (dict(mu_dtype="int8", state_block_size=0), r"int8 moments are blockwise.*block_size"),
         (dict(state_block_size=-1), r"state_block_size=-1 must be >= 0"),
-        (dict(moment_rounding="up"), r"moment_rounding='up'"),
+        (dict(moment_rounding="up"), r"moment_rounding='up'.*auto"),
+        (
+            dict(state_precision="fog_fp8", moment_rounding="nearest"),
+            r"moment_rounding=nearest cannot represent nu's per-step decay in float8_e4m3fn",
+        ),
     ],
 )
 def test_bad_precision_fields_are_refused_with_the_fix(fields, message):
     with pytest.raises(ValueError, match=message):
         optim.make_optimizer(_optim(**fields), 200, {})
+
+
+def test_nearest_fp8_nu_is_refused_in_one_line_naming_the_numbers_and_the_fix():
+    with pytest.raises(ValueError) as refused:
+        optim.make_optimizer(_optim(state_precision="fog_fp8", moment_rounding="nearest"), 200, {})
+    message = str(refused.value)
+    assert "\n" not in message
+    shrink, threshold = 100 * (1 - math.sqrt(0.95)), 100 / 18  # E4M3: 1 / (2^4 + 2).
+    assert f"b2=0.95 shrinks the stored sqrt(nu) by {shrink:.3g}% a step" in message
+    assert f"less than the {threshold:.3g}% round to nearest needs" in message
+    assert "--config.optim.moment_rounding=stochastic" in message
+
+
+# (fields, whether an explicit moment_rounding=nearest stalls a decay). The thresholds: E4M3
+# sqrt(nu) stalls for b2 > (17/18)^2 = 0.8920, E4M3 mu for b1 > 17/18 = 0.9444, bfloat16 nu
+# (stored as nu) for b2 > 257/258 = 0.99612, float16 sqrt(nu) for b2 > (2049/2050)^2 = 0.999025.
+NEAREST_STALLS = [
+    (dict(state_precision="fog_fp8"), True),
+    (dict(state_precision="fog_fp8", b2=0.999), True),
+    (dict(state_precision="fog_fp8", b2=0.8925), True),
+    (dict(state_precision="fog_fp8", b2=0.8915), False),
+    (dict(mu_dtype="float8_e4m3fn"), False),  # b1 = 0.9: mu shrinks 10% > 5.56%.
+    (dict(mu_dtype="float8_e4m3fn", b1=0.945), True),
+    (dict(mu_dtype="float8_e4m3fn", b1=0.944), False),
+    (dict(state_precision="fog_fp8_m1"), False),
+    (dict(state_precision="bf16"), False),
+    (dict(state_precision="bf16", b2=0.9962), True),
+    (dict(state_precision="bf16", b2=0.9961), False),
+    (dict(state_precision="fog_fp16", b2=0.999), False),
+    (dict(state_precision="fog_fp16", b2=0.99903), True),
+    (dict(mu_dtype="int8", nu_dtype="int8", b2=0.999), False),  # Codes follow the block amax.
+    (dict(), False),  # float32: never rounded.
+]
+
+
+@pytest.mark.parametrize("fields, stalls", NEAREST_STALLS)
+def test_explicit_nearest_is_refused_exactly_where_it_stalls_a_decay(fields, stalls):
+    cfg = _optim(moment_rounding="nearest", **fields)
+    if stalls:
+        with pytest.raises(ValueError, match=r"moment_rounding=nearest cannot represent"):
+            optim_precision.resolve(cfg)
+    else:
+        assert optim_precision.moment_rounding(cfg) == "nearest"
+
+
+@pytest.mark.parametrize("fields, stalls", NEAREST_STALLS)
+def test_auto_is_stochastic_where_nearest_stalls_a_decay_and_for_int8(fields, stalls):
+    """'auto' (the default) is stochastic wherever nearest would stall a decay and for int8
+    moments, else nearest (so fog_fp8_m1's FP8 mu at b1 = 0.9 keeps nearest); an explicit
+    value is kept."""
+    cfg = _optim(**fields)
+    assert cfg.moment_rounding == "auto"
+    precision = optim_precision.resolve(cfg)
+    expected = "stochastic" if stalls or "int8" in {precision.mu, precision.nu} else "nearest"
+    assert optim_precision.moment_rounding(cfg) == expected
+    cfg.moment_rounding = "stochastic"
+    assert optim_precision.moment_rounding(cfg) == "stochastic"
 
 
 class _Bigram(nn.Module):
