@@ -105,6 +105,20 @@ def _root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def reader_config(config: Any) -> Any:
+    """The run's config as a reader builds it: ``optim.moment_rounding`` reset to 'auto'.
+
+    Readers never step the optimizer, and the rounding of its moments is not part of the checkpoint
+    layout (optim.state_precision.LAYOUT_FIELDS); a run saved before a rounding was refused (an FP8
+    ``nu`` with "nearest", which cannot decay) must still load to evaluate, generate and export.
+    """
+    if config.optim.get("moment_rounding", "auto") == "auto":
+        return config
+    config = config.copy_and_resolve_references()
+    config.optim.moment_rounding = "auto"
+    return config
+
+
 def load_run(workdir: str, step: int | None = None) -> RestoredRun:
     """Restores checkpoint ``step`` (the latest readable if None) of the run in ``workdir``,
     reading only: nothing in the workdir is created, changed or deleted.
@@ -117,6 +131,7 @@ def load_run(workdir: str, step: int | None = None) -> RestoredRun:
         config = load_run_config(workdir)
     except FileNotFoundError as e:
         raise NoCheckpointError(str(e)) from None
+    config = reader_config(config)
     run = build_run(config)
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):

@@ -162,3 +162,18 @@ def test_bfloat16_gradients_are_accumulated_in_bfloat16_from_the_float32_master_
     # float32 gradients of a bfloat16 master: the float32 view is differentiated.
     g32 = run(master, tokens, 2, jnp.dtype(jnp.float32))
     assert {x.dtype for x in jax.tree.leaves(g32)} == {jnp.dtype(jnp.float32)}
+
+
+def test_readers_load_a_run_saved_with_a_now_refused_rounding():
+    """A run saved before 'auto' (fog_fp8 with moment_rounding=nearest) still builds for readers."""
+    from fogjax.inference.load import reader_config
+
+    cfg = config_lib.get_config("fog_flash", "tiny")
+    with cfg.unlocked():
+        cfg.optim.state_precision = "fog_fp8"
+        cfg.optim.moment_rounding = "nearest"
+    with pytest.raises(ValueError, match="moment_rounding"):
+        optim_precision.moment_rounding(cfg.optim)
+    read = reader_config(cfg)
+    assert read.optim.moment_rounding == "auto" and cfg.optim.moment_rounding == "nearest"
+    assert optim_precision.moment_rounding(read.optim) == "stochastic"
