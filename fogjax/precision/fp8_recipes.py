@@ -1,15 +1,19 @@
-"""FP8 recipes (docs/spec.md §3, paper Table 9), named ``fp8`` and ``fp8dpa`` in registry.py.
+"""FP8 recipes (docs/spec.md §3, paper Table 9), named in registry.py.
 
 - ``fp8``: every block linear (fused QKV, attention out, FFN in/out) runs its three GEMMs in FP8;
   attention's QK^T and PV stay in the compute dtype.
 - ``fp8dpa``: the linears and QK^T and PV all run in FP8.
+- ``fp8_current`` / ``fp8dpa_current``: the same GEMMs with current scaling (fp8_current.py).
 
-Formats are "hybrid" (E4M3 forward, E5M2 gradients) with delayed per-tensor scaling whose window,
-reduction and margin come from the config's ``precision`` section. ``precision.backend`` picks the
-implementation of the linears: ``xla`` (fp8_dot.Fp8DotGeneral, runs everywhere, CPU included) or
-``te`` (Transformer Engine, NVIDIA GPUs only; te.py). FP8 attention is ours under either backend,
-since Transformer Engine has no FP8 QK^T/PV: Fp8DotGeneral einsums (``model.attention_impl='xla'``)
-or cuDNN's fused FP8 kernel (``'cudnn'``, cudnn_attention.py).
+Formats are "hybrid" (E4M3 forward, E5M2 gradients). ``scaling='delayed'`` (``fp8``, ``fp8dpa``):
+delayed per-tensor scaling whose window, reduction and margin come from the config's ``precision``
+section. ``scaling='current'``: each tensor scaled by its own amax when it is quantised; only
+``precision.margin`` applies (``amax_history_len`` and ``amax_reduction`` are ignored) and no state
+is kept. ``precision.backend`` picks the implementation of the linears: ``xla`` (fp8_dot.py /
+fp8_current.py, runs everywhere, CPU included) or ``te`` (Transformer Engine, NVIDIA GPUs only,
+delayed scaling only; te.py). FP8 attention is ours under either backend, since Transformer Engine
+has no FP8 QK^T/PV: FP8 einsums (``model.attention_impl='xla'``) or cuDNN's fused FP8 kernel
+(``'cudnn'``, cudnn_attention.py, delayed scaling only: see :data:`CUDNN_CURRENT_REFUSAL`).
 """
 
 from __future__ import annotations
@@ -17,24 +21,38 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fogjax.precision.cudnn_attention import CudnnFp8Attention
+from fogjax.precision.cudnn_attention import CudnnAttentionUnavailable, CudnnFp8Attention
+from fogjax.precision.fp8_current import Fp8CurrentDotGeneral
 from fogjax.precision.fp8_dot import Fp8DotGeneral
 from fogjax.precision.recipe import DotGeneral, Recipe, dtype_from_name
 from fogjax.precision.scaling import AMAX_REDUCTIONS
 
 BACKENDS = ("xla", "te")
+SCALINGS = ("delayed", "current")
+
+# Why model.attention_impl='cudnn' is refused under current scaling (docs/precision.md).
+CUDNN_CURRENT_REFUSAL = (
+    "model.attention_impl='cudnn' cannot run {name!r}: cuDNN's fused FP8 attention quantises the "
+    "softmax P, the output O and, backward, dP, dQ, dK and dV inside the kernel, with scales it "
+    "must be given before it runs, so they cannot be current-scaled (JAX's binding returns O, dQ, "
+    "dK and dV in FP8 only, so they cannot be scaled after the kernel either, as Transformer "
+    "Engine does on newer cuDNN). Use --config.model.attention_impl=xla (FP8 QK^T and PV as "
+    "einsums, current-scaled, any backend) or --config.precision.recipe=fp8dpa (delayed scaling, "
+    "which the cuDNN kernel supports)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Recipe(Recipe):
-    """FP8 linears (and FP8 attention when ``fp8_attention``), delayed per-tensor scaling.
+    """FP8 linears (and FP8 attention when ``fp8_attention``), per-tensor scaling.
 
     Attributes:
-      fp8_attention: QK^T and PV in FP8 too (``fp8dpa``).
-      amax_history_len: delayed-scaling window H (>= 1; the paper uses 1024).
-      amax_reduction: 'max' over the window or 'most_recent'.
+      fp8_attention: QK^T and PV in FP8 too (``fp8dpa``, ``fp8dpa_current``).
+      amax_history_len: delayed-scaling window H (>= 1; the paper uses 1024); unused by 'current'.
+      amax_reduction: 'max' over the window or 'most_recent'; unused by 'current'.
       margin: scale = fp8_max / amax / 2**margin (>= 0; the paper uses 0).
-      backend: 'xla' or 'te' (linears only).
+      backend: 'xla' or 'te' (linears only; 'te' with delayed scaling only).
+      scaling: 'delayed' (amax history, the paper's) or 'current' (each tensor's own amax).
     """
 
     name: str = "fp8"
@@ -43,6 +61,7 @@ class Fp8Recipe(Recipe):
     amax_reduction: str = "max"
     margin: float = 0
     backend: str = "xla"
+    scaling: str = "delayed"
 
     def __post_init__(self) -> None:
         if isinstance(self.amax_history_len, bool) or not isinstance(self.amax_history_len, int):
@@ -72,6 +91,18 @@ class Fp8Recipe(Recipe):
                 f"precision.backend={self.backend!r} is not supported; use one of {BACKENDS} "
                 "(e.g. --config.precision.backend=xla, which runs everywhere)."
             )
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"FP8 scaling {self.scaling!r} is not one of {SCALINGS}.")
+        if self.current and self.backend == "te":
+            # TE-JAX has Float8CurrentScaling, but it has no margin, and no TE/GPU here to check
+            # its stateless module through te.DetachedDotGeneral: refused rather than wired blind.
+            raise ValueError(
+                f"precision.backend='te' runs delayed scaling only, not {self.name!r} (current "
+                "scaling). Use --config.precision.backend=xla (the same current-scaled FP8 GEMMs "
+                f"through XLA, CPU included), or --config.precision.recipe="
+                f"{'fp8dpa' if self.fp8_attention else 'fp8'} for Transformer Engine's delayed "
+                "scaling."
+            )
 
     @property
     def quantizes_linears(self) -> bool:
@@ -83,9 +114,21 @@ class Fp8Recipe(Recipe):
 
     @property
     def amax_update_rule(self) -> tuple[str, float] | None:
-        return (self.amax_reduction, self.margin)
+        # Current scaling keeps no state in the fp8 collection: nothing to update.
+        return None if self.current else (self.amax_reduction, self.margin)
 
-    def _fp8_dot_general(self, name: str) -> Fp8DotGeneral:
+    @property
+    def current(self) -> bool:
+        """Current scaling (``*_current`` recipes): each tensor scaled by its own amax."""
+        return self.scaling == "current"
+
+    def check_attention_impl(self, attention_impl: str) -> None:
+        if attention_impl == "cudnn" and self.fp8_attention and self.current:
+            raise CudnnAttentionUnavailable(CUDNN_CURRENT_REFUSAL.format(name=self.name))
+
+    def _fp8_dot_general(self, name: str) -> Fp8DotGeneral | Fp8CurrentDotGeneral:
+        if self.current:
+            return Fp8CurrentDotGeneral(margin=self.margin, name=name)
         return Fp8DotGeneral(
             amax_history_len=self.amax_history_len,
             amax_reduction=self.amax_reduction,
@@ -108,6 +151,7 @@ class Fp8Recipe(Recipe):
     def fused_fp8_attention(self, name: str) -> CudnnFp8Attention:
         if not self.fp8_attention:
             return super().fused_fp8_attention(name)
+        self.check_attention_impl("cudnn")  # Start-up checks this too (run.build_run).
         return CudnnFp8Attention(
             amax_history_len=self.amax_history_len,
             amax_reduction=self.amax_reduction,
@@ -116,9 +160,12 @@ class Fp8Recipe(Recipe):
         )
 
 
-def recipe_from_config(precision: Any, name: str, fp8_attention: bool) -> Fp8Recipe:
+def recipe_from_config(
+    precision: Any, name: str, fp8_attention: bool, scaling: str = "delayed"
+) -> Fp8Recipe:
     """Builds an Fp8Recipe from the config's ``precision`` section; with backend 'te' it fails
-    here, at start-up, if Transformer Engine or a CUDA GPU is missing."""
+    here, at start-up, if Transformer Engine or a CUDA GPU is missing (or under current
+    scaling, which it does not run)."""
     recipe = Fp8Recipe(
         name=name,
         compute_dtype=dtype_from_name(precision.compute_dtype),
@@ -127,6 +174,7 @@ def recipe_from_config(precision: Any, name: str, fp8_attention: bool) -> Fp8Rec
         amax_reduction=precision.amax_reduction,
         margin=precision.margin,
         backend=precision.backend,
+        scaling=scaling,
     )
     if recipe.backend == "te":
         from fogjax.precision import te

@@ -10,12 +10,15 @@ always from inside a Linen ``@nn.compact`` method (so that a returned Module bin
   ``model.attention_impl='cudnn'`` under a recipe that quantises attention.
 
 Both return either a plain function or a Linen Module whose ``__call__`` has ``lax.dot_general``'s
-signature. FP8 modules keep their delayed-scaling state in the ``fp8`` variable collection. The
-embedding and LM head never go through a recipe: they stay in the compute dtype (docs/spec.md §3).
+signature. FP8 modules keep their delayed-scaling state in the ``fp8`` variable collection
+(current-scaling ones keep none). ``recipe.check_attention_impl(impl)`` refuses, at start-up, a
+``model.attention_impl`` the recipe cannot run. The embedding and LM head never go through a
+recipe: they stay in the compute dtype (docs/spec.md §3).
 
 This module is the interface only; of fogjax it imports only bf16_dot (a leaf). registry.py maps
-recipe names (``bf16``, ``fp8``, ``fp8dpa``, ``nvfp4``, ``mxfp4``) to factories and builds one
-from the config's ``precision`` section (``registry.make_recipe``).
+recipe names (``bf16``, ``fp8``, ``fp8dpa``, ``fp8_current``, ``fp8dpa_current``, ``nvfp4``,
+``mxfp4``) to factories and builds one from the config's ``precision`` section
+(``registry.make_recipe``).
 """
 
 from __future__ import annotations
@@ -88,6 +91,11 @@ class Recipe:
         backward (bf16_dot.low_precision_dot_general)."""
         del name
         return low_precision_dot_general
+
+    def check_attention_impl(self, attention_impl: str) -> None:
+        """Raises ValueError, naming the fix, where this recipe cannot run ``model.attention_impl``
+        (whatever the machine: the GPU checks are cudnn_attention.require_cudnn_attention's)."""
+        del attention_impl
 
     def fused_fp8_attention(self, name: str) -> Callable[..., jax.Array]:
         """The fused FP8 attention of ``model.attention_impl='cudnn'`` when ``quantizes_attention``:

@@ -23,6 +23,12 @@ RECIPES: dict[str, Callable[[Any], Recipe]] = {
     "bf16": _bf16,
     "fp8": lambda p: fp8_recipes.recipe_from_config(p, "fp8", fp8_attention=False),
     "fp8dpa": lambda p: fp8_recipes.recipe_from_config(p, "fp8dpa", fp8_attention=True),
+    "fp8_current": lambda p: fp8_recipes.recipe_from_config(
+        p, "fp8_current", fp8_attention=False, scaling="current"
+    ),
+    "fp8dpa_current": lambda p: fp8_recipes.recipe_from_config(
+        p, "fp8dpa_current", fp8_attention=True, scaling="current"
+    ),
     "nvfp4": lambda p: fp4_recipes.recipe_from_config(p, "nvfp4"),
     "mxfp4": lambda p: fp4_recipes.recipe_from_config(p, "mxfp4"),
 }

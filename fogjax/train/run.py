@@ -181,6 +181,7 @@ def build_run(config: Any, mesh: jax.sharding.Mesh | None = None, target: Any = 
     """
     mesh = mesh or sharding.make_mesh(config.mesh)
     recipe = make_recipe(config.precision)
+    recipe.check_attention_impl(config.model.attention_impl)  # Before any check of the GPUs.
     if config.model.attention_impl == "cudnn":  # Fail here, not in a compile minutes later.
         require_cudnn_attention(
             fp8=recipe.quantizes_attention,

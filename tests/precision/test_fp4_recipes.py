@@ -68,7 +68,15 @@ def test_importing_the_recipe_interface_registers_nothing_and_imports_no_recipe(
 
 
 def test_registry_names_every_recipe():
-    assert registry.available() == ["bf16", "fp8", "fp8dpa", "mxfp4", "nvfp4"]
+    assert registry.available() == [
+        "bf16",
+        "fp8",
+        "fp8_current",
+        "fp8dpa",
+        "fp8dpa_current",
+        "mxfp4",
+        "nvfp4",
+    ]
 
 
 def precision(**overrides):
@@ -117,7 +125,8 @@ def test_options_reach_the_dot_and_bad_values_fail_clearly():
 def test_only_fp8_recipes_promise_fp8_linear_gemms_to_the_gpu_bench():
     """The deviceless bench flags block GEMMs that are not FP8 only where the recipe runs FP8
     GEMMs: FP4's emulation is BF16 GEMMs by design (a false alarm for nvfp4 before)."""
-    expected = {"bf16": False, "fp8": True, "fp8dpa": True, "nvfp4": False, "mxfp4": False}
+    expected = {"bf16": False, "nvfp4": False, "mxfp4": False}
+    expected |= dict.fromkeys(("fp8", "fp8dpa", "fp8_current", "fp8dpa_current"), True)
     for name, fp8_gemms in expected.items():
         precision = config_lib.get_config("fog_flash", "tiny").precision
         precision.recipe = name
