@@ -1,12 +1,13 @@
 """Pure train and eval steps.
 
 The train state is a dict ``{step, params, fp8, opt_state}``. ``fp8`` holds the delayed-scaling
-state of every FP8 GEMM (empty under bf16). The loss is differentiated with respect to ``params``
-and the ``scale_inv`` leaves of ``fp8`` together; by construction of the FP8 ops
-(fogjax/precision/fp8_dot.py) the "gradient" of a ``scale_inv`` is the amax its tensor had. The
-amaxes never enter the optimizer, weight decay, clipping or the gradient norm; across micro-batches
-they combine by elementwise max (the full batch's amax), never summed, and then every state is
-updated once per step (fogjax/precision/bulk_scaling.py).
+state of every FP8 GEMM (empty under bf16 and under the current-scaling recipes, ``*_current``).
+The loss is differentiated with respect to ``params`` and the ``scale_inv`` leaves of ``fp8``
+together; by construction of the FP8 ops (fogjax/precision/fp8_dot.py) the "gradient" of a
+``scale_inv`` is the amax its tensor had. The amaxes never enter the optimizer, weight decay,
+clipping or the gradient norm; across micro-batches they combine by elementwise max (the full
+batch's amax), never summed, and then every state is updated once per step
+(fogjax/precision/bulk_scaling.py).
 
 On statistics steps (``with_stats=True``, a separate compilation) the step also returns the
 per-layer activation probes (kurtosis, rms, amax) and FP8 / FP4 statistics.
@@ -263,8 +264,10 @@ def make_train_step(
         if with_stats:
             probes = aux.get(PROBES_COLLECTION, {})
             metrics.update(activation_metrics(probes, getattr(model, "layer_names", ())))
-            if fp8_stats_fn is not None and new_fp8:
-                metrics["fp8"] = fp8_stats_fn(new_fp8, aux.get(FP8_STATS_COLLECTION, {}))
+            fp8_stats = aux.get(FP8_STATS_COLLECTION, {})
+            # Current-scaling recipes keep no FP8 state but still sow operand statistics.
+            if fp8_stats_fn is not None and (new_fp8 or fp8_stats):
+                metrics["fp8"] = fp8_stats_fn(new_fp8, fp8_stats)
             if aux.get(FP4_STATS_COLLECTION):
                 # 'fp4/<layer path>/<lhs|rhs>_<zero_fraction|scale_min|scale_max>'
                 metrics["fp4"] = stats.fp8_operand_metrics(aux[FP4_STATS_COLLECTION], "fp4")
