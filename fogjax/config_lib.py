@@ -165,14 +165,15 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.model = model_config(arch, size)
 
     c.precision = ml_collections.ConfigDict()
-    # 'bf16' | 'fp8' (linears) | 'fp8dpa' (linears + attention) | 'nvfp4' | 'mxfp4' (emulated
-    # FP4 linears; fogjax/precision/registry.py lists them). FOG models exist to train in FP8DPA,
-    # so that is their default; the baselines default to their BF16 reference.
+    # 'bf16' | 'fp8' (linears) | 'fp8dpa' (linears + attention) | 'fp8_current' | 'fp8dpa_current'
+    # (the same with current scaling: each tensor's own amax, no history) | 'nvfp4' | 'mxfp4'
+    # (emulated FP4 linears; fogjax/precision/registry.py lists them). FOG models exist to train
+    # in FP8DPA, so that is their default; the baselines default to their BF16 reference.
     c.precision.recipe = "fp8dpa" if arch.startswith("fog") else "bf16"
     c.precision.backend = "xla"  # 'xla' (flax fp8_ops style, runs on CPU too) | 'te' (GPU).
     c.precision.compute_dtype = "bfloat16"  # Activation dtype; parameters stay float32.
-    c.precision.amax_history_len = 1024  # Delayed scaling window.
-    c.precision.amax_reduction = "max"  # 'max' over the window, or 'most_recent'.
+    c.precision.amax_history_len = 1024  # Delayed scaling window (unused by *_current).
+    c.precision.amax_reduction = "max"  # 'max' over the window, or 'most_recent' (ditto).
     c.precision.margin = 0  # scale = fp8_max / amax / 2**margin.
     # FP4 recipes ('nvfp4', 'mxfp4'; docs/spec.md §6) only. QK^T and PV: 'bf16' (the paper) or 'fp8'
     # (FP8DPA's FP8 attention with the delayed-scaling fields above).
