@@ -118,6 +118,7 @@ def measure_variant(
         b, t, n, g, d = (
             shape[k] for k in ("batch", "seq_len", "num_heads", "num_kv_heads", "head_dim")
         )
+        recipe.check_attention_impl(impl)  # e.g. no cuDNN FP8 attention under fp8dpa_current
         if impl == "cudnn":
             require_cudnn_attention(recipe.quantizes_attention, d, t)
         dtype = recipe.compute_dtype

@@ -11,6 +11,8 @@ import ml_collections
 import pytest
 from helpers.steps import fp8_dot_counts, tiny_config
 
+from fogjax import config_lib
+from fogjax.bench import attention as bench_attention
 from fogjax.model import build_model
 from fogjax.precision import registry
 from fogjax.precision.cudnn_attention import CudnnAttentionUnavailable
@@ -123,6 +125,12 @@ def test_start_up_refuses_cudnn_with_fp8dpa_current_before_checking_the_gpu():
     # And a model built some other way refuses when it is traced.
     with pytest.raises(CudnnAttentionUnavailable, match="cannot be current-scaled"):
         jax.eval_shape(build_model(cfg).init, jax.random.key(0), jnp.zeros((1, 128), jnp.int32))
+
+
+def test_attention_bench_reports_the_refusal_as_its_row_error():
+    config = config_lib.get_config("fog_flash", "tiny")
+    row = bench_attention.measure_variant(config, "cudnn", "fp8dpa_current", 1, 0)
+    assert row["status"] == "error" and "cannot be current-scaled" in row["error"]
 
 
 @pytest.mark.parametrize(
