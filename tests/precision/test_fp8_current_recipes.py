@@ -66,6 +66,7 @@ def test_recipes_quantise_what_fp8_and_fp8dpa_do_with_no_state(name, attention):
     assert isinstance(recipe, Fp8Recipe) and recipe.name == name and recipe.current
     assert recipe.quantizes_linears and recipe.runs_fp8_linear_gemms
     assert recipe.quantizes_attention is attention
+    assert recipe.amax_update_rule is None  # no delayed-scaling state for the step to update
     assert isinstance(recipe.linear_dot_general("x"), Fp8CurrentDotGeneral)
     qk = recipe.attention_dot_general("qk")
     assert isinstance(qk, Fp8CurrentDotGeneral) is attention
@@ -90,6 +91,7 @@ def test_history_fields_are_ignored_and_margin_applies():
     # The delayed recipes are unchanged.
     delayed = make_recipe(precision_config(recipe="fp8dpa"))
     assert isinstance(delayed.linear_dot_general("x"), Fp8DotGeneral) and not delayed.current
+    assert delayed.amax_update_rule == ("max", 0)
 
 
 @pytest.mark.parametrize("name, fix", [("fp8_current", "fp8 "), ("fp8dpa_current", "fp8dpa ")])
