@@ -239,17 +239,19 @@ def _fwd(q, k, v, states, scale, reduction, margin, specs):
     )
     o8, amax_p, amax_o, stats = _run_forward(q8, k8, v8, factors, scale, specs)
     out = scaling.dequantize(o8, states["o"].scale_inv, q.dtype)
-    seen = {n: scaling.observation(x) for n, x in (("q", q), ("k", k), ("v", v))}
-    seen |= {"p": scaling.observation(amax_p), "o": scaling.observation(amax_o)}
-    # Only the scales travel to the backward, not the [H] histories (the step updates those).
-    scale_invs = {n: state.scale_inv for n, state in states.items()}
-    return out, (q8, k8, v8, o8, stats, scale_invs, seen)
+    # In FORWARD_TENSORS order.
+    seen = [scaling.observation(x).scale_inv for x in (q, k, v, amax_p, amax_o)]
+    # The scales and the forward's amaxes travel to the backward as ONE float32 [15] (a stacked
+    # residual per layer and micro-batch: one write, not fifteen), the [H] histories not at all.
+    scalars = jnp.concatenate([states[n].scale_inv for n in TENSORS] + seen)
+    return out, (q8, k8, v8, o8, stats, scalars)
 
 
 def _bwd(scale, reduction, margin, specs, residuals, g):
     del reduction, margin  # The step applies the rule (bulk_scaling.py); kept for the signature.
-    q8, k8, v8, o8, stats, scale_invs, seen = residuals
-    states = {n: ScalingState(None, s) for n, s in scale_invs.items()}
+    q8, k8, v8, o8, stats, scalars = residuals
+    states = {n: ScalingState(None, scalars[i : i + 1]) for i, n in enumerate(TENSORS)}
+    forward_amaxes = scalars[len(TENSORS) :]
     do8 = scaling.quantize(g, states["do"].scale_inv, E4M3)
     factors = (
         _descale(states["q"]),
@@ -273,7 +275,9 @@ def _bwd(scale, reduction, margin, specs, residuals, g):
         for n, x8 in (("dq", dq8), ("dk", dk8), ("dv", dv8))
     )
     backward = {"do": g, "dp": amax_dp, "dq": amax_dq, "dk": amax_dk, "dv": amax_dv}
-    seen = dict(seen) | {n: scaling.observation(x) for n, x in backward.items()}
+    seen = {n: scaling.observation(x) for n, x in backward.items()}
+    for i, n in enumerate(FORWARD_TENSORS):
+        seen[n] = ScalingState(None, forward_amaxes[i : i + 1])
     return (*grads, {n: seen[n] for n in states})
 
 
