@@ -265,10 +265,11 @@ def paper_row(row: PaperRow, aot_row: dict[str, Any], gpus: int) -> dict[str, An
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Sets each row's estimated and paper ratios to Llama3 BF16 at its size (None without one)."""
+    base_of = {r["size"]: r for r in rows if (r["arch"], r["recipe"]) == BASELINE}
     for r in rows:
-        (base,) = [
-            b for b in rows if b["size"] == r["size"] and (b["arch"], b["recipe"]) == BASELINE
-        ]
+        base = base_of.get(r["size"])
+        if base is None:
+            continue
         for field, value in (
             ("estimated_ratio", "estimated_tokens_per_sec_per_gpu"),
             ("paper_ratio", "paper_tokens_per_sec_per_gpu"),

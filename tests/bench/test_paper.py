@@ -3,7 +3,7 @@
 The end-to-end run compiles the tiny stand-in (``--paper_scale=tiny``) deviceless for a GH200 on
 this CPU: the driver, the aot compile, the estimate, the table and the JSON, for five rows (every
 recipe, both sizes' meshes, every row with a paper figure at 1.5B). The other rows' configs are
-checked without compiling; all ten compile in about 3 minutes on 2 cores (too long for CI).
+checked without compiling; all ten compile in about 2.5 minutes on 2 cores (too long for CI).
 """
 
 from __future__ import annotations
