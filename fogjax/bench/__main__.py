@@ -5,10 +5,12 @@
     python -m fogjax.bench --config=configs/fog_flash.py:1.5b --attention=xla:bf16,cudnn:fp8dpa
     python -m fogjax.bench --target=h100 [--gpus=8] [--triton_gemm=both] --config=... --compare=...
     python -m fogjax.bench --target=h100 --plan --config=... --compare=... --plan_sizes=390m,1.5b
+    python -m fogjax.bench --paper --target=gh200 [--paper_scale=tiny]
 
 Without ``--target`` each entry runs on this machine's devices (measure.py). With it nothing runs:
 the step is compiled for the named GPU without one (aot.py), ``--plan`` searches the batch that
-fits (plan.py). benchmarks/README.md explains every column.
+fits (plan.py), ``--paper`` estimates the paper's throughput table (paper.py).
+benchmarks/README.md explains every column.
 Exit codes: 0 done, 1 every entry failed, 2 bad input (one line naming the flag or entry).
 """
 
@@ -28,7 +30,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fogjax import command_line
-from fogjax.bench import aot, plan
+from fogjax.bench import aot, paper, plan
 from fogjax.bench import attention as bench_attention  # noqa: E402
 from fogjax.bench import measure as step  # noqa: E402
 from fogjax.bench.entries import (  # noqa: E402
@@ -37,7 +39,12 @@ from fogjax.bench.entries import (  # noqa: E402
     size_of_config_arg,
     split_list,
 )
-from fogjax.bench.targets import TARGETS, TargetUnavailable, get_target  # noqa: E402
+from fogjax.bench.targets import (  # noqa: E402
+    TARGETS,
+    TargetUnavailable,
+    get_target,
+    target_devices,
+)
 
 FLAGS = flags.FLAGS
 
@@ -52,6 +59,24 @@ def _entries(size: str | None = None) -> list:
         raise ValueError("--plan_sizes needs --compare=arch:recipe,... (entries built per size).")
     names = split_list(FLAGS.recipes) if FLAGS.recipes else [FLAGS.config.precision.recipe]
     return recipe_entries(FLAGS.config, names)
+
+
+def _check_paper_flags() -> None:
+    """--paper builds every row itself (paper.py): flags that would be ignored are refused."""
+    if not FLAGS.target:
+        raise ValueError("--paper compiles for a GPU: add --target=gh200 (the paper's GPU).")
+    given = [
+        f"--{name}"
+        for name in ("config", "compare", "recipes", "attention", "plan", "gpus")
+        if FLAGS[name].present
+    ]
+    if given:
+        raise ValueError(
+            f"--paper sets each row's config, GPUs and work itself (fogjax/bench/paper.py); "
+            f"drop {', '.join(given)}."
+        )
+    if FLAGS.triton_gemm != "off" and FLAGS["triton_gemm"].present:
+        raise ValueError("--paper compiles with --triton_gemm=off (the cuBLASLt program).")
 
 
 def _run_target(command: str) -> None:
@@ -100,15 +125,27 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    command = shlex.join(["python", "-m", "fogjax.bench", *sys.argv[1:]])
+    if FLAGS.paper:
+        try:
+            _check_paper_flags()
+            target = get_target(FLAGS.target)
+            rows = paper.select_rows(FLAGS.paper_rows)
+            target_devices(target)  # the CUDA plugin is there (else the fix, before any row)
+        except (ValueError, TargetUnavailable) as e:
+            print(f"ERROR: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        sys.exit(paper.main(target, FLAGS.paper_scale, command, FLAGS.output, rows))
     if FLAGS.config is None:
         raise app.UsageError("Give a config: --config=configs/fog_flash.py:1.5b")
     if sum(bool(f) for f in (FLAGS.recipes, FLAGS.compare, FLAGS.attention)) > 1:
         raise app.UsageError("Give one of --recipes, --compare and --attention.")
     if FLAGS.steps < 1 or FLAGS.warmup < 0:
         raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup >= 0.")
+    if FLAGS["paper_scale"].present or FLAGS["paper_rows"].present:
+        raise app.UsageError("--paper_scale and --paper_rows go with --paper.")
     if (FLAGS.plan or FLAGS.gpus != 1) and not FLAGS.target:
         raise app.UsageError("--plan and --gpus compile for a GPU: add --target=h100 (or h200).")
-    command = shlex.join(["python", "-m", "fogjax.bench", *sys.argv[1:]])
     try:
         if FLAGS.target:
             if FLAGS.attention:
@@ -175,6 +212,24 @@ def _define_flags() -> None:
     flags.DEFINE_string("plan_remat", "none,dots,full", "With --plan: remat policies.")
     flags.DEFINE_string("plan_micro_batches", "1", "With --plan: micro-batch counts, e.g. 1,4.")
     flags.DEFINE_integer("plan_max_batch", 64, "With --plan: largest batch per GPU to try.")
+    flags.DEFINE_bool(
+        "paper",
+        False,
+        "With --target: the paper's throughput table (docs/spec.md §5), every row compiled at the "
+        "paper's per-GPU work and estimated; no --config needed.",
+    )
+    flags.DEFINE_enum(
+        "paper_scale",
+        "full",
+        paper.SCALES,
+        "With --paper: 'full' (the paper's sizes) or 'tiny' (the same rows, tiny width; for CI).",
+    )
+    flags.DEFINE_string(
+        "paper_rows",
+        None,
+        "With --paper: only these rows, comma-separated sizes or size:arch:recipe, e.g. "
+        "8b or 1.5b:fog_flash:fp8dpa (Llama3 BF16 of each size always runs: the ratios' base).",
+    )
 
 
 if __name__ == "__main__":

@@ -50,6 +50,13 @@ _LAYERS = re.compile(r"/layers(?:_\d+)?/(?P<site>[A-Za-z_]\w*/[A-Za-z_]\w*)")
 _DOT_DIMS = re.compile(r"(?P<kind>lhs_contracting_dims|lhs_batch_dims)=\{(?P<dims>[\d,]*)\}")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(?P<shape>[\d,]+)\]<=")
+# XLA's mesh form: replica_groups=mesh['axis_0'=4,'axis_1'=2][, device_ids=(...)] {'axis_0'}: the
+# group spans the named axes (a sub-axis 'axis_0':(1)2 spans its own size).
+_GROUPS_MESH = re.compile(
+    r"replica_groups=mesh\[(?P<axes>[^\]]*)\](?:, device_ids=[^{]*?)? \{(?P<over>[^}]*)\}"
+)
+_MESH_AXIS = re.compile(r"'(?P<name>[^']+)'=(?P<size>\d+)")
+_MESH_OVER = re.compile(r"'(?P<name>[^']+)'(?::\(\d+\)(?P<sub>\d+))?")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +275,13 @@ def group_size(inst: HloInstruction) -> int:
     iota = _GROUPS_IOTA.search(inst.attributes)
     if iota:
         return int(iota["shape"].split(",")[-1])
+    mesh = _GROUPS_MESH.search(inst.attributes)
+    if mesh:
+        sizes = {m["name"]: int(m["size"]) for m in _MESH_AXIS.finditer(mesh["axes"])}
+        return math.prod(
+            int(m["sub"]) if m["sub"] else sizes.get(m["name"], 1)
+            for m in _MESH_OVER.finditer(mesh["over"])
+        )
     # A collective-permute sends to one peer.
     return 2 if "source_target_pairs=" in inst.attributes else 1
 

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 # fogjax/bench/measure.py -> the repository root, three levels up.
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_RESULTS_DIR = os.path.join(_REPO, "benchmarks", "results")
+RESULTS_DIR = os.path.join(_REPO, "benchmarks", "results")
 
 # Every row has every field (None where it does not apply or was not reached before an error).
 ROW_FIELDS = (
@@ -364,7 +364,7 @@ def default_output_path(report: dict[str, Any], name: str = "") -> str:
     archs = name or "-".join(dict.fromkeys(row["arch"] for row in report["rows"]))
     device = re.sub(r"[^a-z0-9]+", "-", report["devices"]["kind"].lower()).strip("-")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-    return os.path.join(_RESULTS_DIR, f"{archs}-{stamp}-{device}.json")
+    return os.path.join(RESULTS_DIR, f"{archs}-{stamp}-{device}.json")
 
 
 def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:

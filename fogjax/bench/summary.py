@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from fogjax.bench import text_table
+
 HEADER = (
     "width x layers",
     "GPU",
@@ -60,10 +62,7 @@ def rows_of(report: dict[str, Any]) -> list[list[str]]:
 
 
 def markdown(reports: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for report in reports:
-        lines += ["| " + " | ".join(row) + " |" for row in rows_of(report)]
-    return "\n".join(lines)
+    return text_table.markdown(HEADER, [row for report in reports for row in rows_of(report)])
 
 
 def main(paths: Sequence[str]) -> int:

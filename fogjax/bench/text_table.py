@@ -18,3 +18,9 @@ def aligned(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         )
 
     return "\n".join([join(lines[0]), "  ".join("-" * w for w in widths), *map(join, lines[1:])])
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """``header`` and ``rows`` (cells as strings) as a Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

@@ -317,3 +317,27 @@ def test_collectives_are_found_with_bytes_group_sizes_and_ring_costs():
     link = rates.nvlink_bytes_per_s * rates.link_efficiency
     expected = 4 * 2**20 * (2 * 7 / 8 + 7 / 8 + 3 / 4) / link + 3 * rates.kernel_overhead_s
     assert est.by_category["collective"] == pytest.approx(expected)
+
+
+MESH_COLLECTIVES_HLO = """\
+HloModule m
+
+ENTRY %main (x: f32[1024,1024]) -> f32[1024,1024] {
+  %x = f32[1024,1024]{1,0} parameter(0)
+  %ar = f32[1024,1024]{1,0} all-reduce(%x), channel_id=1, replica_groups=mesh['axis_0'=8,'axis_1'=1,'axis_2'=1] {'axis_0'}, use_global_device_ids=true, to_apply=%add
+  %ag-start = (f32[128,1024]{1,0}, f32[1024,1024]{1,0}) all-gather-start(%x), channel_id=2, replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}, use_global_device_ids=true
+  %ag-done = f32[1024,1024]{1,0} all-gather-done(%ag-start)
+  ROOT %rs = f32[128,1024]{1,0} reduce-scatter(%x), channel_id=3, replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2] {'axis_0','axis_2'}, dimensions={0}, to_apply=%add
+}
+"""  # noqa: E501
+
+
+def test_mesh_replica_groups_span_their_named_axes():
+    """XLA prints a sharded step's groups as mesh[...] {axes}; read as one device, an FSDP
+    all-gather or gradient all-reduce would cost nothing in the estimate."""
+    found = {
+        c.kind: c for c in gemms.find_collectives(hlo_module.parse_module(MESH_COLLECTIVES_HLO))
+    }
+    assert found["all-reduce"].group_size == 8
+    assert found["all-gather"].group_size == 4
+    assert found["reduce-scatter"].group_size == 8
