@@ -36,6 +36,7 @@ from fogjax import sharding
 from fogjax.accounting import model_info
 from fogjax.bench import estimate as estimate_lib
 from fogjax.bench import gemms as gemm_lib
+from fogjax.bench import hlo_stats
 from fogjax.bench.hlo_module import parse_module
 from fogjax.bench.targets import Target, target_devices
 from fogjax.train import run as state_lib
@@ -146,6 +147,7 @@ def analyse(
         ]
         if fp8_linears
         else None,
+        "fp8_casts_from_f32": hlo_stats.fp8_casts_from_float32(hlo_text),
         "cudnn_attention_calls": len(attention),
         "cudnn_fp8_attention_calls": sum(1 for a in attention if a.fp8),
         "collectives": [dataclasses.asdict(c) for c in collectives],

@@ -200,6 +200,34 @@ def is_fp8_hlo_type(dtype: str | None) -> bool:
     return dtype is not None and dtype.startswith("f8")
 
 
+def fp8_casts_from_float32(hlo_text: str) -> list[str]:
+    """Fusions that write an FP8 array from a float32 operand of the same size: a tensor that was
+    bf16 in the program (every FP8 operand is) materialised in float32 because XLA dropped its
+    float32 -> bf16 -> float32 round trip (``xla_allow_excess_precision``; see
+    fogjax/train/compiler_options.py). Twice the bytes, written and read. Names, for the report."""
+    found = []
+    for inst in instructions(hlo_text):
+        if inst.opcode != "fusion":
+            continue
+        fp8_sizes = {_size(shape) for dtype, shape in inst.shapes if is_fp8_hlo_type(dtype)}
+        wide = {
+            _size(shape)
+            for types in inst.operand_shapes
+            for dtype, shape in types
+            if dtype == "f32" and _size(shape) > 1
+        }
+        if fp8_sizes & wide:
+            found.append(inst.name)
+    return found
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def custom_call_counts(hlo_text: str) -> dict[str, int]:
     """{custom-call target: how many custom calls name it} over the whole module."""
     counts = collections.Counter(

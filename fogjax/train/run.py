@@ -24,6 +24,7 @@ from fogjax.precision import stats as fp8_stats
 from fogjax.precision.cudnn_attention import require_cudnn_attention
 from fogjax.precision.recipe import Recipe
 from fogjax.precision.registry import make_recipe
+from fogjax.train import compiler_options
 from fogjax.train.step import make_eval_step, make_train_step
 
 State = dict[str, Any]
@@ -145,7 +146,13 @@ class Run:
             in_shardings=(self.shardings, sharding.batch_sharding(self.mesh), *[None] * extra_args),
             out_shardings=(self.shardings, None),
             donate_argnums=0,
+            compiler_options=compiler_options.for_platform(self.platform) or None,
         )
+
+    @property
+    def platform(self) -> str:
+        """The platform of the mesh's devices ('gpu' for a deviceless GPU target too)."""
+        return str(self.mesh.devices.flat[0].platform)
 
     @functools.cached_property
     def train_steps(self) -> dict[bool, Callable[..., Any]]:

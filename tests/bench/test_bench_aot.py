@@ -17,7 +17,7 @@ import pytest
 from helpers import REPO_ROOT
 
 from fogjax import config_lib
-from fogjax.bench import aot, estimate, gemms, hlo_module, plan, targets
+from fogjax.bench import aot, estimate, gemms, hlo_module, hlo_stats, plan, targets
 
 pytestmark = pytest.mark.slow  # module fixtures train or run commands
 
@@ -104,6 +104,25 @@ def test_fp8_recipes_put_every_block_gemm_in_fp8_cublaslt(cli_report):
     # Under fp8 the attention GEMMs stay BF16 by design and are not reported as missing FP8.
     fp8 = _row(report, "fog_flash:fp8", False)
     assert sum(1 for g in fp8["gemms"] if g["in_block"] and not g["fp8"]) == 6
+
+
+def test_fp8_casts_read_bf16_not_float32_widened_copies(cli_report):
+    """The train step compiles with xla_allow_excess_precision off (train/compiler_options.py):
+    no FP8 cast reads a float32 copy of a bf16 tensor (the trap it removes is caught below)."""
+    report, _ = cli_report
+    for label in (
+        "fog_flash:fp8",
+        "fog_flash:fp8dpa",
+        "fog_flash:fp8dpa:model.attention_impl=cudnn",
+    ):
+        assert _row(report, label, False)["fp8_casts_from_f32"] == [], label
+    trap = (
+        "ENTRY %e (p0: f32[64,32], p1: bf16[1]) -> f8e5m2[64,32] {\n"
+        "  %p0 = f32[64,32]{1,0} parameter(0)\n  %p1 = bf16[1]{0} parameter(1)\n"
+        "  ROOT %cast = f8e5m2[64,32]{1,0} fusion(%p0, %p1), kind=kLoop, calls=%c\n}\n"
+    )
+    assert hlo_stats.fp8_casts_from_float32(trap) == ["cast"]
+    assert hlo_stats.fp8_casts_from_float32(trap.replace("f32[64,32]", "bf16[64,32]")) == []
 
 
 def test_with_triton_gemms_fp8_dots_become_triton_fusions_and_still_count():
