@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -50,6 +51,15 @@ def init_random(model, tokens, seed=0):
     return jax.tree.unflatten(tree, noisy)
 
 
+@functools.cache
+def random_params(arch: str, **overrides):
+    """``init_random`` of ``small_config(arch, **overrides)``, built once per module: the params
+    do not depend on the tokens' shape, and initialising (eagerly, one compile per shape) costs
+    ~10 s on 2 cores. Tests share the result read-only; each builds its own config and model."""
+    model = build_model(small_config(arch, **overrides), F32)
+    return init_random(model, jnp.zeros((1, 4), jnp.int32))
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -70,7 +80,7 @@ def test_forward_matches_float64_reference(arch):
     cfg = small_config(arch)
     model = build_model(cfg, F32)
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.model.vocab_size)
-    params = init_random(model, tokens)
+    params = random_params(arch)
     logits = model.apply({"params": params}, tokens)
     expected = ref.forward(jax.tree.map(np.asarray, params), cfg.model, np.asarray(tokens))
     assert logits.dtype == jnp.float32
@@ -82,7 +92,7 @@ def test_unrolled_layers_match_scan():
     cfg = small_config("fog_flash")
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.model.vocab_size)
     scanned = build_model(cfg, F32)
-    params = init_random(scanned, tokens)
+    params = random_params("fog_flash")
     with cfg.unlocked():
         cfg.model.scan_layers = False
     unrolled = build_model(cfg, F32)
@@ -97,22 +107,23 @@ def test_unrolled_layers_match_scan():
     )
 
 
+@functools.cache
+def _fog_opt_grads(remat):
+    """The gradient of a fixed loss of ``small_config("fog_opt", remat=remat)`` (the plain
+    model's, remat='none', is computed once for both parametrisations)."""
+    cfg = small_config("fog_opt", remat=remat)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.model.vocab_size)
+    model = build_model(cfg, F32)
+    return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(
+        random_params("fog_opt")
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_keeps_values_and_gradients(remat):
-    cfg = small_config("fog_opt")
-    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.model.vocab_size)
-    plain = build_model(cfg, F32)
-    params = init_random(plain, tokens)
-    with cfg.unlocked():
-        cfg.model.remat = remat
-    rematted = build_model(cfg, F32)
-
-    def loss(model, p):
-        return jnp.mean(model.apply({"params": p}, tokens) ** 2)
-
-    g_plain = jax.grad(lambda p: loss(plain, p))(params)
-    g_remat = jax.grad(lambda p: loss(rematted, p))(params)
+    g_plain = _fog_opt_grads("none")
+    g_remat = _fog_opt_grads(remat)
     for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_remat), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -122,7 +133,7 @@ def test_smooth_swiglu_per_channel_matches_reference_swiglu():
     cfg = small_config("llama3_smooth_swiglu", smooth_swiglu_per_channel=True)
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.model.vocab_size)
     model = build_model(cfg, F32)
-    params = init_random(model, tokens)
+    params = random_params("llama3_smooth_swiglu", smooth_swiglu_per_channel=True)
     with cfg.unlocked():
         cfg.model.ffn_activation = "swiglu"  # the reference's plain SwiGLU: exact equivalence
     expected = ref.forward(jax.tree.map(np.asarray, params), cfg.model, np.asarray(tokens))
@@ -150,11 +161,15 @@ def test_smooth_swiglu_equals_swiglu_in_float64():
         np.testing.assert_allclose(y_smooth, y_plain, rtol=1e-12, atol=1e-14)
 
 
-def _params_of(arch, size="tiny"):
-    cfg = config_lib.get_config(arch, size)
-    model = build_model(cfg, F32)
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    return cfg, nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+@functools.cache
+def _boxed_params_of(arch):
+    """The tiny config's freshly initialised (boxed) params, once per module and arch."""
+    model = build_model(config_lib.get_config(arch, "tiny"), F32)
+    return model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+def _params_of(arch):
+    return config_lib.get_config(arch, "tiny"), nn.unbox(_boxed_params_of(arch))
 
 
 @pytest.mark.slow
@@ -186,7 +201,7 @@ def test_tanh_alpha_is_trainable():
     cfg = small_config("fog_flash")
     model = build_model(cfg, F32)
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, cfg.model.vocab_size)
-    params = init_random(model, tokens)
+    params = random_params("fog_flash")
     grads = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2))(params)
     assert np.all(np.abs(grads["layers"]["attn"]["q_norm"]["alpha"]) > 0)
     assert np.all(np.abs(grads["layers"]["attn"]["k_norm"]["alpha"]) > 0)
@@ -234,7 +249,7 @@ def test_tied_embeddings_have_no_separate_head():
     cfg = small_config("fog_opt", tie_embeddings=True)
     model = build_model(cfg, F32)
     tokens = jax.random.randint(jax.random.key(3), (2, 6), 0, cfg.model.vocab_size)
-    params = init_random(model, tokens)
+    params = random_params("fog_opt", tie_embeddings=True)
     assert "lm_head" not in params
     expected = ref.forward(jax.tree.map(np.asarray, params), cfg.model, np.asarray(tokens))
     assert rel_err(model.apply({"params": params}, tokens), expected) < 1e-5
@@ -246,7 +261,7 @@ def test_causality(arch):
     cfg = small_config(arch)
     model = build_model(cfg, F32)
     tokens = jax.random.randint(jax.random.key(1), (1, 10), 0, cfg.model.vocab_size)
-    params = init_random(model, tokens)
+    params = random_params(arch)
     changed = tokens.at[0, 6:].set((tokens[0, 6:] + 7) % cfg.model.vocab_size)
     a = model.apply({"params": params}, tokens)
     b = model.apply({"params": params}, changed)
@@ -257,10 +272,12 @@ def test_causality(arch):
 @pytest.mark.slow
 def test_gqa_matches_repeat_kv():
     b, t, g, r, d = 2, 7, 2, 3, 8
-    keys = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(keys[0], (b, t, g, r, d))
-    k = jax.random.normal(keys[1], (b, t, g, d))
-    v = jax.random.normal(keys[2], (b, t, g, d))
+    # NumPy draws: each new shape of jax.random.normal is one more eager compile (~1.5 s).
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(s), jnp.float32)
+        for s in ((b, t, g, r, d), (b, t, g, d), (b, t, g, d))
+    )
     grouped = xla_attention(q, k, v, 0.3, F32)
     # Multi-head reference: one group per query head, K and V repeated R times (head h -> h // R).
     k_rep = jnp.repeat(k, r, axis=2)
@@ -302,8 +319,7 @@ def test_weight_decay_mask_by_role():
 
 
 def test_weight_decay_mask_on_boxed_params():
-    cfg = config_lib.get_config("fog_flash", "tiny")
-    boxed = build_model(cfg, F32).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    boxed = _boxed_params_of("fog_flash")
     mask = nn.unbox(weight_decay_mask(boxed))
     assert mask["layers"]["attn"]["wqkv"]["kernel"] and mask["embedding"]
     assert not mask["layers"]["attn_post_norm"]["scale"]
