@@ -229,6 +229,7 @@ AOT_FIELDS = (
     "memory",
     "gemm_counts",
     "non_fp8_block_gemms",
+    "fp8_casts_from_f32",
     "cudnn_attention_calls",
     "cudnn_fp8_attention_calls",
     "collective_bytes_per_step",

@@ -201,12 +201,16 @@ def is_fp8_hlo_type(dtype: str | None) -> bool:
 
 
 def fp8_casts_from_float32(hlo_text: str) -> list[str]:
-    """Fusions that write an FP8 array from a float32 operand of the same size: a tensor that was
-    bf16 in the program (every FP8 operand is) materialised in float32 because XLA dropped its
-    float32 -> bf16 -> float32 round trip (``xla_allow_excess_precision``; see
-    fogjax/train/compiler_options.py). Twice the bytes, written and read. Names, for the report."""
+    """Fusions that cast a float32 operand to FP8 without rounding it to bf16 first: a bf16 tensor
+    that XLA materialised in float32 because it dropped its float32 -> bf16 -> float32 round trip
+    (``xla_allow_excess_precision``; see fogjax/train/compiler_options.py), or a float32 master
+    weight cast without its bf16 step. Twice the bytes, and not the CPU's numbers. A fusion that
+    reads float32 (the master weights) and converts to bf16 on the way to FP8 is not listed.
+    Names, for the report."""
+    insts = list(instructions(hlo_text))
+    rounds_to_bf16 = {i.computation for i in insts if i.opcode == "convert" and i.dtype == "bf16"}
     found = []
-    for inst in instructions(hlo_text):
+    for inst in insts:
         if inst.opcode != "fusion":
             continue
         fp8_sizes = {_size(shape) for dtype, shape in inst.shapes if is_fp8_hlo_type(dtype)}
@@ -216,7 +220,8 @@ def fp8_casts_from_float32(hlo_text: str) -> list[str]:
             for dtype, shape in types
             if dtype == "f32" and _size(shape) > 1
         }
-        if fp8_sizes & wide:
+        called = re.search(r"calls=%?([\w.\-]+)", inst.attributes)
+        if fp8_sizes & wide and not (called and called.group(1) in rounds_to_bf16):
             found.append(inst.name)
     return found
 

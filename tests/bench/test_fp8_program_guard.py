@@ -1,0 +1,57 @@
+"""A deviceless guard on the FP8DPA GPU program at a small config (390M width, 2 layers, 2
+micro-batches, cuDNN attention, one H100): what the step costs beyond BF16 must not grow back.
+
+Measured when written: 877 kernels per step under fp8dpa against 488 under bf16 (1.80x; the bulk
+scaling update, packed residuals and bf16-exact casts brought it there). Issue 20's goal is 1.25x;
+the bound below is today's level with a little room, to be tightened as the levers land
+(docs/speed.md), so that a change that adds per-layer FP8 bookkeeping fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fogjax import config_lib
+from fogjax.bench import aot, targets
+
+pytestmark = pytest.mark.slow  # two deviceless compiles, ~40 s
+
+KERNEL_RATIO_BOUND = 1.9  # fp8dpa / bf16 kernels per step (today 1.80; goal 1.25)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    out = {}
+    for recipe in ("bf16", "fp8dpa"):
+        c = config_lib.get_config("fog_flash", "390m")
+        c.update_from_flattened_dict(
+            {
+                "model.num_layers": 2,
+                "train.batch_size": 2,
+                "train.micro_batches": 2,
+                "train.seq_len": 512,
+                "model.attention_impl": "cudnn",
+            }
+        )
+        c.precision.recipe = recipe
+        row = aot.aot_row(recipe, c, targets.get_target("h100"), 1, False)
+        assert row["status"] == "ok", row["error"]
+        out[recipe] = row
+    return out
+
+
+def test_fp8dpa_kernels_per_step_stay_within_the_bound_of_bf16s(rows):
+    fp8, bf16 = (rows[r]["estimate"]["kernels_per_step"] for r in ("fp8dpa", "bf16"))
+    assert bf16 > 0 and fp8 / bf16 <= KERNEL_RATIO_BOUND, (fp8, bf16)
+
+
+def test_every_block_gemm_is_fp8_and_no_gemm_reads_float32(rows):
+    row = rows["fp8dpa"]
+    assert row["non_fp8_block_gemms"] == []
+    assert row["cudnn_fp8_attention_calls"] == 2 * 2  # forward and backward, two layers
+    dtypes = {(g["lhs_dtype"], g["rhs_dtype"]) for r in rows.values() for g in r["gemms"]}
+    assert not any("f32" in d for pair in dtypes for d in pair), dtypes
+
+
+def test_no_fp8_cast_reads_a_float32_widened_tensor(rows):
+    assert rows["fp8dpa"]["fp8_casts_from_f32"] == []
