@@ -29,7 +29,12 @@ from fogjax.model.mlp import ACTIVATIONS
 from fogjax.model.probes import KURTOSIS_FORMS, PROBES_COLLECTION
 from fogjax.precision.bf16_dot import bf16_dot_general
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
-from fogjax.precision.recipe import FP8_COLLECTION, FP8_STATS_COLLECTION, Recipe
+from fogjax.precision.recipe import (
+    FP8_COLLECTION,
+    FP8_STATS_COLLECTION,
+    FP8_WEIGHTS_COLLECTION,
+    Recipe,
+)
 
 Array = jax.Array
 
@@ -43,6 +48,7 @@ REMAT_POLICIES = {
 SCANNED_COLLECTIONS = (
     "params",
     FP8_COLLECTION,
+    FP8_WEIGHTS_COLLECTION,
     PROBES_COLLECTION,
     FP8_STATS_COLLECTION,
     FP4_STATS_COLLECTION,
@@ -159,6 +165,15 @@ class Transformer(nn.Module):
                 f"log.kurtosis_form={self.kurtosis_form!r}; choose one of {KURTOSIS_FORMS}."
             )
         super().__post_init__()
+
+    def kernel_is_gemm_operand(self, path: tuple[str, ...]) -> bool:
+        """Whether the Linear at ``path`` (e.g. ``('layers', 'mlp', 'wo')``) hands its kernel to
+        the GEMM as stored (cast to the compute dtype, nothing else): False only for the FFN
+        out-projection under per-channel SmoothSwiGLU (mlp.py), whose rows are scaled per batch.
+        The train step pre-quantises exactly these kernels (precision/weight_quantization.py)."""
+        cfg = self.cfg
+        smooth = cfg.ffn_activation == "smooth_swiglu" and cfg.smooth_swiglu_per_channel
+        return not (smooth and tuple(path[-2:]) == ("mlp", "wo"))
 
     @property
     def layer_names(self) -> tuple[str, ...]:

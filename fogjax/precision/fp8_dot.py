@@ -35,7 +35,7 @@ from jax import lax
 
 from fogjax.precision import scaling
 from fogjax.precision.formats import E4M3, E5M2
-from fogjax.precision.recipe import FP8_STATS_COLLECTION
+from fogjax.precision.recipe import FP8_STATS_COLLECTION, FP8_WEIGHTS_COLLECTION
 from fogjax.precision.scaling import ScalingState
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
@@ -151,6 +151,68 @@ def _bwd(dims, dtypes, reduction, margin, residuals, g):
 _fp8_dot_general.defvjp(_fwd, _bwd)
 
 
+def fp8_dot_general_quantized_rhs(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    q_rhs: jax.Array,
+    lhs_state: ScalingState,
+    rhs_state: ScalingState,
+    grad_state: ScalingState,
+    dimension_numbers: Any,
+    out_dtype: Any = None,
+) -> jax.Array:
+    """:func:`fp8_dot_general` with the rhs already quantised (``q_rhs`` = its E4M3 cast with
+    ``rhs_state.scale_inv``, made once per optimizer step; weight_quantization.py).
+
+    The same numbers as :func:`fp8_dot_general` on ``rhs``, bit for bit. ``rhs`` (compute dtype) is
+    only the variable its gradient flows to; it is never read. Its state gets no observation here
+    (None): whoever quantised it reports its amax.
+    """
+    compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+    out_dtype = jnp.dtype(out_dtype or compute_dtype)
+    return _fp8_dot_general_q(
+        lhs.astype(compute_dtype),
+        rhs.astype(compute_dtype),
+        q_rhs,
+        lhs_state,
+        rhs_state,
+        grad_state,
+        canonical_dimension_numbers(dimension_numbers),
+        (out_dtype, compute_dtype),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fp8_dot_general_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, dims, dtypes):
+    return _fwd_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, dims, dtypes)[0]
+
+
+def _fwd_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, dims, dtypes):
+    del rhs  # Only its cotangent is wanted.
+    q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3)
+    scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
+    out = _scaled_dot(q_lhs, q_rhs, dims, scale_inv, dtypes[0], lax.Precision.DEFAULT)
+    scalars = jnp.concatenate(
+        [
+            lhs_state.scale_inv,
+            rhs_state.scale_inv,
+            grad_state.scale_inv,
+            scaling.observation(lhs).scale_inv,
+            jnp.zeros((1,), jnp.float32),  # the rhs amax: reported by the quantiser
+        ]
+    )
+    return out, (q_lhs, q_rhs, scalars)
+
+
+def _bwd_q(dims, dtypes, residuals, g):
+    dlhs, drhs, seen_lhs, _, seen_grad = _bwd(dims, dtypes, None, None, residuals, g)
+    no_observation = ScalingState(None, None)
+    return dlhs, drhs, None, seen_lhs, no_observation, seen_grad
+
+
+_fp8_dot_general_q.defvjp(_fwd_q, _bwd_q)
+
+
 def operand_stats(x: jax.Array, scale_inv: jax.Array, dtype: Any) -> dict[str, jax.Array]:
     """Fractions (float32 scalars) of ``x``'s elements that the FP8 cast clips or flushes to zero.
 
@@ -189,6 +251,9 @@ class Fp8DotGeneral(nn.Module):
     Variables (collection ``fp8``, all float32): ``{lhs,rhs,grad}_amax_history`` [H] and
     ``{lhs,rhs,grad}_scale_inv`` [1]; stacked [L, ...] under nn.scan.
 
+    When the ``fp8_weights`` collection holds an ``rhs`` for it (the train step's once-per-step
+    E4M3 kernel, weight_quantization.py), it uses that instead of casting ``rhs`` again.
+
     When the ``fp8_stats`` collection is mutable (decided at trace time, so ordinary steps compile
     without it), sows ``lhs`` and ``rhs`` dicts ``{'saturation', 'underflow'}`` (operand_stats).
 
@@ -223,6 +288,17 @@ class Fp8DotGeneral(nn.Module):
         rhs_state = scaling.declare_state(self, "rhs", h)
         grad_state = scaling.declare_state(self, "grad", h)
         sow_operand_stats(self, {"lhs": (lhs, lhs_state), "rhs": (rhs, rhs_state)})
+        if self.has_variable(FP8_WEIGHTS_COLLECTION, "rhs"):
+            return fp8_dot_general_quantized_rhs(
+                lhs,
+                rhs,
+                self.get_variable(FP8_WEIGHTS_COLLECTION, "rhs"),
+                lhs_state,
+                rhs_state,
+                grad_state,
+                dimension_numbers,
+                preferred_element_type,
+            )
         return fp8_dot_general(
             lhs,
             rhs,

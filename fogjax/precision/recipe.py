@@ -37,6 +37,10 @@ DotGeneral = Callable[..., jax.Array]
 
 # The variable collection that holds FP8 scaling state (amax histories and scales).
 FP8_COLLECTION = "fp8"
+# The block weights already in E4M3, made once per optimizer step by the train step
+# (weight_quantization.py) and read by each FP8 linear instead of casting its kernel again in every
+# micro-batch; absent outside training (the dots then quantise their kernel themselves).
+FP8_WEIGHTS_COLLECTION = "fp8_weights"
 # The collection that FP8 dots sow their forward-operand statistics (saturation and flush-to-zero
 # fractions) into, on statistics steps only (when it is mutable).
 FP8_STATS_COLLECTION = "fp8_stats"

@@ -71,6 +71,12 @@ def quantize(x: jax.Array, scale_inv: jax.Array, dtype: Any) -> jax.Array:
     return saturating_cast(x / jnp.reshape(scale_inv, ()).astype(x.dtype), dtype)
 
 
+def quantize_per_row(x: jax.Array, scale_inv: jax.Array, dtype: Any) -> jax.Array:
+    """:func:`quantize` with ``scale_inv`` broadcast against ``x`` (e.g. [L, 1, 1] for a stacked
+    [L, D, F] kernel): each row gets exactly what :func:`quantize` of that row would give."""
+    return saturating_cast(x / scale_inv.astype(x.dtype), dtype)
+
+
 def dequantize(y: jax.Array, scale_inv: jax.Array, dtype: Any) -> jax.Array:
     """``y.astype(dtype) * scale_inv`` with ``scale_inv`` (size 1) rounded to ``dtype`` first."""
     return y.astype(dtype) * jnp.reshape(scale_inv, ()).astype(dtype)

@@ -29,9 +29,9 @@ import optax
 
 from fogjax import optim
 from fogjax.model.probes import ACTIVATION_GROUPS, PROBES_COLLECTION
-from fogjax.precision import bulk_scaling, stats
+from fogjax.precision import bulk_scaling, stats, weight_quantization
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
-from fogjax.precision.recipe import FP8_STATS_COLLECTION
+from fogjax.precision.recipe import FP8_STATS_COLLECTION, FP8_WEIGHTS_COLLECTION
 
 State = dict[str, Any]
 Metrics = dict[str, Any]
@@ -44,11 +44,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def _loss_fn(model: nn.Module, with_stats: bool) -> Callable[..., Any]:
     def loss_fn(
-        params: Any, fp8: Any, tokens: jax.Array, rng: jax.Array | None
+        params: Any, fp8: Any, tokens: jax.Array, rng: jax.Array | None, fp8_weights: Any = None
     ) -> tuple[jax.Array, Any]:
         variables = {"params": params}
         if fp8:
             variables["fp8"] = fp8
+        if fp8_weights:
+            variables[FP8_WEIGHTS_COLLECTION] = fp8_weights
         rngs = {} if rng is None else {FP4_RNG: rng}
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if with_stats:
@@ -134,11 +136,14 @@ def compute_grads(
     # Differentiated: the scale_inv leaves (their gradient is the amax seen) and TE's states (their
     # gradient is their new value); not the [H] histories, which only the bulk update touches.
     observed, fixed = bulk_scaling.split(fp8)
+    # The block weights in E4M3 once per step, not per micro-batch (weight_quantization.py).
+    fp8_weights, rhs_amaxes = _quantized_kernels(model, params, fp8)
 
     def scaled_loss(
         params: Any, observed: Any, chunk: jax.Array, chunk_rng: jax.Array | None
     ) -> tuple[jax.Array, Any]:
-        loss, aux = loss_fn(params, bulk_scaling.merge(observed, fixed), chunk, chunk_rng)
+        merged = bulk_scaling.merge(observed, fixed)
+        loss, aux = loss_fn(params, merged, chunk, chunk_rng, fp8_weights)
         return loss / micro_batches, aux
 
     grad_fn = jax.value_and_grad(scaled_loss, argnums=(0, 1), has_aux=True)
@@ -171,7 +176,17 @@ def compute_grads(
             ),
             aux,
         )
+    seen = {**seen, **{p: jnp.maximum(seen[p], a) for p, a in rhs_amaxes.items()}}
     return loss, grads, _updated_fp8(model, observed, fixed, seen), aux
+
+
+def _quantized_kernels(model: nn.Module, params: Any, fp8: Any) -> tuple[Any, dict[Any, Any]]:
+    """The E4M3 block kernels and their amaxes, once per step (none without delayed FP8 dots)."""
+    recipe = getattr(model, "recipe", None)
+    if not fp8 or recipe is None:
+        return {}, {}
+    is_gemm_operand = getattr(model, "kernel_is_gemm_operand", lambda path: True)
+    return weight_quantization.quantize_kernels(params, fp8, recipe.compute_dtype, is_gemm_operand)
 
 
 def _updated_fp8(model: nn.Module, observed: Any, fixed: Any, seen: Any) -> Any:
