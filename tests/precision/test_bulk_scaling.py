@@ -1,6 +1,7 @@
-"""The bulk delayed-scaling update (fogjax/precision/bulk_scaling.py): one vectorised update per
-step equals the per-op, per-micro-batch update it replaced, bit for bit; its bookkeeping is
-complete (every state an op declares has a format) and refuses what it cannot place."""
+"""The bulk delayed-scaling update (fogjax/precision/bulk_scaling.py) and the once-per-step E4M3
+kernels (weight_quantization.py): the train step equals the per-op, per-micro-batch path they
+replaced, bit for bit; the bookkeeping is complete (every state an op declares has a format) and
+refuses what it cannot place."""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,12 @@ import pytest
 from helpers import fp8_state
 from helpers.steps import batch, setup, tiny_config
 
-from fogjax.precision import bulk_scaling, scaling
+from fogjax import config_lib
+from fogjax.precision import bulk_scaling, scaling, weight_quantization
 from fogjax.precision.cudnn_attention import TENSORS
 from fogjax.precision.formats import E4M3_MAX, E5M2_MAX
 from fogjax.precision.fp8_dot import Fp8DotGeneral
+from fogjax.precision.recipe import FP8_WEIGHTS_COLLECTION
 from fogjax.train.step import _loss_fn, compute_grads
 
 
@@ -100,3 +103,52 @@ def test_train_step_bulk_update_equals_per_op_updates_over_steps(recipe):
     for path, h in jax.tree_util.tree_leaves_with_path(fp8):
         if "history" in jax.tree_util.keystr(path):
             assert (np.count_nonzero(np.asarray(h), axis=-1) == 3).all(), path
+
+
+def test_dots_read_the_once_per_step_kernels_when_given():
+    """The fp8_weights collection is what the FP8 linears multiply (a wrong one changes the
+    output), and quantize_kernels gives every block kernel with an rhs state, stacked [L, ...]."""
+    model, state, _ = setup(tiny_config("fp8"))
+    params, fp8 = state["params"], state["fp8"]
+    fp8 = jax.tree.map(lambda x: x * 0.5 + 0.01, fp8)  # scales other than 1: a real cast
+    weights, amaxes = weight_quantization.quantize_kernels(params, fp8, jnp.bfloat16)
+    linears = {p[:-2] for p in amaxes}
+    assert linears == {
+        ("layers", "attn", "wqkv"),
+        ("layers", "attn", "wo"),
+        ("layers", "mlp", "wi"),
+        ("layers", "mlp", "wo"),
+    }
+    q = weights["layers"]["mlp"]["wi"]["dot"]["rhs"]
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == params["layers"]["mlp"]["wi"]["kernel"].shape
+    tokens = batch(b=2, t=16)[:, :-1]
+    variables = {"params": params, "fp8": fp8}
+    plain = model.apply(variables, tokens)
+    given = model.apply({**variables, FP8_WEIGHTS_COLLECTION: weights}, tokens)
+    np.testing.assert_array_equal(plain, given)  # the same cast, made once
+    zeroed = jax.tree.map(jnp.zeros_like, weights)
+    assert not np.array_equal(
+        plain, model.apply({**variables, FP8_WEIGHTS_COLLECTION: zeroed}, tokens)
+    )
+
+
+@pytest.mark.slow
+def test_a_kernel_scaled_before_its_gemm_is_not_prequantised():
+    """Per-channel SmoothSwiGLU scales the FFN out-projection's rows per batch: that kernel keeps
+    its own cast, and the step still equals the per-op path bit for bit."""
+    cfg = config_lib.get_config("llama3_smooth_swiglu", "tiny")
+    with cfg.unlocked():
+        cfg.precision.recipe = "fp8"
+        cfg.model.num_layers, cfg.model.d_model, cfg.model.ffn_dim = 2, 128, 256
+        cfg.model.num_heads, cfg.model.num_kv_heads = 2, 1
+        cfg.model.smooth_swiglu_per_channel = True
+    model, state, _ = setup(cfg)
+    assert not model.kernel_is_gemm_operand(("layers", "mlp", "wo"))
+    assert model.kernel_is_gemm_operand(("layers", "mlp", "wi"))
+    tokens = batch(seed=3, b=4, t=16)
+    grads, new_fp8 = jax.jit(lambda p, f, t: compute_grads(model, p, f, t, 2, False)[1:3])(
+        state["params"], state["fp8"], tokens
+    )
+    ref_grads, ref_fp8 = _per_op_reference(model, state["params"], state["fp8"], tokens, 2)
+    jax.tree.map(np.testing.assert_array_equal, new_fp8, ref_fp8)
+    jax.tree.map(np.testing.assert_array_equal, grads, ref_grads)
