@@ -11,9 +11,11 @@ chunk's [b, t_c, V] float32 logits exist at any moment (b = the rows on one devi
 Gradients are computed in the forward pass (as Liger Kernel's fused linear cross-entropy does): the
 loss is a scalar at the end of the graph, so its cotangent g is a scalar, and the gradients for
 g = 1 are saved as the residuals (dhidden [B, T, D] and dhead [D, V], both in the compute dtype) and
-scaled by g in the backward. Each chunk's logits are thus computed once, not recomputed in the
-backward: the head costs its three GEMMs, as in the plain path. Evaluated without differentiation
-the function computes the loss alone.
+scaled by g in the backward (in the train step g = 1 / train.micro_batches: exact for a power of
+two, else one more rounding of each gradient element). Each chunk's logits are thus computed once,
+not recomputed in the backward: the head costs its three GEMMs, as in the plain path. Evaluated
+without differentiation the function computes the loss alone. The first chunk runs outside the
+``lax.scan`` over the others, so its float32 dhead starts the sum (no zero [D, V] is written).
 
 Numerics match the plain path's: per chunk, logits = the BF16 GEMM with float32 output of
 ``fogjax.precision.bf16_dot.bf16_dot_general``; the loss per token is optax's
