@@ -252,6 +252,13 @@ def get_config(arch: str, size: str = "tiny") -> ml_collections.ConfigDict:
     c.train.batch_size = batch  # Global batch, in sequences.
     c.train.seq_len = 128 if size == "tiny" else 4096
     c.train.micro_batches = 1  # Gradient accumulation steps per optimizer step.
+    # The training loss's LM head and cross-entropy a chunk of about this many tokens per device
+    # at a time, gradients computed in the forward pass (fogjax/train/lm_loss.py): float32 logits
+    # exist for one chunk only (4 B x V per token: 4 GiB for 8,192 tokens at V = 131,072), and
+    # their gradient never in float32. 0 = the whole logits at once (the model's logits and
+    # optax's loss). Eval, generation and export always take whole logits. docs/speed.md compares
+    # chunk sizes: smaller ones save memory for a few ms per step.
+    c.train.loss_chunk_tokens = 8192
     c.train.ckpt_every = 100 if size == "tiny" else 1000
     c.train.keep_checkpoints = 3
     c.train.eval_every = 100 if size == "tiny" else 1000

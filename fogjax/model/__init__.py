@@ -47,8 +47,8 @@ def document_eos_id(config: Any) -> int | None:
 
 
 def build_model(config: Any, recipe: Recipe | None = None) -> Transformer:
-    """The Transformer of a full run config (sections `model`, `precision`, `log`, and
-    `data.document_mask` / `data.eos_id`)."""
+    """The Transformer of a full run config (sections `model`, `precision`, `log`,
+    `data.document_mask` / `data.eos_id`, and `train.loss_chunk_tokens` for the train step)."""
     recipe = recipe or make_recipe(config.precision)
     # Frozen: a module must not change when the caller later edits its (mutable) config.
     model_cfg = ml_collections.FrozenConfigDict(config.model)
@@ -57,4 +57,5 @@ def build_model(config: Any, recipe: Recipe | None = None) -> Transformer:
         recipe,
         kurtosis_form=config.log.kurtosis_form,
         document_eos_id=document_eos_id(config),
+        loss_chunk_tokens=config.get("train", {}).get("loss_chunk_tokens", 0),
     )

@@ -139,7 +139,8 @@ def validate_model_config(cfg: Any) -> None:
 
 
 class Transformer(nn.Module):
-    """tokens [B, T] int32 -> logits [B, T, V] float32.
+    """tokens [B, T] int32 -> logits [B, T, V] float32 (or, with ``return_hidden=True``, the final
+    hidden states and the LM head, for the chunked training loss of fogjax/train/lm_loss.py).
 
     Attributes:
       cfg: the `model` config section (validated at construction).
@@ -149,6 +150,9 @@ class Transformer(nn.Module):
         explicit ``positions`` and ``mutable=['cache']``; see fogjax/inference/decoding.py.
       document_eos_id: with an id, attention stays inside each document of a window (the tokens
         after an EOS start a new one: :func:`segment_ids`); None (the default) attends across.
+      loss_chunk_tokens: ``train.loss_chunk_tokens``, read by the train step (fogjax/train/step.py)
+        alone: > 0, it calls the model with ``return_hidden=True`` and computes the loss a chunk
+        of tokens at a time; 0 (the default), from the logits. ``__call__`` never reads it.
     """
 
     cfg: Any
@@ -156,6 +160,7 @@ class Transformer(nn.Module):
     kurtosis_form: str = "token"
     decode_length: int = 0
     document_eos_id: int | None = None
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         validate_model_config(self.cfg)
@@ -181,7 +186,12 @@ class Transformer(nn.Module):
         return tuple(s.name for s in layer_segments(self.cfg, self.recipe))
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None) -> Array:
+    def __call__(
+        self, tokens: Array, positions: Array | None = None, return_hidden: bool = False
+    ) -> Array | tuple[Array, Array]:
+        """Logits [B, T, V] float32; with ``return_hidden``, instead (hidden [B, T, D], head
+        [D, V]), both in the compute dtype: the operands of the LM head GEMM, whose product is the
+        logits (``bf16_dot_general(hidden, head, ...)``)."""
         cfg, dtype = self.cfg, self.recipe.compute_dtype
         if positions is None and self.decode_length:
             raise ValueError("A decoding Transformer (decode_length > 0) needs explicit positions.")
@@ -240,9 +250,12 @@ class Transformer(nn.Module):
                 (cfg.d_model, cfg.vocab_size),
                 jnp.float32,
             )
+        x, head = x.astype(dtype), head.astype(dtype)
+        if return_hidden:
+            return nn.with_logical_constraint(x, ("batch", "length", "embed")), head
         # The LM head stays outside the recipe (docs/spec.md §3): BF16 GEMMs forward and backward,
         # float32 logits (bf16_dot.py says why the backward needs its own rule).
-        logits = bf16_dot_general(x.astype(dtype), head.astype(dtype), (((2,), (0,)), ((), ())))
+        logits = bf16_dot_general(x, head, (((2,), (0,)), ((), ())))
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 

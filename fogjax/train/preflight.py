@@ -18,6 +18,7 @@ import jax
 from fogjax import data, sharding
 from fogjax.data import shard_scan
 from fogjax.data import shards as shards_lib
+from fogjax.train import lm_loss
 from fogjax.train.step import micro_batch_size
 
 
@@ -69,6 +70,7 @@ def validate_train_config(config: Any, num_devices: int | None = None) -> None:
         f"train.eval_batches={t.eval_batches} must be >= 1 when train.eval_every > 0.",
     )
     parse_profile_steps(t.profile_steps)
+    lm_loss.check_chunk_tokens(t.loss_chunk_tokens)
     _require(o.peak_lr > 0, f"optim.peak_lr={o.peak_lr} must be > 0.")
     _require(
         0 <= o.min_lr <= o.peak_lr,

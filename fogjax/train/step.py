@@ -32,6 +32,7 @@ from fogjax.model.probes import ACTIVATION_GROUPS, PROBES_COLLECTION
 from fogjax.precision import bulk_scaling, stats, weight_quantization
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
 from fogjax.precision.recipe import FP8_STATS_COLLECTION, FP8_WEIGHTS_COLLECTION
+from fogjax.train import lm_loss
 
 State = dict[str, Any]
 Metrics = dict[str, Any]
@@ -43,6 +44,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _loss_fn(model: nn.Module, with_stats: bool) -> Callable[..., Any]:
+    # train.loss_chunk_tokens (on the model, fogjax.model.build_model): > 0, the model returns its
+    # final hidden states and LM head, and the loss takes the head a chunk of tokens at a time
+    # (fogjax/train/lm_loss.py); 0, the whole float32 logits.
+    chunk_tokens = getattr(model, "loss_chunk_tokens", 0)
+    lm_loss.check_chunk_tokens(chunk_tokens)
+    call = {"return_hidden": True} if chunk_tokens else {}
+
     def loss_fn(
         params: Any, fp8: Any, tokens: jax.Array, rng: jax.Array | None, fp8_weights: Any = None
     ) -> tuple[jax.Array, Any]:
@@ -55,11 +63,14 @@ def _loss_fn(model: nn.Module, with_stats: bool) -> Callable[..., Any]:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if with_stats:
             mutable = [PROBES_COLLECTION, FP8_STATS_COLLECTION, FP4_STATS_COLLECTION]
-            logits, aux = model.apply(variables, inputs, rngs=rngs, mutable=mutable)
+            out, aux = model.apply(variables, inputs, rngs=rngs, mutable=mutable, **call)
             aux = dict(aux)
         else:
-            logits, aux = model.apply(variables, inputs, rngs=rngs), {}
-        return cross_entropy(logits, targets), aux
+            out, aux = model.apply(variables, inputs, rngs=rngs, **call), {}
+        if chunk_tokens:
+            hidden, head = out
+            return lm_loss.chunked_cross_entropy(hidden, head, targets, chunk_tokens), aux
+        return cross_entropy(out, targets), aux
 
     return loss_fn
 
