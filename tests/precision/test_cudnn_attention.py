@@ -156,25 +156,34 @@ def _cudnn_config(recipe="fp8dpa"):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def emulated_training():
+    """The cuDNN-attention model trained 6 steps (statistics steps) with the emulated kernel,
+    once per module: (model, initial state, [state after step 1, ..., after step 6], losses)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cudnn_attention, "KERNEL", EMULATED)
+        model, state, step = setup(_cudnn_config())
+        step = jax.jit(functools.partial(step, with_stats=True))
+        states, losses = [], []
+        for i in range(6):
+            new, metrics = step(states[-1] if states else state, batch(i % 2, t=128))
+            states.append(new)
+            losses.append(float(metrics["loss"]))
+    return model, state, states, losses
+
+
 @pytest.mark.slow
-def test_model_trains_with_emulated_kernel_and_reports_its_state(emulated_kernel):
-    _, state, step = setup(_cudnn_config())
+def test_model_trains_with_emulated_kernel_and_reports_its_state(emulated_training):
+    _, state, states, losses = emulated_training
     attn_state = state["fp8"]["layers"]["attn"]["fp8_attention"]
     assert set(attn_state) == {f"{n}_{v}" for n in TENSORS for v in ("amax_history", "scale_inv")}
     _, xla_state, xla_step = setup(tiny_config("fp8dpa"))
-    step, xla_step = (
-        jax.jit(functools.partial(step, with_stats=True)),
-        jax.jit(functools.partial(xla_step, with_stats=False)),
-    )
-    losses = []
-    for i in range(6):
-        state, metrics = step(state, batch(i % 2, t=128))
-        losses.append(float(metrics["loss"]))
-        if i == 0:
-            _, xla_metrics = xla_step(xla_state, batch(0, t=128))
-            # Same model, same data: the two FP8 attentions start within a few per cent.
-            assert losses[0] == pytest.approx(float(xla_metrics["loss"]), rel=0.03)
+    xla_step = jax.jit(functools.partial(xla_step, with_stats=False))
+    _, xla_metrics = xla_step(xla_state, batch(0, t=128))
+    # Same model, same data: the two FP8 attentions start within a few per cent.
+    assert losses[0] == pytest.approx(float(xla_metrics["loss"]), rel=0.03)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    state = states[-1]  # after the 6 steps
     fp8 = state["fp8"]["layers"]["attn"]["fp8_attention"]
     for name in TENSORS:  # Both layers, every tensor: one entry per step, in flax's ring ...
         history = np.asarray(fp8[f"{name}_amax_history"])  # newest at 0, then H-1, H-2, ...
@@ -190,11 +199,11 @@ def test_model_trains_with_emulated_kernel_and_reports_its_state(emulated_kernel
 
 
 @pytest.mark.slow
-def test_micro_batches_leave_the_same_attention_state_as_one_batch(emulated_kernel):
-    model, state, step = setup(_cudnn_config())
-    step = jax.jit(functools.partial(step, with_stats=False))
-    for i in range(3):  # past the first steps' scale-1 gradients (see the test above)
-        state, _ = step(state, batch(i, t=128))
+def test_micro_batches_leave_the_same_attention_state_as_one_batch(
+    emulated_training, emulated_kernel
+):
+    model, _, states, _ = emulated_training
+    state = states[2]  # after 3 steps: past the first steps' scale-1 gradients (test above)
     tokens = batch(7, b=8, t=128)
     results = [jit_grads(model, k, False)(state, tokens) for k in (1, 4)]
     one, four = (r[2]["layers"]["attn"]["fp8_attention"] for r in results)
