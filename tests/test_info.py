@@ -4,9 +4,12 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
+from absl import flags
 from helpers import REPO_ROOT
+from ml_collections import config_flags
 
 from fogjax import config_lib
 from fogjax.model import build_model
@@ -15,9 +18,32 @@ from fogjax.precision.recipe import Recipe
 ROOT = str(REPO_ROOT)
 
 
+def _check_info(info, arch, size):
+    cfg = config_lib.get_config(arch, size)
+    assert info["arch"] == arch
+    assert info["layers"] == cfg.model.num_layers and info["d_model"] == cfg.model.d_model
+    assert info["seq_len"] == cfg.train.seq_len
+    # 6N + 12 L D T with N = matmul weights incl. the LM head (not the embedding lookup).
+    n = info["params_matmul"]
+    m = cfg.model
+    assert info["flops_per_token"] == 6 * n + 12 * m.num_layers * m.d_model * cfg.train.seq_len
+    if size == "1.5b":
+        assert info["params_embedding"] == 2 * 131072 * 2048  # untied: embedding + head
+    if size == "390m":
+        assert info["params_embedding"] == 131072 * 1024  # tied
+
+
+# The real command for every architecture and every size: architecture i at size i mod 4 (each
+# process costs ~2 s of CPU to start, so not all 28 pairs; the test below covers those).
+CLI_PAIRS = [
+    (a, config_lib.SIZES[i % len(config_lib.SIZES)]) for i, a in enumerate(config_lib.ARCHS)
+]
+
+
 @pytest.mark.slow
 def test_info_cli_every_arch_and_size():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    assert {s for _, s in CLI_PAIRS} == set(config_lib.SIZES)
     procs = {
         (arch, size): subprocess.Popen(
             [sys.executable, "-m", "fogjax.info", f"--config=configs/{arch}.py:{size}"],
@@ -27,25 +53,29 @@ def test_info_cli_every_arch_and_size():
             stderr=subprocess.PIPE,
             text=True,
         )
-        for arch in config_lib.ARCHS
-        for size in config_lib.SIZES
+        for arch, size in CLI_PAIRS
     }
     for (arch, size), proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-        info = json.loads(out)
-        cfg = config_lib.get_config(arch, size)
-        assert info["arch"] == arch
-        assert info["layers"] == cfg.model.num_layers and info["d_model"] == cfg.model.d_model
-        assert info["seq_len"] == cfg.train.seq_len
-        # 6N + 12 L D T with N = matmul weights incl. the LM head (not the embedding lookup).
-        n = info["params_matmul"]
-        m = cfg.model
-        assert info["flops_per_token"] == 6 * n + 12 * m.num_layers * m.d_model * cfg.train.seq_len
-        if size == "1.5b":
-            assert info["params_embedding"] == 2 * 131072 * 2048  # untied: embedding + head
-        if size == "390m":
-            assert info["params_embedding"] == 131072 * 1024  # tied
+        _check_info(json.loads(out), arch, size)
+
+
+@pytest.mark.slow
+def test_info_main_every_arch_and_size(monkeypatch, capsys):
+    """The command's main for all 28 pairs in this process, with the config its --config flag
+    builds from configs/{arch}.py:{size}: the report it prints checks out for each."""
+    import fogjax.info
+
+    for arch in config_lib.ARCHS:
+        for size in config_lib.SIZES:
+            fv = flags.FlagValues()
+            argv = ["fogjax.info", f"--config={ROOT}/configs/{arch}.py:{size}"]
+            config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
+            fv(argv)
+            monkeypatch.setattr(fogjax.info, "flags", types.SimpleNamespace(FLAGS=fv))
+            fogjax.info.main(["fogjax.info"])
+            _check_info(json.loads(capsys.readouterr().out), arch, size)
 
 
 def test_info_counts_from_first_principles():
