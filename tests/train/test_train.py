@@ -17,18 +17,19 @@ from helpers.cli import run, scalars, sigterm_after, train_cmd
 pytestmark = pytest.mark.slow  # module fixtures train or run commands
 
 
+# The module's one straight run (fixture ``trained``); the resume test repeats it with a SIGTERM.
+TRAINED = (
+    "--config.train.steps=10",
+    "--config.train.ckpt_every=5",
+    "--config.train.eval_every=10",
+    "--config.log.peak_tflops=1.0",
+)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("entry") / "run")
-    out = run(
-        train_cmd(
-            workdir,
-            "--config.train.steps=6",
-            "--config.train.ckpt_every=3",
-            "--config.train.eval_every=6",
-            "--config.log.peak_tflops=1.0",
-        )
-    )
+    out = run(train_cmd(workdir, *TRAINED))
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir, out
 
@@ -56,25 +57,25 @@ def test_entry_writes_every_tag_and_a_checkpoint(trained):
         assert tag in tags, tag
     fp8 = [t for t in tags if t.startswith("fp8/")]
     assert any("scale" in t for t in fp8) and any("amax" in t for t in fp8), fp8[:10]
-    assert sorted(values["train/loss"]) == [1, 2, 3, 4, 5, 6]
-    assert set(values["kurtosis/qkv/avg"]) <= {1, 2, 4, 6}  # first step and every stats_every
+    assert sorted(values["train/loss"]) == list(range(1, 11))
+    assert set(values["kurtosis/qkv/avg"]) <= {1, 2, 4, 6, 8, 10}  # first and every stats_every
     assert all(np.isfinite(v) for v in values["train/loss"].values())
     text_tags = acc.Tags()["tensors"]
     assert any("provenance" in t for t in text_tags) and any("config" in t for t in text_tags)
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    assert steps == [3, 6]
-    assert "step 6/6 | loss" in out.stdout
+    assert steps == [5, 10]
+    assert "step 10/10 | loss" in out.stdout
     config = json.loads(pathlib.Path(workdir, "config.json").read_text())
     assert config["precision"]["recipe"] == "fp8dpa"
 
 
 def test_evaluate_prints_json_for_a_checkpoint(trained):
     workdir, _ = trained
-    out = run([sys.executable, "-m", "fogjax.evaluate", f"--workdir={workdir}", "--step=3"])
+    out = run([sys.executable, "-m", "fogjax.evaluate", f"--workdir={workdir}", "--step=5"])
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result) == {"step", "loss", "perplexity", "tokens"}
-    assert result["step"] == 3
+    assert result["step"] == 5
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-6)
     assert result["tokens"] == 2 * 8 * 64
     _, values = scalars(workdir)
@@ -82,8 +83,8 @@ def test_evaluate_prints_json_for_a_checkpoint(trained):
     # evaluating process reads the latest finished step and writes, moves or deletes nothing:
     # a reader used to delete the in-flight folder and kill the trainer.
     checkpoints = pathlib.Path(workdir, "checkpoints")
-    in_flight = checkpoints / "9.orbax-checkpoint-tmp-1700000000"
-    shutil.copytree(checkpoints / "6", in_flight)
+    in_flight = checkpoints / "13.orbax-checkpoint-tmp-1700000000"
+    shutil.copytree(checkpoints / "10", in_flight)
     lock = pathlib.Path(workdir, "trainer.lock")
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": 0}))
     before = _snapshot(workdir)
@@ -95,9 +96,9 @@ def test_evaluate_prints_json_for_a_checkpoint(trained):
         shutil.rmtree(in_flight)
         lock.unlink()
     final = json.loads(latest.stdout.strip().splitlines()[-1])
-    assert final["step"] == 6
-    # The trainer's own eval at step 6 used the same batches.
-    assert final["loss"] == pytest.approx(values["eval/loss"][6], rel=1e-6)
+    assert final["step"] == 10
+    # The trainer's own eval at step 10 used the same batches.
+    assert final["loss"] == pytest.approx(values["eval/loss"][10], rel=1e-6)
 
 
 def _snapshot(root):
@@ -110,20 +111,12 @@ def _snapshot(root):
     return out
 
 
-def test_resume_after_sigterm_matches_straight_run_bitwise(tmp_path):
-    total = [
-        "--config.train.steps=10",
-        "--config.train.ckpt_every=100",
-        "--config.train.eval_every=0",
-    ]
-    straight = str(tmp_path / "straight")
-    out = run(train_cmd(straight, *total))
-    assert out.returncode == 0, out.stderr[-3000:]
-
+def test_resume_after_sigterm_matches_straight_run_bitwise(trained, tmp_path):
+    straight, _ = trained  # the same command, uninterrupted
     resumed = str(tmp_path / "resumed")
-    stopped = sigterm_after(train_cmd(resumed, *total), "step 3/10")
+    stopped = sigterm_after(train_cmd(resumed, *TRAINED), "step 3/10")
     assert 3 <= stopped < 10
-    out = run(train_cmd(resumed, *total))
+    out = run(train_cmd(resumed, *TRAINED))
     assert out.returncode == 0, out.stderr[-3000:]
 
     _, a = scalars(straight)
@@ -214,7 +207,7 @@ def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
     workdir = str(tmp_path / "other")
     shutil.copytree(trained[0], workdir)
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    out = run(train_cmd(workdir, "--config.train.steps=8", "--config.model.d_model=512",
+    out = run(train_cmd(workdir, "--config.train.steps=12", "--config.model.d_model=512",
                         "--config.model.num_heads=4"))  # fmt: skip
     assert out.returncode == 2, out.stderr[-2000:]
     assert "different model" in out.stderr and "--workdir" in out.stderr
