@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.params import filled_params
 
 from fogjax import config_lib
 from fogjax.model import build_model
@@ -40,15 +41,14 @@ def test_forms_differ_and_gaussian_gives_three():
     assert float(kurtosis(jnp.asarray(scaled), "sequence")) > 4.0
 
 
-@pytest.mark.slow
 def test_probes_only_when_asked_and_per_layer():
     cfg = config_lib.get_config("fog_flash", "tiny")
     with cfg.unlocked():
         cfg.precision.recipe = "bf16"
     model = build_model(cfg)
     tokens = jnp.ones((2, 16), jnp.int32)
-    # init makes every collection mutable; a training state keeps only params (and fp8).
-    variables = {"params": model.init(jax.random.key(0), tokens)["params"]}
+    # A training state holds only params (and fp8); any values do (filled, not an init to compile).
+    variables = {"params": filled_params(model, tokens.shape)}
     plain = jax.jit(lambda v: model.apply(v, tokens)).lower(variables).as_text()
     probed_fn = jax.jit(lambda v: model.apply(v, tokens, mutable=["probes"]))
     probed = probed_fn.lower(variables).as_text()
