@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
+from helpers import recipes
 from helpers.steps import fp8_dot_counts, tiny_config
 
 from fogjax import config_lib
@@ -28,20 +29,7 @@ QK_DIMS = (((2,), (2,)), ((0,), (0,)))
 
 
 def precision_config(**overrides) -> ml_collections.ConfigDict:
-    """A ``precision`` section with config_lib's fields (locked, like the real one)."""
-    c = ml_collections.ConfigDict(
-        {
-            "recipe": "fp8_current",
-            "backend": "xla",
-            "compute_dtype": "bfloat16",
-            "amax_history_len": 1024,
-            "amax_reduction": "max",
-            "margin": 0,
-        }
-    )
-    c.update(overrides)
-    c.lock()
-    return c
+    return recipes.precision_config(**{"recipe": "fp8_current", **overrides})
 
 
 class _Block(nn.Module):

@@ -9,11 +9,11 @@ import types
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax.linen import fp8_ops
 from helpers import fp8_state
+from helpers.recipes import precision_config
 
 from fogjax.precision import te
 from fogjax.precision.fp8_dot import Fp8DotGeneral
@@ -23,23 +23,6 @@ from fogjax.precision.registry import make_recipe
 
 LINEAR_DIMS = (((1,), (0,)), ((), ()))
 QK_DIMS = (((2,), (2,)), ((0,), (0,)))
-
-
-def precision_config(**overrides) -> ml_collections.ConfigDict:
-    """A ``precision`` section with config_lib's fields and defaults (locked, like the real one)."""
-    c = ml_collections.ConfigDict(
-        {
-            "recipe": "bf16",
-            "backend": "xla",
-            "compute_dtype": "bfloat16",
-            "amax_history_len": 1024,
-            "amax_reduction": "max",
-            "margin": 0,
-        }
-    )
-    c.update(overrides)
-    c.lock()
-    return c
 
 
 class _Block(nn.Module):
