@@ -115,16 +115,14 @@ def _fwd(lhs, rhs, lhs_state, rhs_state, grad_state, dims, dtypes, reduction, ma
     # residual becomes a stacked [L, ...] output written once per layer and micro-batch, so five
     # scalars packed cost one tiny write instead of five kernels; no [H] history is saved at all
     # (the step updates those once, bulk_scaling.py).
-    scalars = jnp.concatenate(
-        [
-            lhs_state.scale_inv,
-            rhs_state.scale_inv,
-            grad_state.scale_inv,
-            scaling.observation(lhs).scale_inv,
-            scaling.observation(rhs).scale_inv,
-        ]
-    )
+    scalars = _pack(lhs_state, rhs_state, grad_state, scaling.amax(lhs), scaling.amax(rhs))
     return out, (q_lhs, q_rhs, scalars)
+
+
+def _pack(lhs_state, rhs_state, grad_state, lhs_amax, rhs_amax) -> jax.Array:
+    """The float32 [5] residual: the three scale_invs, then the lhs and rhs amaxes."""
+    amaxes = jnp.stack([lhs_amax, rhs_amax])
+    return jnp.concatenate([lhs_state.scale_inv, rhs_state.scale_inv, grad_state.scale_inv, amaxes])
 
 
 def _bwd(dims, dtypes, reduction, margin, residuals, g):
@@ -192,15 +190,8 @@ def _fwd_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, dims, dtypes):
     q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3)
     scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
     out = _scaled_dot(q_lhs, q_rhs, dims, scale_inv, dtypes[0], lax.Precision.DEFAULT)
-    scalars = jnp.concatenate(
-        [
-            lhs_state.scale_inv,
-            rhs_state.scale_inv,
-            grad_state.scale_inv,
-            scaling.observation(lhs).scale_inv,
-            jnp.zeros((1,), jnp.float32),  # the rhs amax: reported by the quantiser
-        ]
-    )
+    # The rhs amax slot stays 0: the quantiser reports it (weight_quantization.py).
+    scalars = _pack(lhs_state, rhs_state, grad_state, scaling.amax(lhs), jnp.zeros((), jnp.float32))
     return out, (q_lhs, q_rhs, scalars)
 
 

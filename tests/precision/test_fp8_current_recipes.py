@@ -4,12 +4,12 @@ train step's FP8 GEMMs (traced, not compiled)."""
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
 from helpers import recipes
+from helpers.recipes import RecipeBlock
 from helpers.steps import fp8_dot_counts, tiny_config
 
 from fogjax import config_lib
@@ -24,24 +24,12 @@ from fogjax.precision.recipe import FP8_COLLECTION
 from fogjax.precision.registry import make_recipe
 from fogjax.train.run import build_run
 
-LINEAR_DIMS = (((1,), (0,)), ((), ()))
-QK_DIMS = (((2,), (2,)), ((0,), (0,)))
-
 
 def precision_config(**overrides) -> ml_collections.ConfigDict:
     return recipes.precision_config(**{"recipe": "fp8_current", **overrides})
 
 
-class _Block(nn.Module):
-    recipe: Fp8Recipe
-
-    @nn.compact
-    def __call__(self, x, w, q, k):
-        y = self.recipe.linear_dot_general("dot")(x, w, LINEAR_DIMS)
-        logits = self.recipe.attention_dot_general("qk")(
-            q, k, QK_DIMS, preferred_element_type=jnp.float32
-        )
-        return y, logits
+_Block = RecipeBlock
 
 
 def test_registry_lists_both_current_recipes():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax.linen import fp8_ops
 from helpers import fp8_state
-from helpers.recipes import precision_config
+from helpers.recipes import LINEAR_DIMS, RecipeBlock, precision_config
 
 from fogjax.precision import te
 from fogjax.precision.fp8_dot import Fp8DotGeneral
@@ -21,22 +21,7 @@ from fogjax.precision.fp8_recipes import Fp8Recipe
 from fogjax.precision.recipe import FP8_COLLECTION, Recipe
 from fogjax.precision.registry import make_recipe
 
-LINEAR_DIMS = (((1,), (0,)), ((), ()))
-QK_DIMS = (((2,), (2,)), ((0,), (0,)))
-
-
-class _Block(nn.Module):
-    """Calls both recipe hooks from a compact method, as the model's Linear and attention do."""
-
-    recipe: Recipe
-
-    @nn.compact
-    def __call__(self, x, w, q, k):
-        y = self.recipe.linear_dot_general("dot")(x, w, LINEAR_DIMS)
-        logits = self.recipe.attention_dot_general("qk")(
-            q, k, QK_DIMS, preferred_element_type=jnp.float32
-        )
-        return y, logits
+_Block = RecipeBlock
 
 
 def _block_inputs(dtype=jnp.bfloat16):
