@@ -4,8 +4,6 @@ loading an export in transformers."""
 
 from __future__ import annotations
 
-import copy
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ import numpy as np
 
 from fogjax import config_lib
 from fogjax.model import build_model
+from helpers.params import unrolled_init
 
 # (case id, arch, model overrides): the 7 architectures, OLMo2 in both QK-norm variants, and a
 # tied-embedding Llama3.
@@ -61,19 +60,12 @@ def perturbed_params(config, seed: int = 0) -> dict:
 
 
 def _init_params(config, seed: int) -> dict:
-    """The model's init params. A model of one scanned run of blocks (``layers``) is initialised
-    as its unrolled twin (``scan_layers=False``: the same initialisers per block) and the blocks
-    stacked: eagerly, that compiles small ops every architecture shares (~2 s on 2 cores), where
-    the scanned init compiles the whole block (~8 s)."""
+    """The model's init params; for one scanned run of blocks, the unrolled twin's, stacked
+    (helpers.params.unrolled_init: a few seconds of eager compiles instead of ~8 s)."""
     tokens = jnp.zeros((1, 8), jnp.int32)
-    model = build_model(config)
-    if model.layer_names != ("layers",):
-        return nn.unbox(model.init(jax.random.key(seed), tokens)["params"])
-    unrolled = copy.deepcopy(config)
-    unrolled.model.scan_layers = False
-    params = nn.unbox(build_model(unrolled).init(jax.random.key(seed), tokens)["params"])
-    blocks = [params.pop(f"layers_{i}") for i in range(config.model.num_layers)]
-    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    if build_model(config).layer_names == ("layers",):
+        return unrolled_init(config, tokens, seed)["params"]
+    return nn.unbox(build_model(config).init(jax.random.key(seed), tokens)["params"])
 
 
 def fogjax_logits(config, params, tokens: np.ndarray) -> np.ndarray:
