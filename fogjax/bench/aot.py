@@ -157,7 +157,7 @@ def analyse(
 
 
 @contextlib.contextmanager
-def _no_persistent_cache_writes() -> Iterator[None]:
+def no_persistent_cache_writes() -> Iterator[None]:
     """Keeps a deviceless compile out of jax's persistent compilation cache (when one is set,
     e.g. by the tests): a compile-only client cannot load an executable back, so a cached entry
     would fail to read ("PjRtCompiler must be constructed with a Client") and recompile anyway.
@@ -192,7 +192,7 @@ def compile_for_target(
         with sharding.sharding_context(run.mesh):
             start = time.perf_counter()
             lowered = jitted.trace(run.abstract, batch).lower()
-            with _no_persistent_cache_writes():
+            with no_persistent_cache_writes():
                 compiled = lowered.compile({"xla_gpu_enable_triton_gemm": triton_gemm})
             compile_s = time.perf_counter() - start
     text = compiled.as_text()

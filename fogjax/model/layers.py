@@ -125,8 +125,12 @@ class Linear(nn.Module):
     recipe: Recipe
 
     @nn.compact
-    def __call__(self, x: Array, row_scale: Array | None = None) -> Array:
-        """x [..., *in] -> [..., *features]; ``row_scale`` [*in] multiplies the kernel's rows."""
+    def __call__(
+        self, x: Array, row_scale: Array | None = None, x_amax: Array | None = None
+    ) -> Array:
+        """x [..., *in] -> [..., *features]; ``row_scale`` [*in] multiplies the kernel's rows.
+        ``x_amax``: max|x| (float32 scalar) measured where x is made, for a recipe whose dot takes
+        it (``recipe.takes_lhs_amax``; fused_amax.py); ignored otherwise."""
         features = tuple(self.features)
         n_in = len(self.kernel_axes) - len(features)
         if n_in < 1:
@@ -146,6 +150,7 @@ class Linear(nn.Module):
         contract_x = tuple(range(x.ndim - n_in, x.ndim))
         contract_k = tuple(range(n_in))
         dot_general = self.recipe.linear_dot_general("dot")
+        extra = {"lhs_amax": x_amax} if x_amax is not None and self.recipe.takes_lhs_amax else {}
         return dot_general(
-            x.astype(dtype), kernel.astype(dtype), ((contract_x, contract_k), ((), ()))
+            x.astype(dtype), kernel.astype(dtype), ((contract_x, contract_k), ((), ())), **extra
         )

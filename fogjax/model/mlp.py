@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from fogjax.model import probes
 from fogjax.model.layers import Linear, recompute_in_backward
+from fogjax.precision import fused_amax
 from fogjax.precision.recipe import Recipe
 
 Array = jax.Array
@@ -109,22 +110,27 @@ class MLP(nn.Module):
 
         down_scale = None
         if gated:
-            gate, up = pre[..., 0, :], pre[..., 1, :]
-            h = swiglu(gate, up.astype(dtype))
-            if act == "smooth_swiglu":
-                h, down_scale = _smooth(gate, h, cfg.smooth_swiglu_per_channel)
+            activation = lambda p: swiglu(p[..., 0, :], p[..., 1, :].astype(dtype))  # noqa: E731
         elif act == "gelu":
-            h = gelu(pre)
+            activation = gelu
         else:
-            h = XIELU(cfg.xielu_alpha_init, cfg.xielu_beta, cfg.xielu_eps, name="xielu")(pre)
+            activation = XIELU(cfg.xielu_alpha_init, cfg.xielu_beta, cfg.xielu_eps, name="xielu")
+        h = activation(pre)
+        if act == "smooth_swiglu":
+            h, down_scale = _smooth(pre[..., 0, :], h, cfg.smooth_swiglu_per_channel)
         probes.probe(self, "ffn_act", h, self.kurtosis_form)
+        # The FP8 cast of h, its amax and the activation in one pass (fused_amax.py); SmoothSwiGLU's
+        # h is divided by a max over h first, so its cast cannot start before a pass over h anyway.
+        h_amax = None
+        if recipe.takes_lhs_amax and act != "smooth_swiglu":
+            h_amax = fused_amax.recomputed_amax(activation, pre)
 
         wo = Linear((cfg.d_model,), ("mlp", "embed"), out_std or cfg.init_std, recipe, name="wo")
         if down_scale is not None and cfg.smooth_swiglu_per_channel:
             # (h / s) @ (diag(s) W_out): the per-channel scale folds into the weight's rows.
             y = wo(h, row_scale=down_scale)
         else:
-            y = wo(h)
+            y = wo(h, x_amax=h_amax)
             if down_scale is not None:
                 y = (y.astype(acc) * down_scale).astype(dtype)
         probes.probe(self, "ffn_out", y, self.kurtosis_form)

@@ -63,6 +63,7 @@ def fp8_dot_general(
     out_dtype: Any = None,
     amax_reduction: str = "max",
     margin: float = 0,
+    lhs_amax: jax.Array | None = None,
 ) -> jax.Array:
     """``lax.dot_general(lhs, rhs, dimension_numbers)`` with E4M3 operands and E5M2 gradients.
 
@@ -74,6 +75,8 @@ def fp8_dot_general(
       out_dtype: dtype of the result (the dot accumulates into it and dequantises in it); default
         the compute dtype.
       amax_reduction, margin: the scale update rule (scaling.py).
+      lhs_amax: ``scaling.amax(lhs)`` measured by the caller (float32 scalar; fused_amax.py), or
+        None to measure it here. Only what the lhs state observes depends on it.
     Returns:
       ``lax.dot_general``'s output shape in ``out_dtype``. Under ``jax.grad`` lhs and rhs get their
       FP8 gradients (in the compute dtype) and each of the three states the observation
@@ -88,6 +91,7 @@ def fp8_dot_general(
         lhs_state,
         rhs_state,
         grad_state,
+        lhs_amax,
         canonical_dimension_numbers(dimension_numbers),
         (out_dtype, compute_dtype),
         amax_reduction,
@@ -96,8 +100,10 @@ def fp8_dot_general(
 
 
 # ``dtypes`` = (out_dtype, compute_dtype); static, like the dimension numbers and the update rule.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _fp8_dot_general(lhs, rhs, lhs_state, rhs_state, grad_state, dims, dtypes, reduction, margin):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _fp8_dot_general(
+    lhs, rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, reduction, margin
+):
     return _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])[0]
 
 
@@ -109,13 +115,18 @@ def _forward(lhs, rhs, lhs_state, rhs_state, dims, out_dtype):
     return out, q_lhs, q_rhs
 
 
-def _fwd(lhs, rhs, lhs_state, rhs_state, grad_state, dims, dtypes, reduction, margin):
+def _lhs_amax(lhs: jax.Array, lhs_amax: jax.Array | None) -> jax.Array:
+    return scaling.amax(lhs) if lhs_amax is None else lhs_amax
+
+
+def _fwd(lhs, rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, reduction, margin):
     out, q_lhs, q_rhs = _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])
     # Saved: the FP8 operands and ONE float32 [5] of scales and amaxes. Under the layer scan every
     # residual becomes a stacked [L, ...] output written once per layer and micro-batch, so five
     # scalars packed cost one tiny write instead of five kernels; no [H] history is saved at all
     # (the step updates those once, bulk_scaling.py).
-    scalars = _pack(lhs_state, rhs_state, grad_state, scaling.amax(lhs), scaling.amax(rhs))
+    amaxes = (_lhs_amax(lhs, lhs_amax), scaling.amax(rhs))
+    scalars = _pack(lhs_state, rhs_state, grad_state, *amaxes)
     return out, (q_lhs, q_rhs, scalars)
 
 
@@ -143,7 +154,7 @@ def _bwd(dims, dtypes, reduction, margin, residuals, g):
     drhs = fp8_ops.dot_general_transpose_rhs(q_g, q_lhs, q_rhs, **transpose)
     drhs = scaling.dequantize(drhs, lhs_scale_inv * grad_scale_inv, out_dtype)
     seen = (ScalingState(None, amax_lhs), ScalingState(None, amax_rhs), scaling.observation(g))
-    return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), *seen
+    return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), *seen, None
 
 
 _fp8_dot_general.defvjp(_fwd, _bwd)
@@ -158,6 +169,7 @@ def fp8_dot_general_quantized_rhs(
     grad_state: ScalingState,
     dimension_numbers: Any,
     out_dtype: Any = None,
+    lhs_amax: jax.Array | None = None,
 ) -> jax.Array:
     """:func:`fp8_dot_general` with the rhs already quantised (``q_rhs`` = its E4M3 cast with
     ``rhs_state.scale_inv``, made once per optimizer step; weight_quantization.py).
@@ -175,30 +187,33 @@ def fp8_dot_general_quantized_rhs(
         lhs_state,
         rhs_state,
         grad_state,
+        lhs_amax,
         canonical_dimension_numbers(dimension_numbers),
         (out_dtype, compute_dtype),
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _fp8_dot_general_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, dims, dtypes):
-    return _fwd_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, dims, dtypes)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _fp8_dot_general_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes):
+    args = (lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, lhs_amax)
+    return _fwd_q(*args, dims, dtypes)[0]
 
 
-def _fwd_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, dims, dtypes):
+def _fwd_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes):
     del rhs  # Only its cotangent is wanted.
     q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3)
     scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
     out = _scaled_dot(q_lhs, q_rhs, dims, scale_inv, dtypes[0], lax.Precision.DEFAULT)
     # The rhs amax slot stays 0: the quantiser reports it (weight_quantization.py).
-    scalars = _pack(lhs_state, rhs_state, grad_state, scaling.amax(lhs), jnp.zeros((), jnp.float32))
+    zero = jnp.zeros((), jnp.float32)
+    scalars = _pack(lhs_state, rhs_state, grad_state, _lhs_amax(lhs, lhs_amax), zero)
     return out, (q_lhs, q_rhs, scalars)
 
 
 def _bwd_q(dims, dtypes, residuals, g):
-    dlhs, drhs, seen_lhs, _, seen_grad = _bwd(dims, dtypes, None, None, residuals, g)
+    dlhs, drhs, seen_lhs, _, seen_grad, _ = _bwd(dims, dtypes, None, None, residuals, g)
     no_observation = ScalingState(None, None)
-    return dlhs, drhs, None, seen_lhs, no_observation, seen_grad
+    return dlhs, drhs, None, seen_lhs, no_observation, seen_grad, None
 
 
 _fp8_dot_general_q.defvjp(_fwd_q, _bwd_q)
@@ -266,10 +281,13 @@ class Fp8DotGeneral(nn.Module):
         dimension_numbers: Sequence[Any],
         precision: Any = None,
         preferred_element_type: Any = None,
+        lhs_amax: jax.Array | None = None,
     ) -> jax.Array:
         """``lax.dot_general``'s contract. Operands are promoted to a common compute dtype; the
         result has ``preferred_element_type`` if given, else the compute dtype. ``precision`` is
         accepted for signature compatibility and ignored: an FP8 GEMM has no precision choice.
+        ``lhs_amax``: max|lhs| as the caller measured it in the pass that makes ``lhs``
+        (fused_amax.py; Recipe.takes_lhs_amax), or None to measure it here.
         """
         del precision
         compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
@@ -289,6 +307,7 @@ class Fp8DotGeneral(nn.Module):
                 grad_state,
                 dimension_numbers,
                 preferred_element_type,
+                lhs_amax,
             )
         return fp8_dot_general(
             lhs,
@@ -300,4 +319,5 @@ class Fp8DotGeneral(nn.Module):
             preferred_element_type,
             self.amax_reduction,
             self.margin,
+            lhs_amax,
         )

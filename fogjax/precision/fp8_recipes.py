@@ -118,6 +118,11 @@ class Fp8Recipe(Recipe):
         return None if self.current else (self.amax_reduction, self.margin)
 
     @property
+    def takes_lhs_amax(self) -> bool:
+        # Our delayed-scaling Fp8DotGeneral; not Transformer Engine's GEMMs nor current scaling.
+        return self.backend == "xla" and not self.current
+
+    @property
     def current(self) -> bool:
         """Current scaling (``*_current`` recipes): each tensor scaled by its own amax."""
         return self.scaling == "current"

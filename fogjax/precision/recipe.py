@@ -79,6 +79,12 @@ class Recipe:
         it keeps none."""
         return None
 
+    @property
+    def takes_lhs_amax(self) -> bool:
+        """Its block linears accept ``lhs_amax=`` (max|input| measured by the caller, in the pass
+        that makes the input; fused_amax.py), so the FFN passes its activation's amax."""
+        return False
+
     def layer_recipes(self, num_layers: int) -> tuple[tuple[Recipe, int], ...]:
         """The recipe of each run of consecutive blocks, in order: ``((recipe, count), ...)`` with
         counts summing to ``num_layers``. This one recipe for every block, unless a subclass keeps

@@ -96,7 +96,13 @@ def test_train_step_bulk_update_equals_per_op_updates_over_steps(recipe):
         grads, new_fp8 = bulk(params, fp8, tokens)
         ref_grads, ref_fp8 = _per_op_reference(model, params, fp8, tokens, 2)
         jax.tree.map(np.testing.assert_array_equal, new_fp8, ref_fp8)
+        # The LM head's weight gradient is a float32 GEMM over the tokens outside the blocks and
+        # their FP8 bookkeeping; XLA:CPU may split its sum differently in the two programs (seen:
+        # 4.8e-7 on entries of ~2e-5 at one step), so it is held to float32 rounding only.
+        lm_head, ref_lm_head = grads.pop("lm_head", None), ref_grads.pop("lm_head", None)
+        np.testing.assert_allclose(lm_head, ref_lm_head, rtol=0, atol=1e-6)
         jax.tree.map(np.testing.assert_array_equal, grads, ref_grads)
+        grads["lm_head"] = lm_head
         fp8 = new_fp8
         params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)  # move: new amaxes
     # Three steps, three amaxes in every window (flax's ring: newest at 0, then H-1, H-2).
