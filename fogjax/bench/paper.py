@@ -38,6 +38,9 @@ class PaperRow:
     arch: str
     recipe: str
     paper_tokens_per_sec_per_gpu: int | None  # measured on GH200 (docs/spec.md §5); None: not given
+    # Micro-batches this many times larger than the work's (so this many times fewer), the same
+    # sequences per GPU per step: what a recipe's memory allows beyond the table's common setting.
+    micro_batch_scale: int = 1
 
     @property
     def entry(self) -> str:
@@ -46,12 +49,22 @@ class PaperRow:
 
     @property
     def label(self) -> str:
-        return f"{self.size.upper()} {self.model} {self.recipe.upper()}"
+        label = f"{self.size.upper()} {self.model} {self.recipe.upper()}"
+        if self.micro_batch_scale > 1:
+            label += f", {self.micro_batch_scale}x larger micro-batches"
+        return label
 
     @property
     def key(self) -> str:
-        """What ``--paper_rows`` selects it by: 'size:arch:recipe'."""
-        return f"{self.size}:{self.arch}:{self.recipe}"
+        """What ``--paper_rows`` selects it by: 'size:arch:recipe' (':mb<scale>x' for a row with
+        larger micro-batches)."""
+        key = f"{self.size}:{self.arch}:{self.recipe}"
+        return key + (f":mb{self.micro_batch_scale}x" if self.micro_batch_scale > 1 else "")
+
+    @property
+    def is_baseline(self) -> bool:
+        """Llama3 BF16 at the table's common micro-batch: what the ratios of its size are to."""
+        return (self.arch, self.recipe) == BASELINE and self.micro_batch_scale == 1
 
 
 ROWS: tuple[PaperRow, ...] = (
@@ -65,6 +78,10 @@ ROWS: tuple[PaperRow, ...] = (
     PaperRow("8b", "FOG-opt", "fog_opt", "fp8dpa", None),
     PaperRow("8b", "FOG-flash", "fog_flash", "fp8dpa", 12_764),
     PaperRow("8b", "Llama3+SmoothSwiGLU", "llama3_smooth_swiglu", "fp8", None),
+    # Not the paper's: the 8B rows again with micro-batches twice as large (4 per GPU), which
+    # halves FSDP's per-micro-batch weight all-gathers; FP8's smaller residuals make it fit.
+    PaperRow("8b", "Llama3", "llama3", "bf16", None, micro_batch_scale=2),
+    PaperRow("8b", "FOG-flash", "fog_flash", "fp8dpa", None, micro_batch_scale=2),
 )
 BASELINE = ("llama3", "bf16")  # the ratios' denominator at each size
 
@@ -85,9 +102,7 @@ def select_rows(spec: str | None) -> tuple[PaperRow, ...]:
         )
     picked = {r for r in ROWS if r.size in wanted or r.key in wanted}
     sizes = {r.size for r in picked}
-    return tuple(
-        r for r in ROWS if r in picked or (r.size in sizes and (r.arch, r.recipe) == BASELINE)
-    )
+    return tuple(r for r in ROWS if r in picked or (r.size in sizes and r.is_baseline))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +138,9 @@ _PAPER_8B = (
     "one node of 8 GPUs with FSDP (mesh fsdp=8: parameters, gradients and optimizer state "
     "sharded, so more all-gathers than ZeRO-1 and no inter-node traffic), 16 sequences per GPU "
     "per step (global batch 128) in 8 micro-batches of 2 per GPU: every micro-batch all-gathers "
-    "the weights, so the largest micro-batch that fits (2 per GPU; 4 needs 90.3 GiB of 90.2) "
-    "halves those all-gathers against micro-batches of 1."
+    "the weights, so the largest micro-batch that fits every recipe (2 per GPU) halves those "
+    "all-gathers against micro-batches of 1. The two rows with 2x larger micro-batches (4 per "
+    "GPU) show which recipes fit there."
 )
 WORK: dict[str, dict[str, Work]] = {
     "full": {
@@ -177,6 +193,7 @@ PAPER_FIELDS = (
     "arch",
     "recipe",
     "entry",
+    "micro_batch_scale",  # 1, or micro-batches this many times larger than the work's
     "gpus",
     "status",  # 'ok' | 'does not fit' | 'error' (aot.aot_row)
     "error",
@@ -201,10 +218,24 @@ PAPER_FIELDS = (
 )
 
 
+def row_overrides(row: PaperRow, work: Work) -> dict[str, Any]:
+    """The work's overrides, with ``micro_batch_scale`` times fewer micro-batches for the row."""
+    overrides = dict(work.overrides)
+    micro_batches = overrides["train.micro_batches"]
+    if micro_batches % row.micro_batch_scale:
+        raise ValueError(
+            f"row {row.key}: micro_batch_scale={row.micro_batch_scale} does not divide the "
+            f"work's train.micro_batches={micro_batches}."
+        )
+    overrides["train.micro_batches"] = micro_batches // row.micro_batch_scale
+    return overrides
+
+
 def row_config(row: PaperRow, scale: str) -> Any:
-    """The row's complete config: ``get_config(arch, size)`` + the work's overrides + cuDNN."""
+    """The row's complete config: ``get_config(arch, size)`` + the work's overrides (micro-batches
+    scaled for the row) + cuDNN."""
     work = WORK[scale][row.size]
-    (entry,) = compare_entries(row.entry, work.config_size, work.overrides)
+    (entry,) = compare_entries(row.entry, work.config_size, row_overrides(row, work))
     return entry.config
 
 
@@ -230,6 +261,7 @@ def paper_row(row: PaperRow, aot_row: dict[str, Any], gpus: int) -> dict[str, An
         arch=row.arch,
         recipe=row.recipe,
         entry=row.entry,
+        micro_batch_scale=row.micro_batch_scale,
         gpus=gpus,
         status=aot_row["status"],
         error=aot_row["error"],
@@ -267,7 +299,11 @@ def paper_row(row: PaperRow, aot_row: dict[str, Any], gpus: int) -> dict[str, An
 
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Sets each row's estimated and paper ratios to Llama3 BF16 at its size (None without one)."""
-    base_of = {r["size"]: r for r in rows if (r["arch"], r["recipe"]) == BASELINE}
+    base_of = {
+        r["size"]: r
+        for r in rows
+        if (r["arch"], r["recipe"]) == BASELINE and (r["micro_batch_scale"] or 1) == 1
+    }
     for r in rows:
         base = base_of.get(r["size"])
         if base is None:
@@ -364,9 +400,10 @@ HEADER = (
 def table_row(r: dict[str, Any]) -> list[str]:
     s = r["split_s"] or {}
     fits = {True: "yes", False: "**no**"}.get(r["fits"], "—")
+    scale = r["micro_batch_scale"] or 1
     return [
         r["size"].upper(),
-        r["model"],
+        r["model"] + (f" ({scale}x larger micro-batches)" if scale > 1 else ""),
         r["recipe"].upper(),
         str(r["gpus"]),
         _fmt(r["estimated_tokens_per_sec_per_gpu"], ",.0f"),

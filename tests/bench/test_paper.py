@@ -47,7 +47,8 @@ def test_every_row_is_a_valid_cudnn_config_at_the_papers_work(scale):
             assert t.seq_len == 4096 and c.model.d_model == {"1.5b": 2048, "8b": 4096}[row.size]
             assert t.batch_size // work.gpus == {"1.5b": 64, "8b": 16}[row.size]
             per_micro = t.batch_size // t.micro_batches // work.gpus
-            assert per_micro == {"1.5b": 4, "8b": 2}[row.size]  # 8B: the largest that fits
+            common = {"1.5b": 4, "8b": 2}[row.size]  # 8B: the largest that fits both recipes
+            assert per_micro == common * row.micro_batch_scale
 
 
 def test_paper_rows_selects_and_keeps_the_baseline():
@@ -65,6 +66,21 @@ def test_paper_rows_selects_and_keeps_the_baseline():
         paper.select_rows("8b:fog_flash:fp8")
 
 
+def test_larger_micro_batch_rows_keep_the_work_and_are_never_the_baseline():
+    larger = [r for r in paper.ROWS if r.micro_batch_scale > 1]
+    assert {r.key for r in larger} == {"8b:llama3:bf16:mb2x", "8b:fog_flash:fp8dpa:mb2x"}
+    for row in larger:
+        common = next(r for r in paper.ROWS if r.key == row.key.rsplit(":", 1)[0])
+        for scale in paper.SCALES:
+            a, b = paper.row_config(row, scale).train, paper.row_config(common, scale).train
+            assert a.batch_size == b.batch_size  # the same sequences per GPU per step
+            assert a.micro_batches * row.micro_batch_scale == b.micro_batches
+    assert [r.key for r in paper.select_rows("8b:fog_flash:fp8dpa:mb2x")] == [
+        "8b:llama3:bf16",
+        "8b:fog_flash:fp8dpa:mb2x",
+    ]
+
+
 def test_ratios_are_to_llama3_bf16_of_the_same_size():
     def row(size, arch, recipe, est, measured):
         r = dict.fromkeys(paper.PAPER_FIELDS)
@@ -79,10 +95,11 @@ def test_ratios_are_to_llama3_bf16_of_the_same_size():
             row("1.5b", "fog_opt", "fp8dpa", None, None),  # a failed row without a paper figure
             row("8b", "llama3", "bf16", 10.0, 8),
             row("8b", "fog_flash", "fp8dpa", 15.0, None),
+            {**row("8b", "llama3", "bf16", 5.0, None), "micro_batch_scale": 2},  # not the base
         ]
     )
-    assert [r["estimated_ratio"] for r in rows] == [1.0, 1.2, None, 1.0, 1.5]
-    assert [r["paper_ratio"] for r in rows] == [1.0, 1.25, None, 1.0, None]
+    assert [r["estimated_ratio"] for r in rows] == [1.0, 1.2, None, 1.0, 1.5, 0.5]
+    assert [r["paper_ratio"] for r in rows] == [1.0, 1.25, None, 1.0, None, None]
 
 
 @pytest.fixture(scope="module")
