@@ -304,12 +304,12 @@ def _accumulate_per_replica(
             _reduce_statistics(aux),
         )
 
-    # check_vma=False: with it on, autodiff would psum over 'data' the gradient of every input
-    # the replicas share (the transpose of its implicit broadcast), in every micro-batch, which
-    # is what this function avoids, and the amaxes would be summed, not max-combined. The model's
-    # own shard_maps (the loss, cuDNN attention) run with check_vma=False and hand-written VJPs,
-    # whose cotangents would not carry the 'data'-varying type such inputs would then have.
-    # Without the check, autodiff inside the body gives each replica its own partial gradients.
+    # check_vma=False: the model's own shard_maps (chunked loss, cuDNN FP8 attention) run
+    # unchecked under hand-written VJPs, whose cotangents drop the 'data'-varying type of their
+    # inputs ("Custom VJP bwd rule must produce an output with the same type as the args"). With
+    # no collective over 'data' in the body before the reductions above, autodiff inside it gives
+    # each replica its own partial gradients (checked, an input the replicas share would have to
+    # be cast to varying first, or its gradient would be psum'd in every micro-batch).
     return jax.shard_map(
         local,
         in_specs=(P(), P(DATA_AXIS), P()),
