@@ -287,7 +287,7 @@ def _bwd(
 ) -> tuple[jax.Array, jax.Array, None]:
     del chunk_tokens
 
-    def scaled(x: jax.Array) -> jax.Array:  # exact when g is a power of two (1 / micro_batches)
+    def scaled(x: jax.Array) -> jax.Array:  # exact when g is a power of two (1 / batch parts)
         return (x.astype(jnp.float32) * g).astype(x.dtype)
 
     dhidden, dhead = residuals
