@@ -134,20 +134,52 @@ def sharding_context(mesh: Mesh, rules: LogicalRules = LOGICAL_AXIS_RULES) -> It
         yield
 
 
+def _auto_axis_sizes(mesh: Any) -> dict[str, int]:
+    """{axis: devices} of ``mesh``'s axes that are not Manual. Inside a ``shard_map`` the abstract
+    mesh marks the axes that map has taken over as Manual (each body sees one slice of them), so
+    code that partitions arrays itself (a nested shard_map) must leave those axes alone."""
+    manual = set(getattr(mesh, "manual_axes", ()))
+    return {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes, strict=True) if a not in manual}
+
+
+def is_partitioned(mesh: Any) -> bool:
+    """Whether ``mesh`` (a Mesh, an AbstractMesh, or None) has an axis that is not Manual with
+    several devices: the test for whether shard_map code has anything to split (False on one
+    device, and inside a shard_map that holds every multi-device axis manual)."""
+    if mesh is None or mesh.empty:
+        return False
+    return any(n > 1 for n in _auto_axis_sizes(mesh).values())
+
+
 def split_axis(mesh: Any, axis: str, dim: int) -> str | None:
-    """``axis`` if it has several devices in ``mesh`` (a Mesh or AbstractMesh) and divides
-    ``dim``, else None: how shard_map code splits a dimension, with the same divisibility fallback
-    (replicate) that :func:`logical_shardings` gives parameters."""
-    n = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get(axis, 1)
+    """``axis`` if it has several devices in ``mesh`` (a Mesh or AbstractMesh), is not Manual
+    there, and divides ``dim``, else None: how shard_map code splits a dimension, with the same
+    divisibility fallback (replicate) that :func:`logical_shardings` gives parameters."""
+    n = _auto_axis_sizes(mesh).get(axis, 1)
     return axis if n > 1 and dim % n == 0 else None
 
 
 def split_batch_axes(mesh: Any, batch: int) -> tuple[str, ...]:
-    """The :data:`BATCH_MESH_AXES` with several devices in ``mesh``, if their product divides
+    """The :data:`BATCH_MESH_AXES` with several devices in ``mesh`` and not Manual there (inside a
+    shard_map over 'data', ``batch`` is already one replica's rows), if their product divides
     ``batch``; else () (the batch stays whole)."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    sizes = _auto_axis_sizes(mesh)
     axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
     return () if batch % math.prod(sizes[a] for a in axes) else axes
+
+
+def without_mesh_axis(rules: LogicalRules, axis: str) -> LogicalRules:
+    """``rules`` with the mesh axis ``axis`` removed from every rule (a rule left with no axis maps
+    to None, replicated): the rules inside a shard_map that holds ``axis`` manual, where a sharding
+    constraint may not name it. E.g. ``('batch', ('data', 'fsdp'))`` -> ``('batch', ('fsdp',))``."""
+    out = []
+    for name, mesh_axes in rules:
+        if isinstance(mesh_axes, tuple):
+            mesh_axes = tuple(a for a in mesh_axes if a != axis) or None
+        elif mesh_axes == axis:
+            mesh_axes = None
+        out.append((name, mesh_axes))
+    return tuple(out)
 
 
 def _mesh_axis_size(mesh: Mesh, axes: str | tuple[str, ...]) -> int:

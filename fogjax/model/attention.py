@@ -21,6 +21,7 @@ exactly the values a full forward pass would; nothing writes the FP8 state.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,11 +29,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from fogjax.model import probes
 from fogjax.model.layers import Linear, RMSNorm, recompute_in_backward, rms_norm
 from fogjax.model.rope import apply_rope, rope_frequencies
 from fogjax.precision.recipe import Recipe
+from fogjax.sharding import mesh_axis_of, split_axis, split_batch_axes
 
 Array = jax.Array
 
@@ -146,10 +149,40 @@ def cudnn_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) 
     if recipe.quantizes_attention:
         return recipe.fused_fp8_attention("fp8_attention")(q, k, v, scale)
     b, t, g, r, d = q.shape
-    out = jax.nn.dot_product_attention(
-        q.reshape(b, t, g * r, d), k, v, scale=scale, is_causal=True, implementation="cudnn"
-    )
+    q = q.reshape(b, t, g * r, d)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.manual_axes:
+        out = _fused_attention(q, k, v, scale)
+    else:
+        out = _fused_attention_in_manual_mesh(mesh, q, k, v, scale)
     return out.reshape(b, t, g, r, d)
+
+
+def _fused_attention(q: Array, k: Array, v: Array, scale: float) -> Array:
+    """Causal cuDNN attention: q [B, T, N, H], k and v [B, S, G, H] -> [B, T, N, H]."""
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, implementation="cudnn"
+    )
+
+
+def _fused_attention_in_manual_mesh(mesh: Any, q: Array, k: Array, v: Array, scale: float) -> Array:
+    """:func:`_fused_attention` inside a shard_map over the axes ``mesh`` still leaves to XLA.
+
+    Inside a shard_map over some mesh axes (the train step's data-parallel accumulation holds
+    'data'), XLA's partitioning of jax's cuDNN custom call fails (jax 0.10.2, "INTERNAL:
+    custom_partitioner"); with every axis manual, jax lowers the call as is. Each device takes its
+    rows (the remaining batch axes) and its key/value groups ('tensor', where it divides G; the
+    query heads of a group are contiguous, so N splits with G) and needs no collective.
+    """
+    batch_axes = split_batch_axes(mesh, q.shape[0])
+    heads = split_axis(mesh, mesh_axis_of("heads"), k.shape[2])
+    spec = P(batch_axes or None, None, heads, None)
+    return jax.shard_map(
+        functools.partial(_fused_attention, scale=scale),
+        in_specs=(spec, spec, spec),
+        out_specs=spec,
+        check_vma=True,
+    )(q, k, v)
 
 
 # model.attention_impl -> f(q, k, v, scale, recipe), called from inside a compact method.

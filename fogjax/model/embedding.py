@@ -12,14 +12,12 @@ arrives in the table's own sharding.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fogjax.sharding import mesh_axis_of, split_axis, split_batch_axes
+from fogjax.sharding import is_partitioned, mesh_axis_of, split_axis, split_batch_axes
 
 # The mesh axes fogjax.sharding.LOGICAL_AXIS_RULES maps the table's 'vocab' and 'embed' onto.
 VOCAB_AXIS = mesh_axis_of("vocab")
@@ -67,8 +65,10 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, dtype: jnp.dtype) -> jax.A
     """
     table = table.astype(dtype)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.axis_sizes) == 1:
-        return jnp.take(table, tokens, axis=0)  # One device: nothing to partition.
+    if not is_partitioned(mesh):
+        # One device, or inside a shard_map that holds every multi-device axis (the train step's
+        # data-parallel accumulation): nothing left to partition.
+        return jnp.take(table, tokens, axis=0)
     table_spec, tokens_spec, replica_axes = _specs(mesh, table.shape, tokens.shape)
     vocab_axis, embed_axis = table_spec
 

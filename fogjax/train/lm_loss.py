@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fogjax.sharding import mesh_axis_of, split_axis, split_batch_axes
+from fogjax.sharding import is_partitioned, mesh_axis_of, split_axis, split_batch_axes
 
 # The mesh axes fogjax.sharding.LOGICAL_AXIS_RULES maps the head's 'embed' and 'vocab' onto.
 EMBED_AXIS = mesh_axis_of("embed")
@@ -239,7 +239,7 @@ def _run_in_scope(
 ) -> tuple[jax.Array, ...]:
     count = math.prod(targets.shape)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or math.prod(mesh.axis_sizes) == 1:
+    if not is_partitioned(mesh):  # one device, or every multi-device axis already manual
         return _local(
             hidden, head, targets, chunk_tokens=chunk_tokens, count=count, axes=_Axes(), grads=grads
         )
@@ -287,7 +287,7 @@ def _bwd(
 ) -> tuple[jax.Array, jax.Array, None]:
     del chunk_tokens
 
-    def scaled(x: jax.Array) -> jax.Array:  # exact when g is a power of two (1 / micro_batches)
+    def scaled(x: jax.Array) -> jax.Array:  # exact when g is a power of two (1 / batch parts)
         return (x.astype(jnp.float32) * g).astype(x.dtype)
 
     dhidden, dhead = residuals

@@ -26,12 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
-from fogjax import optim
+from fogjax import optim, sharding
 from fogjax.model.probes import ACTIVATION_GROUPS, PROBES_COLLECTION
 from fogjax.precision import bulk_scaling, stats, weight_quantization
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
-from fogjax.precision.recipe import FP8_STATS_COLLECTION, FP8_WEIGHTS_COLLECTION
+from fogjax.precision.fp8_recipes import Fp8Recipe
+from fogjax.precision.recipe import FP8_STATS_COLLECTION, FP8_WEIGHTS_COLLECTION, Recipe
 from fogjax.train import lm_loss
 
 State = dict[str, Any]
@@ -125,6 +128,7 @@ def compute_grads(
     with_stats: bool,
     grad_dtype: Any = None,
     rng: jax.Array | None = None,
+    local_accumulation: bool = True,
 ) -> tuple[jax.Array, Any, Any, Any]:
     """Loss, parameter gradients, new FP8 state and probe outputs for a batch [B, T+1].
 
@@ -137,11 +141,16 @@ def compute_grads(
     the FP8 ops observed are max-combined (exactly the full batch's amaxes) and then every FP8
     state is updated once (bulk_scaling.apply).
 
+    Data parallelism (``local_accumulation`` and :func:`_replicas` > 1): each 'data'
+    replica accumulates the gradients of its own rows over the k micro-batches and the replicas
+    reduce once per step (:func:`_accumulate_per_replica`), as DDP does, instead of the k
+    all-reduces per weight that XLA's partitioning of the accumulation loop leaves inside it.
+    ``local_accumulation=False`` keeps that partitioned loop (tests compare the two).
+
     ``grad_dtype`` (``optim.grad_dtype``; None = as the backward yields them): the loss is
     differentiated with respect to the float32 view of the parameters (exact for a 16-bit master),
     and each micro-batch's gradients are cast to ``grad_dtype`` and accumulated in it.
     """
-    loss_fn = _loss_fn(model, with_stats)
     if grad_dtype is not None:
         params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     # Differentiated: the scale_inv leaves (their gradient is the amax seen) and TE's states (their
@@ -149,46 +158,179 @@ def compute_grads(
     observed, fixed = bulk_scaling.split(fp8)
     # The block weights in E4M3 once per step, not per micro-batch (weight_quantization.py).
     fp8_weights, rhs_amaxes = _quantized_kernels(model, params, fp8)
+    loss_fn = _loss_fn(model, with_stats)
+    inputs = (params, observed, fixed, fp8_weights)
+    replicas = _replicas(model, tokens.shape[0], micro_batches) if local_accumulation else 1
+    if micro_batches == 1:
+        loss, grads, seen, aux = _micro_batch_grads(loss_fn, 1, grad_dtype)(inputs, tokens, rng)
+    elif replicas > 1:
+        one = _micro_batch_grads(loss_fn, micro_batches * replicas, grad_dtype)
+        loss, grads, seen, aux = _accumulate_per_replica(one, inputs, tokens, micro_batches, rng)
+    else:
+        one = _micro_batch_grads(loss_fn, micro_batches, grad_dtype)
+        loss, grads, seen, aux = _accumulate(one, inputs, tokens, micro_batches, rng)
+    seen = {**seen, **{p: jnp.maximum(seen[p], a) for p, a in rhs_amaxes.items()}}
+    return loss, grads, _updated_fp8(model, observed, fixed, seen), aux
+
+
+# (params, observed, fixed, fp8_weights): what every micro-batch's gradient reads.
+GradInputs = tuple[Any, Any, Any, Any]
+# (loss, grads, seen amaxes, aux statistics) of one micro-batch, or accumulated.
+GradOutputs = tuple[jax.Array, Any, Any, Any]
+
+
+def _micro_batch_grads(
+    loss_fn: Callable[..., Any], parts: int, grad_dtype: Any
+) -> Callable[..., GradOutputs]:
+    """``one(inputs, chunk [b, T+1] int32, rng, index=0) -> (loss, grads, seen, aux)``: the loss
+    of a chunk that is one of ``parts`` equal parts of the batch, divided by ``parts``, and its
+    gradients with respect to ``params`` (cast to ``grad_dtype``) and to the observed FP8 leaves
+    (the amaxes seen); ``inputs`` a :data:`GradInputs`. Dividing before differentiation gives
+    every backward tensor the magnitude it has in the whole batch's loss (the E5M2 casts' scales
+    and the gradient amaxes depend on it); the parts' results then sum to the batch's."""
 
     def scaled_loss(
-        params: Any, observed: Any, chunk: jax.Array, chunk_rng: jax.Array | None
+        params: Any, observed: Any, fixed: Any, fp8_weights: Any, chunk: jax.Array, rng: Any
     ) -> tuple[jax.Array, Any]:
         merged = bulk_scaling.merge(observed, fixed)
-        loss, aux = loss_fn(params, merged, chunk, chunk_rng, fp8_weights)
-        return loss / micro_batches, aux
+        loss, aux = loss_fn(params, merged, chunk, rng, fp8_weights)
+        return loss / parts, aux
 
     grad_fn = jax.value_and_grad(scaled_loss, argnums=(0, 1), has_aux=True)
 
-    def one(chunk: jax.Array, index: jax.Array | int = 0) -> tuple[jax.Array, Any, Any, Any]:
+    def one(
+        inputs: GradInputs, chunk: jax.Array, rng: jax.Array | None, index: jax.Array | int = 0
+    ) -> GradOutputs:
         chunk_rng = None if rng is None else jax.random.fold_in(rng, index)
-        (loss, aux), (grads, seen) = grad_fn(params, observed, chunk, chunk_rng)
+        (loss, aux), (grads, seen) = grad_fn(*inputs, chunk, chunk_rng)
         if grad_dtype is not None:
             grads = jax.tree.map(lambda g: g.astype(grad_dtype), grads)
         return loss, grads, seen, aux
 
-    if micro_batches == 1:
-        loss, grads, seen, aux = one(tokens)
-    else:
-        b = tokens.shape[0]
-        micro_batch_size(b, micro_batches)
-        # Chunk j takes rows j, j + k, j + 2k, ...: every device keeps a share of every chunk, so
-        # the split needs no data movement across the batch-sharded devices.
-        chunks = tokens.reshape(b // micro_batches, micro_batches, *tokens.shape[1:]).swapaxes(0, 1)
-        first = one(chunks[0])
+    return one
 
-        def body(acc: Any, chunk_and_index: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
-            return _combine_microbatch(acc, one(*chunk_and_index)), None
 
-        indices = jnp.arange(1, micro_batches)
-        (loss, grads, seen, aux), _ = jax.lax.scan(body, first, (chunks[1:], indices))
-        aux = jax.tree_util.tree_map_with_path(
-            lambda path, x: (
-                x if _is_max_statistic(path) or _is_min_statistic(path) else x / micro_batches
-            ),
-            aux,
+def _accumulate(
+    one: Callable[..., GradOutputs],
+    inputs: GradInputs,
+    tokens: jax.Array,
+    micro_batches: int,
+    rng: jax.Array | None,
+) -> GradOutputs:
+    """``one`` over the k micro-batches of ``tokens`` [B, T+1] in a ``lax.scan``, combined by
+    :func:`_combine_microbatch`; the statistics in ``aux`` averaged (max/min ones kept)."""
+    b = tokens.shape[0]
+    micro_batch_size(b, micro_batches)
+    # Chunk j takes rows j, j + k, j + 2k, ...: every device keeps a share of every chunk, so
+    # the split needs no data movement across the batch-sharded devices.
+    chunks = tokens.reshape(b // micro_batches, micro_batches, *tokens.shape[1:]).swapaxes(0, 1)
+    first = one(inputs, chunks[0], rng)
+
+    def body(acc: Any, chunk_and_index: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
+        return _combine_microbatch(
+            acc, one(inputs, chunk_and_index[0], rng, chunk_and_index[1])
+        ), None
+
+    indices = jnp.arange(1, micro_batches)
+    (loss, grads, seen, aux), _ = jax.lax.scan(body, first, (chunks[1:], indices))
+    aux = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x if _is_max_statistic(path) or _is_min_statistic(path) else x / micro_batches
+        ),
+        aux,
+    )
+    return loss, grads, seen, aux
+
+
+# The mesh axis of data parallelism: every replica holds whole parameters (no logical rule maps a
+# parameter axis onto it) and its own rows of the batch.
+DATA_AXIS = "data"
+
+
+def _recipe_is_row_local(model: nn.Module) -> bool:
+    """Whether a replica that computes on its own rows quantises them exactly as the whole batch
+    would: true of BF16 and of delayed-scaling FP8 on XLA's GEMMs (every cast takes its scale from
+    the state; the amaxes are only observed, and a max over replicas is exact). Not of current
+    scaling (a cast scales by its tensor's amax, which would become the replica's), FP4 (stochastic
+    rounding draws numbers of the replica's shape; NVFP4's tensor scale is a current amax) nor
+    Transformer Engine (its states are updated inside its backward, from its amaxes)."""
+    recipe = getattr(model, "recipe", None)
+    if recipe is None or type(recipe) is Recipe:
+        return True
+    return isinstance(recipe, Fp8Recipe) and recipe.scaling == "delayed" and recipe.backend == "xla"
+
+
+def _replicas(model: nn.Module, batch: int, micro_batches: int) -> int:
+    """How many 'data' replicas accumulate gradients locally (:func:`_accumulate_per_replica`), or
+    1 (the partitioned loop accumulates): several when the active mesh splits 'data' over
+    several devices (an Auto axis: not already inside a shard_map over it), each replica's
+    ``batch`` / data rows split into ``micro_batches`` equal parts, and the recipe is row-local."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names or not _recipe_is_row_local(model):
+        return 1
+    index = mesh.axis_names.index(DATA_AXIS)
+    replicas = mesh.axis_sizes[index]
+    if mesh.axis_types[index] != AxisType.Auto or batch % (replicas * micro_batches):
+        return 1
+    return replicas
+
+
+def _accumulate_per_replica(
+    one: Callable[..., GradOutputs],
+    inputs: GradInputs,
+    tokens: jax.Array,
+    micro_batches: int,
+    rng: jax.Array | None,
+) -> GradOutputs:
+    """:func:`_accumulate` on each 'data' replica's rows of ``tokens`` [B, T+1], then one reduction
+    over 'data': what the partitioned loop gives, up to the order of float32 sums.
+
+    A ``shard_map`` manual over 'data' only ('fsdp' and 'tensor' stay with XLA's partitioner).
+    ``one`` divides each replica's micro-batch loss by k * data (every replica's micro-batches
+    have B / (k * data) rows, so the batch loss is the sum of these parts), so the loss and the
+    gradients are sums over the replicas; the amaxes a max (exact), the statistics as
+    :func:`_reduce_statistics` combines them.
+    """
+    # Inside, 'data' is manual: constraints may not name it, and the batch is one replica's rows.
+    rules = sharding.without_mesh_axis(nn.get_logical_axis_rules(), DATA_AXIS)
+
+    def local(inputs: GradInputs, tokens: jax.Array, rng: jax.Array | None) -> GradOutputs:
+        with nn.logical_axis_rules(rules):
+            loss, grads, seen, aux = _accumulate(one, inputs, tokens, micro_batches, rng)
+        return (
+            jax.lax.psum(loss, DATA_AXIS),
+            jax.lax.psum(grads, DATA_AXIS),
+            jax.lax.pmax(seen, DATA_AXIS),
+            _reduce_statistics(aux),
         )
-    seen = {**seen, **{p: jnp.maximum(seen[p], a) for p, a in rhs_amaxes.items()}}
-    return loss, grads, _updated_fp8(model, observed, fixed, seen), aux
+
+    # check_vma=False: the model's own shard_maps (chunked loss, cuDNN FP8 attention) run
+    # unchecked under hand-written VJPs, whose cotangents drop the 'data'-varying type of their
+    # inputs ("Custom VJP bwd rule must produce an output with the same type as the args"). With
+    # no collective over 'data' in the body before the reductions above, autodiff inside it gives
+    # each replica its own partial gradients (checked, an input the replicas share would have to
+    # be cast to varying first, or its gradient would be psum'd in every micro-batch).
+    return jax.shard_map(
+        local,
+        in_specs=(P(), P(DATA_AXIS), P()),
+        out_specs=P(),
+        axis_names={DATA_AXIS},
+        check_vma=False,
+    )(inputs, tokens, rng)
+
+
+def _reduce_statistics(aux: Any) -> Any:
+    """The replicas' statistics combined over 'data' as micro-batches combine them: amaxes and
+    the ends of scale ranges by max / min, the rest (already micro-batch means) by mean."""
+
+    def reduce(path: tuple[Any, ...], x: jax.Array) -> jax.Array:
+        if _is_max_statistic(path):
+            return jax.lax.pmax(x, DATA_AXIS)
+        if _is_min_statistic(path):
+            return jax.lax.pmin(x, DATA_AXIS)
+        return jax.lax.pmean(x, DATA_AXIS)
+
+    return jax.tree_util.tree_map_with_path(reduce, aux)
 
 
 def _quantized_kernels(model: nn.Module, params: Any, fp8: Any) -> tuple[Any, dict[Any, Any]]:
