@@ -120,7 +120,7 @@ def test_fp8_recipes_start_close_to_bf16_and_all_learn():
         _, state, step = setup(tiny_config(recipe))
         step = jax.jit(step)
         losses = []
-        for i in range(50):
+        for i in range(20):  # the loss falls by > 8 in 20 steps (measured), 1.0 is asserted
             state, m = step(state, tokens[i % 4])
             losses.append(float(m["loss"]))
         curves[recipe] = losses
