@@ -165,7 +165,6 @@ def test_paper_table_end_to_end_on_the_tiny_stand_in(cli_run):
 
 
 def paper_figure(r):
-    (row,) = [
-        p for p in paper.ROWS if (p.size, p.arch, p.recipe) == (r["size"], r["arch"], r["recipe"])
-    ]
+    key = (r["size"], r["arch"], r["recipe"], r["micro_batch_scale"])
+    (row,) = [p for p in paper.ROWS if (p.size, p.arch, p.recipe, p.micro_batch_scale) == key]
     return row.paper_tokens_per_sec_per_gpu

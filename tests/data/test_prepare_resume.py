@@ -23,12 +23,14 @@ FLAGS = ["--unit-bytes", "1", "--shard-tokens", "3000", "--val-tokens", "5000", 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """8 .jsonl files (one unit each, several shards each), a BPE tokenizer, and the output of
-    an uninterrupted run."""
+    an uninterrupted run. Units big enough that a signal sent once the first is done reaches a
+    run still working (at 150 records a file, a quiet 2-core machine once finished all eight
+    between the test seeing one done and its Ctrl-C)."""
     root = tmp_path_factory.mktemp("resume")
     inputs = root / "in"
     inputs.mkdir()
     for f in range(FILES):
-        records = [{"text": corpora.text(f * 1000 + i, 200)} for i in range(150)]
+        records = [{"text": corpora.text(f * 1000 + i, 200)} for i in range(400)]
         corpora.write_jsonl(inputs / f"part{f}.jsonl", records)
     tok = corpora.tokenizer_json(root / "tokenizer.json")
     kw = {"unit_bytes": 1, "shard_tokens": 3000, "val_tokens": 5000}
@@ -95,7 +97,7 @@ def test_ctrl_c_and_sigterm_keep_finished_units_and_a_changed_tokenizer_is_refus
     ledger = Ledger(out)
     kept: dict = {}
     for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
-        proc = _start(_cmd(inputs, tok, out, workers=2))
+        proc = _start(_cmd(inputs, tok, out, workers=1))  # one worker: a wider window to signal
         before = len(kept)
         more_done = lambda n=before: ledger.plan_path.exists() and len(ledger.done_units()) > n  # noqa: E731
         _wait_until(more_done, proc)
