@@ -23,14 +23,12 @@ FLAGS = ["--unit-bytes", "1", "--shard-tokens", "3000", "--val-tokens", "5000", 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """8 .jsonl files (one unit each, several shards each), a BPE tokenizer, and the output of
-    an uninterrupted run. Units big enough that a signal sent once the first is done reaches a
-    run still working (at 150 records a file, a quiet 2-core machine once finished all eight
-    between the test seeing one done and its Ctrl-C)."""
+    an uninterrupted run."""
     root = tmp_path_factory.mktemp("resume")
     inputs = root / "in"
     inputs.mkdir()
     for f in range(FILES):
-        records = [{"text": corpora.text(f * 1000 + i, 200)} for i in range(400)]
+        records = [{"text": corpora.text(f * 1000 + i, 200)} for i in range(150)]
         corpora.write_jsonl(inputs / f"part{f}.jsonl", records)
     tok = corpora.tokenizer_json(root / "tokenizer.json")
     kw = {"unit_bytes": 1, "shard_tokens": 3000, "val_tokens": 5000}
@@ -43,8 +41,20 @@ def _cmd(inputs, tok, out, workers=1, tokenizer=None):
     return [sys.executable, "-m", "fogjax.data.prepare", *where, "--workers", str(workers), *FLAGS]
 
 
+# Runs the CLI with Ctrl-C restored to Python's default: a process inherits an ignored SIGINT
+# (a background job of a non-interactive shell has one, so may the test runner), and CPython then
+# installs no KeyboardInterrupt handler, so the prepare run would sail through the Ctrl-C below.
+_AS_FOREGROUND_JOB = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = ['fogjax.data.prepare', *sys.argv[1:]]; "
+    "runpy.run_module('fogjax.data.prepare', run_name='__main__', alter_sys=True)"
+)
+
+
 def _start(cmd):
     # Its own process group, as a shell job: a signal to the group reaches parent and workers.
+    assert cmd[1:3] == ["-m", "fogjax.data.prepare"], cmd
+    cmd = [cmd[0], "-c", _AS_FOREGROUND_JOB, *cmd[3:]]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
 
@@ -97,7 +107,7 @@ def test_ctrl_c_and_sigterm_keep_finished_units_and_a_changed_tokenizer_is_refus
     ledger = Ledger(out)
     kept: dict = {}
     for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
-        proc = _start(_cmd(inputs, tok, out, workers=1))  # one worker: a wider window to signal
+        proc = _start(_cmd(inputs, tok, out, workers=2))
         before = len(kept)
         more_done = lambda n=before: ledger.plan_path.exists() and len(ledger.done_units()) > n  # noqa: E731
         _wait_until(more_done, proc)
