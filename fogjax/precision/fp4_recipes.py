@@ -78,6 +78,12 @@ class Fp4Recipe(Recipe):
         return tuple(run for run in runs if run[1])
 
     @property
+    def quantizes_rows_locally(self) -> bool:
+        # Stochastic rounding draws numbers of the batch's shape; NVFP4's tensor scale is a
+        # current amax.
+        return False
+
+    @property
     def quantizes_linears(self) -> bool:
         return True
 

@@ -123,6 +123,14 @@ class Fp8Recipe(Recipe):
         return self.backend == "xla" and not self.current
 
     @property
+    def quantizes_rows_locally(self) -> bool:
+        # Delayed scaling on XLA: every cast takes its scale from the state and amaxes are only
+        # observed (a max over replicas is exact). Current scaling scales by the tensor's own
+        # amax (it would become the replica's); Transformer Engine updates its states inside its
+        # backward, from its own amaxes.
+        return self.backend == "xla" and not self.current
+
+    @property
     def current(self) -> bool:
         """Current scaling (``*_current`` recipes): each tensor scaled by its own amax."""
         return self.scaling == "current"

@@ -80,6 +80,14 @@ class Recipe:
         return None
 
     @property
+    def quantizes_rows_locally(self) -> bool:
+        """A device computing on its own rows of the batch quantises them exactly as the whole
+        batch would (the train step may then accumulate each data replica's gradients locally):
+        true of plain compute-dtype GEMMs; recipes whose casts depend on batch-wide amaxes or
+        draw random numbers of the batch's shape say False."""
+        return True
+
+    @property
     def takes_lhs_amax(self) -> bool:
         """Its block linears accept ``lhs_amax=`` (max|input| measured by the caller, in the pass
         that makes the input; fused_amax.py), so the FFN passes its activation's amax."""

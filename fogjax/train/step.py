@@ -33,8 +33,7 @@ from fogjax import optim, sharding
 from fogjax.model.probes import ACTIVATION_GROUPS, PROBES_COLLECTION
 from fogjax.precision import bulk_scaling, stats, weight_quantization
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
-from fogjax.precision.fp8_recipes import Fp8Recipe
-from fogjax.precision.recipe import FP8_STATS_COLLECTION, FP8_WEIGHTS_COLLECTION, Recipe
+from fogjax.precision.recipe import FP8_STATS_COLLECTION, FP8_WEIGHTS_COLLECTION
 from fogjax.train import lm_loss
 
 State = dict[str, Any]
@@ -249,15 +248,9 @@ DATA_AXIS = "data"
 
 def _recipe_is_row_local(model: nn.Module) -> bool:
     """Whether a replica that computes on its own rows quantises them exactly as the whole batch
-    would: true of BF16 and of delayed-scaling FP8 on XLA's GEMMs (every cast takes its scale from
-    the state; the amaxes are only observed, and a max over replicas is exact). Not of current
-    scaling (a cast scales by its tensor's amax, which would become the replica's), FP4 (stochastic
-    rounding draws numbers of the replica's shape; NVFP4's tensor scale is a current amax) nor
-    Transformer Engine (its states are updated inside its backward, from its amaxes)."""
+    would (``Recipe.quantizes_rows_locally``; a model without a recipe computes plainly)."""
     recipe = getattr(model, "recipe", None)
-    if recipe is None or type(recipe) is Recipe:
-        return True
-    return isinstance(recipe, Fp8Recipe) and recipe.scaling == "delayed" and recipe.backend == "xla"
+    return recipe is None or recipe.quantizes_rows_locally
 
 
 def _replicas(model: nn.Module, batch: int, micro_batches: int) -> int:
