@@ -159,6 +159,31 @@ def split_axis(mesh: Any, axis: str, dim: int) -> str | None:
     return axis if n > 1 and dim % n == 0 else None
 
 
+def gathered_axis_major(x: jax.Array, lead: int = 0) -> jax.Array:
+    """``x`` sharded over 'fsdp' along its first axis from ``lead`` on that 'fsdp' divides, the rest
+    whole: the layout an FSDP all-gather returns with the gathered axis outermost, as GPU
+    collectives need, and every later axis contiguous. For an operand that must reach its GEMM
+    with its LAST axes innermost (a pre-transposed FP8 kernel, precision/weight_quantization.py):
+    sharded along a contracted axis, the gathered copy would need a transpose per use.
+
+    Unchanged without a multi-device 'fsdp' axis, with a multi-device 'tensor' axis (whose
+    sharding of the kernel this leaves to the partitioner), or when no axis divides.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    sizes = _auto_axis_sizes(mesh)
+    fsdp = sizes.get("fsdp", 1)
+    if fsdp <= 1 or sizes.get("tensor", 1) > 1:
+        return x
+    for axis in range(lead, x.ndim):
+        if x.shape[axis] % fsdp == 0:
+            spec = [None] * x.ndim
+            spec[axis] = "fsdp"
+            return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    return x
+
+
 def split_batch_axes(mesh: Any, batch: int) -> tuple[str, ...]:
     """The :data:`BATCH_MESH_AXES` with several devices in ``mesh`` and not Manual there (inside a
     shard_map over 'data', ``batch`` is already one replica's rows), if their product divides

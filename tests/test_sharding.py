@@ -180,3 +180,27 @@ def test_global_batch_that_does_not_split_is_an_error():
     mesh = sharding.make_mesh(mesh_cfg(2, 2, 2))
     with pytest.raises(ValueError, match="train.batch_size to a multiple of 4"):
         sharding.global_batch_from_local(np.zeros((6, 9), np.int32), mesh)
+
+
+@pytest.mark.parametrize(
+    "mesh, shape, lead, spec",
+    [
+        (mesh_cfg(1, 8, 1), (2, 24, 16), 1, P(None, "fsdp", None)),  # first axis after [L]
+        (mesh_cfg(1, 8, 1), (2, 6, 16), 1, P(None, None, "fsdp")),  # 6 does not split: next
+        (mesh_cfg(2, 4, 1), (12, 8), 0, P("fsdp", None)),
+        (mesh_cfg(1, 4, 2), (2, 24, 16), 1, None),  # tensor parallel: left to the partitioner
+        (mesh_cfg(8, 1, 1), (2, 24, 16), 1, None),  # no FSDP: nothing is gathered
+        (mesh_cfg(1, 8, 1), (2, 6, 3), 1, None),  # no axis splits
+    ],
+)
+def test_gathered_axis_major_shards_the_first_axis_fsdp_divides(mesh, shape, lead, spec):
+    """The layout an FSDP all-gather returns ready for a GEMM that contracts the last axes: the
+    'fsdp' split on the first splittable axis from ``lead`` on (so the gather is outermost)."""
+    m = sharding.make_mesh(mesh)
+    x = jnp.zeros(shape)
+    with sharding.sharding_context(m):
+        out = jax.jit(lambda x: sharding.gathered_axis_major(x, lead) + 1)(x)
+    if spec is None:
+        assert out.sharding.is_fully_replicated
+    else:
+        assert out.sharding.is_equivalent_to(NamedSharding(m, spec), len(shape))

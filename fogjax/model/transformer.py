@@ -180,6 +180,15 @@ class Transformer(nn.Module):
         smooth = cfg.ffn_activation == "smooth_swiglu" and cfg.smooth_swiglu_per_channel
         return not (smooth and tuple(path[-2:]) == ("mlp", "wo"))
 
+    def kernel_contracting_axes(self, path: tuple[str, ...]) -> int:
+        """How many leading axes of the block kernel at ``path`` its Linear contracts (a Linear's
+        kernel is ``[in..., out...]``): three for the attention out-projection ``[G, R, d_h, D]``
+        (attention.py), one for the QKV projection ``[D, G, R + 2, d_h]`` and the FFN's ``[D, ...]``
+        and ``[F, D]`` (mlp.py). The train step lays the E4M3 kernels out a second time with these
+        axes last, for the forward GEMMs (precision/weight_quantization.py); an FP8 dot refuses a
+        copy whose shape disagrees with its own dimension numbers."""
+        return 3 if tuple(path[-2:]) == ("attn", "wo") else 1
+
     @property
     def layer_names(self) -> tuple[str, ...]:
         """The top-level block modules in layer order (:func:`layer_segments`)."""

@@ -24,6 +24,7 @@ only the FP8 operands are saved for the backward pass, not their high-precision 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,7 +144,7 @@ def _bwd(dims, dtypes, reduction, margin, residuals, g):
     lhs_scale_inv, rhs_scale_inv, grad_scale_inv, amax_lhs, amax_rhs = (
         scalars[i : i + 1] for i in range(5)
     )
-    q_g = scaling.quantize(g, grad_scale_inv, E5M2)
+    q_g = lax.optimization_barrier(scaling.quantize(g, grad_scale_inv, E5M2))
     # flax's transposes emit dot_general(q_g, operand): E5M2 x E4M3 in both backward GEMMs. Their
     # middle argument only lends its rank, so the FP8 copy stands in for the unsaved original.
     transpose = dict(
@@ -160,6 +161,47 @@ def _bwd(dims, dtypes, reduction, margin, residuals, g):
 _fp8_dot_general.defvjp(_fwd, _bwd)
 
 
+def transposed_rhs_dims(dims: DimensionNumbers, rhs_ndim: int) -> DimensionNumbers:
+    """The dimension numbers of the same product with the rhs laid out free axes first, then its
+    contracted axes (in ``dims``' order): how a ``q_rhs_t`` made once per step holds it. The
+    output is unchanged: the rhs free axes keep their order. Only for products without batch
+    axes."""
+    (lc, rc), (lb, rb) = dims
+    if lb or rb:
+        raise ValueError("a pre-transposed FP8 rhs needs a product without batch axes")
+    return ((lc, tuple(range(rhs_ndim - len(rc), rhs_ndim))), ((), ()))
+
+
+def kernel_shape(
+    q: jax.Array, rhs_shape: tuple[int, ...], dims: DimensionNumbers, t: bool
+) -> tuple[int, ...]:
+    """The shape this product reads a once-per-step E4M3 copy ``q`` of its rhs in.
+
+    ``q`` is either that shape (``rhs_shape``, or with ``t`` the free axes then the contracted
+    ones) or the same bytes as a matrix: ``[in, out]`` (``in`` = the product of the contracted
+    axes, which must lead the rhs), or with ``t`` ``[out, in]`` (weight_quantization.py). Raises
+    ValueError, naming the model hook that sets the split, for any other shape.
+    """
+    rc = dims[0][1]
+    free = tuple(a for a in range(len(rhs_shape)) if a not in rc)
+    n_in = math.prod(rhs_shape[a] for a in rc)
+    n_out = math.prod(rhs_shape[a] for a in free)
+    if t:
+        full, matrix = tuple(rhs_shape[a] for a in free + rc), (n_out, n_in)
+    else:
+        full, matrix = tuple(rhs_shape), (n_in, n_out)
+        if rc != tuple(range(len(rc))):
+            matrix = None  # an [in, out] matrix is the kernel's bytes only when in leads
+    if tuple(q.shape) == full or (matrix is not None and tuple(q.shape) == matrix):
+        return full
+    raise ValueError(
+        f"the once-per-step FP8 kernel{' (transposed)' if t else ''} has shape "
+        f"{tuple(q.shape)}, but this dot contracts axes {rc} of a kernel {tuple(rhs_shape)} and "
+        f"reads {full} or the matrix {matrix}: the model's kernel_contracting_axes disagrees "
+        "with the Linear's dimension numbers."
+    )
+
+
 def fp8_dot_general_quantized_rhs(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -170,50 +212,75 @@ def fp8_dot_general_quantized_rhs(
     dimension_numbers: Any,
     out_dtype: Any = None,
     lhs_amax: jax.Array | None = None,
+    q_rhs_t: jax.Array | None = None,
 ) -> jax.Array:
     """:func:`fp8_dot_general` with the rhs already quantised (``q_rhs`` = its E4M3 cast with
     ``rhs_state.scale_inv``, made once per optimizer step; weight_quantization.py).
 
     The same numbers as :func:`fp8_dot_general` on ``rhs``, bit for bit. ``rhs`` (compute dtype) is
     only the variable its gradient flows to; it is never read. Its state gets no observation here
-    (None): whoever quantised it reports its amax.
+    (None): whoever quantised it reports its amax. ``q_rhs_t``: optionally the same E4M3 values
+    laid out as :func:`transposed_rhs_dims` says (free axes, then contracted), for the forward
+    GEMM, which then needs no transpose of ``q_rhs``; the backward reads ``q_rhs``. Either may
+    come as a matrix (:func:`kernel_shape`), reshaped inside the VJP so that the backward's
+    residual is the very array given (under the layer scan, a slice of the stacked input, not a
+    per-layer copy).
     """
     compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     out_dtype = jnp.dtype(out_dtype or compute_dtype)
+    dims = canonical_dimension_numbers(dimension_numbers)
+    shapes = (kernel_shape(q_rhs, rhs.shape, dims, t=False), None)
+    if q_rhs_t is not None:
+        shapes = (shapes[0], kernel_shape(q_rhs_t, rhs.shape, dims, t=True))
     return _fp8_dot_general_q(
         lhs.astype(compute_dtype),
         rhs.astype(compute_dtype),
         q_rhs,
+        q_rhs_t,
         lhs_state,
         rhs_state,
         grad_state,
         lhs_amax,
-        canonical_dimension_numbers(dimension_numbers),
+        dims,
         (out_dtype, compute_dtype),
+        shapes,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _fp8_dot_general_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes):
-    args = (lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, lhs_amax)
-    return _fwd_q(*args, dims, dtypes)[0]
+# ``shapes``: (the shape the products read q_rhs in, that of q_rhs_t or None); static.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _fp8_dot_general_q(
+    lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes
+):
+    args = (lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax)
+    return _fwd_q(*args, dims, dtypes, shapes)[0]
 
 
-def _fwd_q(lhs, rhs, q_rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes):
+def _fwd_q(
+    lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes
+):
     del rhs  # Only its cotangent is wanted.
     q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3)
     scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
-    out = _scaled_dot(q_lhs, q_rhs, dims, scale_inv, dtypes[0], lax.Precision.DEFAULT)
+    if q_rhs_t is None:
+        q_kernel = q_rhs.reshape(shapes[0])
+        out = _scaled_dot(q_lhs, q_kernel, dims, scale_inv, dtypes[0], lax.Precision.DEFAULT)
+    else:
+        dims_t = transposed_rhs_dims(dims, len(shapes[0]))
+        q_kernel_t = q_rhs_t.reshape(shapes[1])
+        out = _scaled_dot(q_lhs, q_kernel_t, dims_t, scale_inv, dtypes[0], lax.Precision.DEFAULT)
     # The rhs amax slot stays 0: the quantiser reports it (weight_quantization.py).
     zero = jnp.zeros((), jnp.float32)
     scalars = _pack(lhs_state, rhs_state, grad_state, _lhs_amax(lhs, lhs_amax), zero)
     return out, (q_lhs, q_rhs, scalars)
 
 
-def _bwd_q(dims, dtypes, residuals, g):
+def _bwd_q(dims, dtypes, shapes, residuals, g):
+    q_lhs, q_rhs, scalars = residuals
+    residuals = (q_lhs, q_rhs.reshape(shapes[0]), scalars)
     dlhs, drhs, seen_lhs, _, seen_grad, _ = _bwd(dims, dtypes, None, None, residuals, g)
     no_observation = ScalingState(None, None)
-    return dlhs, drhs, None, seen_lhs, no_observation, seen_grad, None
+    return dlhs, drhs, None, None, seen_lhs, no_observation, seen_grad, None
 
 
 _fp8_dot_general_q.defvjp(_fwd_q, _bwd_q)
@@ -258,7 +325,8 @@ class Fp8DotGeneral(nn.Module):
     ``{lhs,rhs,grad}_scale_inv`` [1]; stacked [L, ...] under nn.scan.
 
     When the ``fp8_weights`` collection holds an ``rhs`` for it (the train step's once-per-step
-    E4M3 kernel, weight_quantization.py), it uses that instead of casting ``rhs`` again.
+    E4M3 kernel, weight_quantization.py), it uses that instead of casting ``rhs`` again, and the
+    forward GEMM reads the transposed copy ``rhs_t`` when there is one.
 
     When the ``fp8_stats`` collection is mutable (decided at trace time, so ordinary steps compile
     without it), sows ``lhs`` and ``rhs`` dicts ``{'saturation', 'underflow'}`` (operand_stats).
@@ -298,6 +366,9 @@ class Fp8DotGeneral(nn.Module):
         grad_state = scaling.declare_state(self, "grad", h)
         sow_operand_stats(self, {"lhs": (lhs, lhs_state), "rhs": (rhs, rhs_state)})
         if self.has_variable(FP8_WEIGHTS_COLLECTION, "rhs"):
+            q_rhs_t = None
+            if self.has_variable(FP8_WEIGHTS_COLLECTION, "rhs_t"):
+                q_rhs_t = self.get_variable(FP8_WEIGHTS_COLLECTION, "rhs_t")
             return fp8_dot_general_quantized_rhs(
                 lhs,
                 rhs,
@@ -308,6 +379,7 @@ class Fp8DotGeneral(nn.Module):
                 dimension_numbers,
                 preferred_element_type,
                 lhs_amax,
+                q_rhs_t,
             )
         return fp8_dot_general(
             lhs,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from fogjax import config_lib
-from fogjax.bench import aot, targets
+from fogjax.bench import aot, hlo_module, targets
 
 pytestmark = pytest.mark.slow  # two deviceless compiles, ~40 s
 
@@ -56,3 +56,61 @@ def test_every_block_gemm_is_fp8_and_no_gemm_reads_float32(rows):
 
 def test_no_fp8_cast_reads_a_float32_widened_tensor(rows):
     assert rows["fp8dpa"]["fp8_casts_from_f32"] == []
+
+
+def _fsdp_program(monkeypatch) -> str:
+    """The GPU program of an FP8 step at a small config on 8 H100s, FSDP over all 8."""
+    texts = []
+    keep = aot.require_gpu_program
+    monkeypatch.setattr(aot, "require_gpu_program", lambda text: (texts.append(text), keep(text)))
+    c = config_lib.get_config("fog_flash", "390m")
+    c.update_from_flattened_dict(
+        {
+            "model.num_layers": 2,
+            "train.batch_size": 16,
+            "train.micro_batches": 2,
+            "train.seq_len": 256,
+            "mesh.data": 1,
+            "mesh.fsdp": 8,
+        }
+    )
+    c.precision.recipe = "fp8"
+    row = aot.aot_row("fp8", c, targets.get_target("h100"), 8, False)
+    assert row["status"] == "ok", row["error"]
+    return texts[-1]
+
+
+def test_fsdp_gathers_each_fp8_kernel_in_the_layout_its_gemm_reads(monkeypatch):
+    """Under FSDP every micro-batch all-gathers the E4M3 block kernels, forward and backward. The
+    two GEMMs need them in two layouts (contracted axes innermost); the step makes both once per
+    step, sharded so that the gather returns them ready (train/step.py, _quantized_kernels).
+    Nothing may transpose a gathered FP8 kernel: that was one transpose per GEMM per layer per
+    micro-batch (~33 ms per step at the 8B paper work on GH200)."""
+    module = hlo_module.parse_module(_fsdp_program(monkeypatch))
+    insts = [i for computation in module.computations.values() for i in computation]
+    done = {(i.computation, i.name) for i in insts if i.opcode in ("all-gather", "all-gather-done")}
+    # A gathered FP8 array: the collective's result, or an element of its tuple (XLA combines
+    # small all-gathers into one).
+    gathered = {
+        (i.computation, i.name)
+        for i in insts
+        if i.dtype.startswith("f8")
+        and (
+            (i.computation, i.name) in done
+            or (i.opcode == "get-tuple-element" and (i.computation, i.operands[0]) in done)
+        )
+    }
+    for i in insts:  # a bitcast of a gathered array is the same bytes (instructions in order)
+        if i.opcode == "bitcast" and (i.computation, i.operands[0]) in gathered:
+            gathered.add((i.computation, i.name))
+    assert len(gathered) >= 8, "the E4M3 kernels should be gathered in FP8"
+    transposing = [
+        i.name
+        for i in insts
+        if any((i.computation, o) in gathered for o in i.operands)
+        and (
+            i.opcode in ("transpose", "copy")
+            or any(f.opcode == "transpose" for f in module.fused_deep(i))
+        )
+    ]
+    assert transposing == []

@@ -138,6 +138,53 @@ def test_dots_read_the_once_per_step_kernels_when_given():
     )
 
 
+def test_the_forward_reads_a_transposed_copy_of_each_kernel_bit_for_bit():
+    """With the model's contracting axes, quantize_kernels gives every E4M3 kernel in two layouts,
+    as matrices: rhs [L, in, out] (the kernel's own bytes) and rhs_t [L, out, in] (the forward
+    GEMM's layout: contracted axes innermost). The dots read them and the model's output is
+    unchanged to the bit."""
+    model, state, _ = setup(tiny_config("fp8"))
+    params, fp8 = state["params"], state["fp8"]
+    fp8 = jax.tree.map(lambda x: x * 0.5 + 0.01, fp8)
+    plain_weights, _ = weight_quantization.quantize_kernels(params, fp8, jnp.bfloat16)
+    weights, _ = weight_quantization.quantize_kernels(
+        params, fp8, jnp.bfloat16, contracting_axes=model.kernel_contracting_axes
+    )
+    for linear in (("attn", "wqkv"), ("attn", "wo"), ("mlp", "wi"), ("mlp", "wo")):
+        dot = weights["layers"][linear[0]][linear[1]]["dot"]
+        q = np.asarray(plain_weights["layers"][linear[0]][linear[1]]["dot"]["rhs"])
+        n_in = 1 + model.kernel_contracting_axes(("layers", *linear))  # after the stacked [L]
+        matrix = (q.shape[0], int(np.prod(q.shape[1:n_in])), int(np.prod(q.shape[n_in:])))
+        np.testing.assert_array_equal(dot["rhs"], q.reshape(matrix))
+        np.testing.assert_array_equal(dot["rhs_t"], q.reshape(matrix).swapaxes(1, 2))
+    tokens = batch(b=2, t=16)[:, :-1]
+    variables = {"params": params, "fp8": fp8}
+    plain = model.apply(variables, tokens)
+    np.testing.assert_array_equal(
+        plain, model.apply({**variables, FP8_WEIGHTS_COLLECTION: weights}, tokens)
+    )
+    # The forward reads rhs_t, not rhs: a zeroed rhs_t changes the output.
+    zeroed = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "rhs_t" in jax.tree_util.keystr(path) else x, weights
+    )
+    assert not np.array_equal(
+        plain, model.apply({**variables, FP8_WEIGHTS_COLLECTION: zeroed}, tokens)
+    )
+
+
+def test_a_transposed_kernel_that_disagrees_with_the_dot_is_refused():
+    """A model whose kernel_contracting_axes is wrong for one of its Linears gets an error that
+    names the hook, not a silently different product."""
+    model, state, _ = setup(tiny_config("fp8"))
+    params, fp8 = state["params"], state["fp8"]
+    weights, _ = weight_quantization.quantize_kernels(
+        params, fp8, jnp.bfloat16, contracting_axes=lambda path: 2
+    )
+    tokens = batch(b=2, t=16)[:, :-1]
+    with pytest.raises(ValueError, match="kernel_contracting_axes"):
+        model.apply({"params": params, "fp8": fp8, FP8_WEIGHTS_COLLECTION: weights}, tokens)
+
+
 @pytest.mark.slow
 def test_a_kernel_scaled_before_its_gemm_is_not_prequantised():
     """Per-channel SmoothSwiGLU scales the FFN out-projection's rows per batch: that kernel keeps
