@@ -142,6 +142,15 @@ def _auto_axis_sizes(mesh: Any) -> dict[str, int]:
     return {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes, strict=True) if a not in manual}
 
 
+def partitioned_axes(mesh: Any) -> tuple[str, ...]:
+    """The axes of ``mesh`` (a Mesh, an AbstractMesh, or None) with several devices that are not
+    Manual: those a collective inside code that partitions itself must still reduce over (a
+    Manual axis belongs to an enclosing ``shard_map``, which reduces over it itself)."""
+    if mesh is None or mesh.empty:
+        return ()
+    return tuple(a for a, n in _auto_axis_sizes(mesh).items() if n > 1)
+
+
 def is_partitioned(mesh: Any) -> bool:
     """Whether ``mesh`` (a Mesh, an AbstractMesh, or None) has an axis that is not Manual with
     several devices: the test for whether shard_map code has anything to split (False on one

@@ -44,7 +44,6 @@ to check the wiring.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -143,8 +142,15 @@ def _scale(state: ScalingState) -> jax.Array:
 
 def _mesh_specs(mesh: Any, batch: int, kv_heads: int) -> tuple[P, tuple[str, ...]] | None:
     """The shard_map spec of a [B, T, N, H] operand, and the mesh axes to reduce amaxes over; None
-    when there is no multi-device mesh (the kernels then run on the whole arrays)."""
-    if mesh is None or mesh.empty or math.prod(mesh.axis_sizes) == 1:
+    when no multi-device axis is left to partition (the kernels then run on the arrays as given).
+
+    Axes that an enclosing ``shard_map`` holds Manual are neither split nor reduced over here:
+    inside the train step's per-replica accumulation (manual over 'data'), each replica's amaxes
+    are max-reduced over 'data' once per step with every other observation (train/step.py), not
+    in every layer of every micro-batch.
+    """
+    axes = sharding.partitioned_axes(mesh)
+    if not axes:
         return None
     batch_axes = sharding.split_batch_axes(mesh, batch)
     spec = P(
@@ -153,7 +159,7 @@ def _mesh_specs(mesh: Any, batch: int, kv_heads: int) -> tuple[P, tuple[str, ...
         sharding.split_axis(mesh, sharding.mesh_axis_of("heads"), kv_heads),
         None,
     )
-    return spec, tuple(a for a, n in zip(mesh.axis_names, mesh.axis_sizes, strict=True) if n > 1)
+    return spec, axes
 
 
 def _run_forward(q8, k8, v8, factors, scale, specs):
