@@ -336,20 +336,14 @@ def _quantized_kernels(model: nn.Module, params: Any, fp8: Any) -> tuple[Any, di
     weights, amaxes = weight_quantization.quantize_kernels(
         params, fp8, recipe.compute_dtype, is_gemm_operand, contracting_axes
     )
-    # Under FSDP each micro-batch all-gathers the E4M3 kernels. Both copies are sharded along
-    # their first axis, which neither GEMM contracts (the forward contracts rhs_t's last axes, the
-    # backward rhs's), so each gathered copy is already its GEMM's layout
-    # (sharding.gathered_axis_major), not transposed after every gather.
-    lead = {path: x.ndim for path, x in amaxes.items()}  # [..., 1]: the stacked axes + 1
-
-    def laid_out(path: tuple[Any, ...], x: jax.Array) -> jax.Array:
-        keys = tuple(getattr(k, "key", k) for k in path)
-        if keys[-1] not in (weight_quantization.RHS, weight_quantization.RHS_T):
-            return x
-        stacked = lead.get(keys[:-1] + (weight_quantization.RHS_SCALE_INV,), 1) - 1
-        return sharding.gathered_axis_major(x, stacked)
-
-    return jax.tree_util.tree_map_with_path(laid_out, weights), amaxes
+    if contracting_axes is None:
+        return weights, amaxes
+    # Under FSDP each micro-batch all-gathers the E4M3 kernels. Both copies are [..., rows, cols]
+    # matrices whose GEMM contracts the columns, so each is sharded along its rows: the gathered
+    # copy is then already its GEMM's layout (sharding.gathered_axis_major), not transposed after
+    # every gather.
+    laid_out = jax.tree.map(lambda q: sharding.gathered_axis_major(q, q.ndim - 2), weights)
+    return laid_out, amaxes
 
 
 def _updated_fp8(model: nn.Module, observed: Any, fixed: Any, seen: Any) -> Any:
