@@ -1,10 +1,14 @@
-"""A tiny FOG-flash in FP8DPA trained 300 steps per state precision: losses within 1% of float32;
+"""A tiny FOG-flash in FP8DPA trained 150 steps per state precision: losses within 1% of float32;
 the train state's memory as fogjax.info reports it equals the real arrays' nbytes.
 
 The data is a fixed synthetic Markov chain over 256 tokens (each token has 4 possible successors,
-so the best achievable loss is ln 4 = 1.386): the model learns it well within 300 steps, every
-run sees the same batches, and no corpus or tokenizer is needed. The 300 steps of each run are
+so the best achievable loss is ln 4 = 1.386): the model learns it well within 150 steps, every
+run sees the same batches, and no corpus or tokenizer is needed. The 150 steps of each run are
 one ``lax.scan`` of the real train step (one compilation per precision).
+
+Measured (CPU) over the last 20 steps: float32 1.568, from 5.57 over the first 5 (ratio 0.28, the
+bound 0.5); fog_fp16 and fog_fp8_m1 within 0.002% and 0.05% of float32 (the bound 1%). At 300
+steps (as before): 1.510, ratio 0.27, within 0.02% and 0.02%.
 """
 
 import math
@@ -21,7 +25,7 @@ from fogjax.train.step import compute_grads, make_train_step
 
 pytestmark = pytest.mark.slow  # module fixtures train or run commands
 
-STEPS, BATCH, SEQ_LEN, VOCAB = 300, 8, 32, 256
+STEPS, BATCH, SEQ_LEN, VOCAB = 150, 8, 32, 256
 PRESETS = ("fp32", "fog_fp16", "fog_fp8_m1")
 
 
