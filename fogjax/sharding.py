@@ -168,15 +168,19 @@ def split_axis(mesh: Any, axis: str, dim: int) -> str | None:
     return axis if n > 1 and dim % n == 0 else None
 
 
-def gathered_axis_major(x: jax.Array, lead: int = 0) -> jax.Array:
-    """``x`` sharded over 'fsdp' along its first axis from ``lead`` on that 'fsdp' divides, the rest
-    whole: the layout an FSDP all-gather returns with the gathered axis outermost, as GPU
-    collectives need, and every later axis contiguous. For an operand that must reach its GEMM
-    with its LAST axes innermost (a pre-transposed FP8 kernel, precision/weight_quantization.py):
-    sharded along a contracted axis, the gathered copy would need a transpose per use.
+def gathered_axis_major(x: jax.Array, axis: int, outer: int | None = None) -> jax.Array:
+    """``x`` sharded over 'fsdp' along ``axis``, every other axis whole: the layout an FSDP
+    all-gather returns with ``axis`` outermost, as GPU collectives need, and the later axes
+    contiguous. For a matrix that must reach its GEMM with its last axis innermost (an E4M3 kernel
+    copy, precision/weight_quantization.py): sharded along the contracted axis, the gathered copy
+    would need a transpose per use.
+
+    ``outer``: when ``axis`` merges several axes of the array it was reshaped from, the size of
+    the outermost of them. The split must fall on it alone: otherwise the partitioner has to
+    re-tile the source across several axes, which it does by a full rematerialization.
 
     Unchanged without a multi-device 'fsdp' axis, with a multi-device 'tensor' axis (whose
-    sharding of the kernel this leaves to the partitioner), or when no axis divides.
+    sharding of the kernel this leaves to the partitioner), or when 'fsdp' does not divide.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
@@ -185,12 +189,11 @@ def gathered_axis_major(x: jax.Array, lead: int = 0) -> jax.Array:
     fsdp = sizes.get("fsdp", 1)
     if fsdp <= 1 or sizes.get("tensor", 1) > 1:
         return x
-    for axis in range(lead, x.ndim):
-        if x.shape[axis] % fsdp == 0:
-            spec = [None] * x.ndim
-            spec[axis] = "fsdp"
-            return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
-    return x
+    if x.shape[axis] % fsdp or (outer if outer is not None else x.shape[axis]) % fsdp:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = "fsdp"
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def split_batch_axes(mesh: Any, batch: int) -> tuple[str, ...]:

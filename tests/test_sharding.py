@@ -183,23 +183,24 @@ def test_global_batch_that_does_not_split_is_an_error():
 
 
 @pytest.mark.parametrize(
-    "mesh, shape, lead, spec",
+    "mesh, shape, axis, outer, spec",
     [
-        (mesh_cfg(1, 8, 1), (2, 24, 16), 1, P(None, "fsdp", None)),  # first axis after [L]
-        (mesh_cfg(1, 8, 1), (2, 6, 16), 1, P(None, None, "fsdp")),  # 6 does not split: next
-        (mesh_cfg(2, 4, 1), (12, 8), 0, P("fsdp", None)),
-        (mesh_cfg(1, 4, 2), (2, 24, 16), 1, None),  # tensor parallel: left to the partitioner
-        (mesh_cfg(8, 1, 1), (2, 24, 16), 1, None),  # no FSDP: nothing is gathered
-        (mesh_cfg(1, 8, 1), (2, 6, 3), 1, None),  # no axis splits
+        (mesh_cfg(1, 8, 1), (2, 24, 16), 1, None, P(None, "fsdp", None)),
+        (mesh_cfg(2, 4, 1), (12, 8), 0, None, P("fsdp", None)),
+        (mesh_cfg(1, 8, 1), (2, 256, 16), 1, 8, P(None, "fsdp", None)),  # merged [8, 32] rows
+        (mesh_cfg(1, 8, 1), (2, 256, 16), 1, 2, None),  # merged [2, 128]: would re-tile 2 axes
+        (mesh_cfg(1, 8, 1), (2, 6, 16), 1, None, None),  # 6 does not split
+        (mesh_cfg(1, 4, 2), (2, 24, 16), 1, None, None),  # tensor parallel: left to the partitioner
+        (mesh_cfg(8, 1, 1), (2, 24, 16), 1, None, None),  # no FSDP: nothing is gathered
     ],
 )
-def test_gathered_axis_major_shards_the_first_axis_fsdp_divides(mesh, shape, lead, spec):
-    """The layout an FSDP all-gather returns ready for a GEMM that contracts the last axes: the
-    'fsdp' split on the first splittable axis from ``lead`` on (so the gather is outermost)."""
+def test_gathered_axis_major_shards_the_rows_when_fsdp_divides_them(mesh, shape, axis, outer, spec):
+    """The layout an FSDP all-gather returns ready for a GEMM that contracts the last axis: 'fsdp'
+    on ``axis`` (so the gather is outermost), only where the split falls on one source axis."""
     m = sharding.make_mesh(mesh)
     x = jnp.zeros(shape)
     with sharding.sharding_context(m):
-        out = jax.jit(lambda x: sharding.gathered_axis_major(x, lead) + 1)(x)
+        out = jax.jit(lambda x: sharding.gathered_axis_major(x, axis, outer) + 1)(x)
     if spec is None:
         assert out.sharding.is_fully_replicated
     else:

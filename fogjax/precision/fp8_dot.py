@@ -144,7 +144,13 @@ def _bwd(dims, dtypes, reduction, margin, residuals, g):
     lhs_scale_inv, rhs_scale_inv, grad_scale_inv, amax_lhs, amax_rhs = (
         scalars[i : i + 1] for i in range(5)
     )
-    q_g = lax.optimization_barrier(scaling.quantize(g, grad_scale_inv, E5M2))
+    q_g = scaling.quantize(g, grad_scale_inv, E5M2)
+    if not dims[1][0]:
+        # A Linear's product (no batch axes): its weight gradient needs q_g transposed. Behind the
+        # barrier XLA casts and reduces the amax in one pass and transposes the E5M2 copy, instead
+        # of writing g in bf16 for a cast-transpose kernel to read back (docs/speed.md). Not for
+        # the attention einsums, whose batched operands the partitioner may reshard across it.
+        q_g = lax.optimization_barrier(q_g)
     # flax's transposes emit dot_general(q_g, operand): E5M2 x E4M3 in both backward GEMMs. Their
     # middle argument only lends its rank, so the FP8 copy stands in for the unsaved original.
     transpose = dict(

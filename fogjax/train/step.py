@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
@@ -342,8 +343,15 @@ def _quantized_kernels(model: nn.Module, params: Any, fp8: Any) -> tuple[Any, di
     # matrices whose GEMM contracts the columns, so each is sharded along its rows: the gathered
     # copy is then already its GEMM's layout (sharding.gathered_axis_major), not transposed after
     # every gather.
-    laid_out = jax.tree.map(lambda q: sharding.gathered_axis_major(q, q.ndim - 2), weights)
-    return laid_out, amaxes
+    flat_params = traverse_util.flatten_dict(dict(params))
+    flat = traverse_util.flatten_dict(dict(weights))
+    for path, q in flat.items():
+        linear, lead = path[:-2], q.ndim - 2
+        kernel = flat_params[linear + ("kernel",)].shape
+        # The kernel axis the rows start with: its first (rhs) or its first output axis (rhs_t).
+        first = lead if path[-1] == weight_quantization.RHS else lead + contracting_axes(linear)
+        flat[path] = sharding.gathered_axis_major(q, lead, kernel[first])
+    return traverse_util.unflatten_dict(flat), amaxes
 
 
 def _updated_fp8(model: nn.Module, observed: Any, fixed: Any, seen: Any) -> Any:
