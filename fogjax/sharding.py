@@ -155,9 +155,7 @@ def is_partitioned(mesh: Any) -> bool:
     """Whether ``mesh`` (a Mesh, an AbstractMesh, or None) has an axis that is not Manual with
     several devices: the test for whether shard_map code has anything to split (False on one
     device, and inside a shard_map that holds every multi-device axis manual)."""
-    if mesh is None or mesh.empty:
-        return False
-    return any(n > 1 for n in _auto_axis_sizes(mesh).values())
+    return bool(partitioned_axes(mesh))
 
 
 def split_axis(mesh: Any, axis: str, dim: int) -> str | None:
@@ -183,16 +181,13 @@ def gathered_axis_major(x: jax.Array, axis: int, outer: int | None = None) -> ja
     sharding of the kernel this leaves to the partitioner), or when 'fsdp' does not divide.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
+    if mesh is None or mesh.empty or "tensor" in partitioned_axes(mesh):
         return x
-    sizes = _auto_axis_sizes(mesh)
-    fsdp = sizes.get("fsdp", 1)
-    if fsdp <= 1 or sizes.get("tensor", 1) > 1:
-        return x
-    if x.shape[axis] % fsdp or (outer if outer is not None else x.shape[axis]) % fsdp:
+    fsdp = split_axis(mesh, "fsdp", x.shape[axis])
+    if fsdp is None or (outer is not None and split_axis(mesh, "fsdp", outer) is None):
         return x
     spec = [None] * x.ndim
-    spec[axis] = "fsdp"
+    spec[axis] = fsdp
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 

@@ -64,7 +64,7 @@ class PaperRow:
     @property
     def is_baseline(self) -> bool:
         """Llama3 BF16 at the table's common micro-batch: what the ratios of its size are to."""
-        return (self.arch, self.recipe) == BASELINE and self.micro_batch_scale == 1
+        return is_baseline(self.arch, self.recipe, self.micro_batch_scale)
 
 
 ROWS: tuple[PaperRow, ...] = (
@@ -84,6 +84,11 @@ ROWS: tuple[PaperRow, ...] = (
     PaperRow("8b", "FOG-flash", "fog_flash", "fp8dpa", None, micro_batch_scale=2),
 )
 BASELINE = ("llama3", "bf16")  # the ratios' denominator at each size
+
+
+def is_baseline(arch: str, recipe: str, micro_batch_scale: int | None) -> bool:
+    """The row the ratios of its size are to: Llama3 BF16 at the table's common micro-batch."""
+    return (arch, recipe) == BASELINE and (micro_batch_scale or 1) == 1
 
 
 def select_rows(spec: str | None) -> tuple[PaperRow, ...]:
@@ -300,9 +305,7 @@ def paper_row(row: PaperRow, aot_row: dict[str, Any], gpus: int) -> dict[str, An
 def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Sets each row's estimated and paper ratios to Llama3 BF16 at its size (None without one)."""
     base_of = {
-        r["size"]: r
-        for r in rows
-        if (r["arch"], r["recipe"]) == BASELINE and (r["micro_batch_scale"] or 1) == 1
+        r["size"]: r for r in rows if is_baseline(r["arch"], r["recipe"], r["micro_batch_scale"])
     }
     for r in rows:
         base = base_of.get(r["size"])

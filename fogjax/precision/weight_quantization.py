@@ -17,8 +17,8 @@ every all-gather). Given the model's ``contracting_axes``, the step makes both l
 step, as matrices: ``rhs`` = the E4M3 kernel as ``[in, out]`` (``in`` = the product of the
 contracted axes; the same bytes as the kernel) and ``rhs_t`` = ``[out, in]``. The backward reads
 ``rhs``, the forward ``rhs_t``; each dot reshapes its copy back (fp8_dot.py; free). Matrices so
-that FSDP can shard each copy along its outer axis, which the gather then returns outermost, as
-GPU collectives need, and the GEMM reads as is (train/step.py). One more byte per block
+that FSDP can shard each copy along its rows, which the gather then returns outermost, as GPU
+collectives need, and the GEMM reads as is (sharding.gathered_axis_major). One more byte per block
 parameter, one transpose per step instead of one per GEMM per layer per micro-batch.
 
 Which kernels: every ``kernel`` whose Linear has an FP8 dot with a delayed ``rhs`` state
@@ -36,6 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import traverse_util
 
+from fogjax import sharding
 from fogjax.precision import scaling
 from fogjax.precision.formats import E4M3
 
@@ -66,7 +67,7 @@ def quantize_kernels(
     Returns:
       ``fp8_weights``: nested like ``fp8``, ``<linear>/dot/rhs`` = the E4M3 kernel ([L, ...]);
       with ``contracting_axes``, ``rhs`` = it as ``[L, in, out]`` matrices and ``rhs_t`` =
-      ``[L, out, in]``;
+      ``[L, out, in]``, each under FSDP sharded along its rows (sharding.gathered_axis_major);
       ``rhs_amaxes``: ``{path of <linear>/dot/rhs_scale_inv: amax float32 [..., 1]}``, the max of
       each layer's kernel in the compute dtype (what the dot would have observed).
     """
@@ -92,8 +93,13 @@ def quantize_kernels(
             n_in = lead + contracting_axes(linear)
             matrix = (math.prod(x.shape[lead:n_in]), math.prod(x.shape[n_in:]))
             q = q.reshape(x.shape[:lead] + matrix)
-            weights[linear + (DOT, RHS)] = q
-            weights[linear + (DOT, RHS_T)] = jnp.swapaxes(q, -1, -2)
+            # Each copy sharded along its rows, which its GEMM does not contract (under FSDP;
+            # ``outer`` is the kernel axis the rows start with, none for a split that leaves no
+            # output axis, which the dot refuses with the hook's name).
+            weights[linear + (DOT, RHS)] = sharding.gathered_axis_major(q, lead, x.shape[lead])
+            q_t = jnp.swapaxes(q, -1, -2)
+            outer = x.shape[n_in] if n_in < x.ndim else 1
+            weights[linear + (DOT, RHS_T)] = sharding.gathered_axis_major(q_t, lead, outer)
         axes = tuple(range(lead, x.ndim))
         amaxes[path] = jnp.max(jnp.abs(x), axis=axes).astype(jnp.float32)[..., None]
     return (traverse_util.unflatten_dict(weights) if weights else {}), amaxes

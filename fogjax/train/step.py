@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
@@ -334,24 +333,11 @@ def _quantized_kernels(model: nn.Module, params: Any, fp8: Any) -> tuple[Any, di
         return {}, {}
     is_gemm_operand = getattr(model, "kernel_is_gemm_operand", lambda path: True)
     contracting_axes = getattr(model, "kernel_contracting_axes", None)
-    weights, amaxes = weight_quantization.quantize_kernels(
+    # Under FSDP each micro-batch all-gathers the E4M3 kernels; with the model's contracting axes
+    # both GEMM layouts are made here, sharded so that each gathered copy is ready for its GEMM.
+    return weight_quantization.quantize_kernels(
         params, fp8, recipe.compute_dtype, is_gemm_operand, contracting_axes
     )
-    if contracting_axes is None:
-        return weights, amaxes
-    # Under FSDP each micro-batch all-gathers the E4M3 kernels. Both copies are [..., rows, cols]
-    # matrices whose GEMM contracts the columns, so each is sharded along its rows: the gathered
-    # copy is then already its GEMM's layout (sharding.gathered_axis_major), not transposed after
-    # every gather.
-    flat_params = traverse_util.flatten_dict(dict(params))
-    flat = traverse_util.flatten_dict(dict(weights))
-    for path, q in flat.items():
-        linear, lead = path[:-2], q.ndim - 2
-        kernel = flat_params[linear + ("kernel",)].shape
-        # The kernel axis the rows start with: its first (rhs) or its first output axis (rhs_t).
-        first = lead if path[-1] == weight_quantization.RHS else lead + contracting_axes(linear)
-        flat[path] = sharding.gathered_axis_major(q, lead, kernel[first])
-    return traverse_util.unflatten_dict(flat), amaxes
 
 
 def _updated_fp8(model: nn.Module, observed: Any, fixed: Any, seen: Any) -> Any:
