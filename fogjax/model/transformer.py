@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fogjax.model import packed_scales
 from fogjax.model.attention import ATTENTION_IMPLS, CACHE_COLLECTION, QK_NORMS
 from fogjax.model.blocks import ARCHITECTURES, POST_NORMS, Block
 from fogjax.model.embedding import embed_lookup
@@ -230,11 +231,18 @@ class Transformer(nn.Module):
         if REMAT_POLICIES[cfg.remat] is not None and not self.decode_length:
             block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         collections = SCANNED_COLLECTIONS + ((CACHE_COLLECTION,) if self.decode_length else ())
+        # The scan reads each layer's delayed-scaling scales as one packed array (packed_scales.py):
+        # one cotangent write per layer instead of one per FP8 tensor. A view for apply only, and
+        # only where nothing writes the fp8 collection (init and the per-op update path do).
+        pack_scales = not self.is_initializing() and not self.is_mutable_collection(FP8_COLLECTION)
+        scanned_block = block
+        if pack_scales:
+            scanned_block = nn.map_variables(block, FP8_COLLECTION, packed_scales.unpack)
         for segment in layer_segments(cfg, self.recipe):
             layer_args = (cfg, segment.recipe, self.kurtosis_form, self.decode_length)
             if cfg.scan_layers:
                 stack = nn.scan(
-                    block,
+                    scanned_block,
                     variable_axes={c: 0 for c in collections},
                     # Each layer draws its own FP4 stochastic-rounding keys.
                     split_rngs={"params": True, FP4_RNG: True},
@@ -242,6 +250,8 @@ class Transformer(nn.Module):
                     length=segment.length,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
+                if pack_scales:
+                    stack = nn.map_variables(stack, FP8_COLLECTION, packed_scales.pack)
                 x, _ = stack(*layer_args, name=segment.name)(x, positions, segments)
             else:
                 x, _ = block(*layer_args, name=segment.name)(x, positions, segments)
