@@ -126,7 +126,11 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, row_scale: Array | None = None, x_amax: Array | None = None
+        self,
+        x: Array,
+        row_scale: Array | None = None,
+        x_amax: Array | None = None,
+        observe_grad: bool = True,
     ) -> Array:
         """x [..., *in] -> [..., *features]; ``row_scale`` [*in] multiplies the kernel's rows.
         ``x_amax``: max|x| (float32 scalar) measured where x is made, for a recipe whose dot takes
@@ -150,7 +154,12 @@ class Linear(nn.Module):
         contract_x = tuple(range(x.ndim - n_in, x.ndim))
         contract_k = tuple(range(n_in))
         dot_general = self.recipe.linear_dot_general("dot")
-        extra = {"lhs_amax": x_amax} if x_amax is not None and self.recipe.takes_lhs_amax else {}
+        extra = {}
+        if self.recipe.takes_lhs_amax:
+            if x_amax is not None:
+                extra["lhs_amax"] = x_amax
+            if not observe_grad:
+                extra["observe_grad"] = False
         return dot_general(
             x.astype(dtype), kernel.astype(dtype), ((contract_x, contract_k), ((), ())), **extra
         )

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from fogjax.model import probes
 from fogjax.model.layers import Linear, recompute_in_backward
 from fogjax.precision import fused_amax
-from fogjax.precision.recipe import Recipe
+from fogjax.precision.recipe import FP8_COLLECTION, Recipe
 
 Array = jax.Array
 
@@ -69,10 +69,13 @@ def _xielu(x: Array, alpha_p: Array, alpha_n: Array, beta: float, eps: float) ->
     return jnp.where(x32 > 0, positive, negative).astype(x.dtype)
 
 
-@recompute_in_backward
-def gelu(x: Array) -> Array:
-    """The exact (erf) GeLU, evaluated in float32."""
+def gelu_float32(x: Array) -> Array:
+    """The exact (erf) GeLU, evaluated in float32, returned in x's dtype."""
     return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+# Its float32 intermediates recomputed in the backward, not saved.
+gelu = recompute_in_backward(gelu_float32)
 
 
 @recompute_in_backward
@@ -80,6 +83,14 @@ def swiglu(gate: Array, up: Array) -> Array:
     """silu(gate) * up, evaluated in float32 (at least), returned in up's dtype."""
     acc = jnp.promote_types(up.dtype, jnp.float32)
     return (jax.nn.silu(gate.astype(acc)) * up.astype(acc)).astype(up.dtype)
+
+
+def gelu_reports_wi_grad_amax(recipe: Recipe, act: str) -> bool:
+    """Whether the GeLU, not wi's FP8 dot, reports the amax of wi's output gradient
+    (fused_amax.activation_observing_grad_amax): under delayed scaling on XLA
+    (``recipe.takes_lhs_amax``), so that GeLU's backward, that gradient's E5M2 cast and its amax
+    run as one kernel. The same numbers either way (tests/model/test_mlp_grad_amax.py)."""
+    return recipe.takes_lhs_amax and act == "gelu"
 
 
 class MLP(nn.Module):
@@ -105,7 +116,9 @@ class MLP(nn.Module):
         gated = act in GATED
         in_features = (2, cfg.ffn_dim) if gated else (cfg.ffn_dim,)
         in_axes = ("embed", None, "mlp") if gated else ("embed", "mlp")
-        pre = Linear(in_features, in_axes, cfg.init_std, recipe, name="wi")(x)
+        wi = Linear(in_features, in_axes, cfg.init_std, recipe, name="wi")
+        grad_amax_in_activation = gelu_reports_wi_grad_amax(recipe, act)
+        pre = wi(x, observe_grad=not grad_amax_in_activation)
         probes.probe(self, "ffn_pre", pre, self.kurtosis_form)
 
         down_scale = None
@@ -115,7 +128,11 @@ class MLP(nn.Module):
             activation = gelu
         else:
             activation = XIELU(cfg.xielu_alpha_init, cfg.xielu_beta, cfg.xielu_eps, name="xielu")
-        h = activation(pre)
+        if grad_amax_in_activation:
+            grad_scale_inv = wi.variables[FP8_COLLECTION]["dot"]["grad_scale_inv"]
+            h = fused_amax.activation_observing_grad_amax(gelu_float32, pre, grad_scale_inv)
+        else:
+            h = activation(pre)
         if act == "smooth_swiglu":
             h, down_scale = _smooth(pre[..., 0, :], h, cfg.smooth_swiglu_per_channel)
         probes.probe(self, "ffn_act", h, self.kurtosis_form)

@@ -65,6 +65,7 @@ def fp8_dot_general(
     amax_reduction: str = "max",
     margin: float = 0,
     lhs_amax: jax.Array | None = None,
+    observe_grad: bool = True,
 ) -> jax.Array:
     """``lax.dot_general(lhs, rhs, dimension_numbers)`` with E4M3 operands and E5M2 gradients.
 
@@ -97,13 +98,14 @@ def fp8_dot_general(
         (out_dtype, compute_dtype),
         amax_reduction,
         margin,
+        observe_grad,
     )
 
 
 # ``dtypes`` = (out_dtype, compute_dtype); static, like the dimension numbers and the update rule.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def _fp8_dot_general(
-    lhs, rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, reduction, margin
+    lhs, rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, reduction, margin, observe
 ):
     return _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])[0]
 
@@ -120,7 +122,9 @@ def _lhs_amax(lhs: jax.Array, lhs_amax: jax.Array | None) -> jax.Array:
     return scaling.amax(lhs) if lhs_amax is None else lhs_amax
 
 
-def _fwd(lhs, rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, reduction, margin):
+def _fwd(
+    lhs, rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, reduction, margin, observe
+):
     out, q_lhs, q_rhs = _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])
     # Saved: the FP8 operands and ONE float32 [5] of scales and amaxes. Under the layer scan every
     # residual becomes a stacked [L, ...] output written once per layer and micro-batch, so five
@@ -137,7 +141,7 @@ def _pack(lhs_state, rhs_state, grad_state, lhs_amax, rhs_amax) -> jax.Array:
     return jnp.concatenate([lhs_state.scale_inv, rhs_state.scale_inv, grad_state.scale_inv, amaxes])
 
 
-def _bwd(dims, dtypes, reduction, margin, residuals, g):
+def _bwd(dims, dtypes, reduction, margin, observe, residuals, g):
     del reduction, margin  # The step applies the rule (bulk_scaling.py); kept for the signature.
     out_dtype, compute_dtype = dtypes
     q_lhs, q_rhs, scalars = residuals
@@ -160,7 +164,8 @@ def _bwd(dims, dtypes, reduction, margin, residuals, g):
     dlhs = scaling.dequantize(dlhs, rhs_scale_inv * grad_scale_inv, out_dtype)
     drhs = fp8_ops.dot_general_transpose_rhs(q_g, q_lhs, q_rhs, **transpose)
     drhs = scaling.dequantize(drhs, lhs_scale_inv * grad_scale_inv, out_dtype)
-    seen = (ScalingState(None, amax_lhs), ScalingState(None, amax_rhs), scaling.observation(g))
+    seen_g = scaling.observation(g) if observe else ScalingState(None, None)
+    seen = (ScalingState(None, amax_lhs), ScalingState(None, amax_rhs), seen_g)
     return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), *seen, None
 
 
@@ -219,6 +224,7 @@ def fp8_dot_general_quantized_rhs(
     out_dtype: Any = None,
     lhs_amax: jax.Array | None = None,
     q_rhs_t: jax.Array | None = None,
+    observe_grad: bool = True,
 ) -> jax.Array:
     """:func:`fp8_dot_general` with the rhs already quantised (``q_rhs`` = its E4M3 cast with
     ``rhs_state.scale_inv``, made once per optimizer step; weight_quantization.py).
@@ -250,22 +256,23 @@ def fp8_dot_general_quantized_rhs(
         dims,
         (out_dtype, compute_dtype),
         shapes,
+        observe_grad,
     )
 
 
 # ``shapes``: (the shape the products read q_rhs in, that of q_rhs_t or None); static.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
 def _fp8_dot_general_q(
-    lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes
+    lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes, obs
 ):
     args = (lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax)
-    return _fwd_q(*args, dims, dtypes, shapes)[0]
+    return _fwd_q(*args, dims, dtypes, shapes, obs)[0]
 
 
 def _fwd_q(
-    lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes
+    lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes, obs
 ):
-    del rhs  # Only its cotangent is wanted.
+    del rhs, obs  # Only rhs's cotangent is wanted; obs matters backward.
     q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3)
     scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
     if q_rhs_t is None:
@@ -281,10 +288,10 @@ def _fwd_q(
     return out, (q_lhs, q_rhs, scalars)
 
 
-def _bwd_q(dims, dtypes, shapes, residuals, g):
+def _bwd_q(dims, dtypes, shapes, observe, residuals, g):
     q_lhs, q_rhs, scalars = residuals
     residuals = (q_lhs, q_rhs.reshape(shapes[0]), scalars)
-    dlhs, drhs, seen_lhs, _, seen_grad, _ = _bwd(dims, dtypes, None, None, residuals, g)
+    dlhs, drhs, seen_lhs, _, seen_grad, _ = _bwd(dims, dtypes, None, None, observe, residuals, g)
     no_observation = ScalingState(None, None)
     return dlhs, drhs, None, None, seen_lhs, no_observation, seen_grad, None
 
@@ -356,6 +363,7 @@ class Fp8DotGeneral(nn.Module):
         precision: Any = None,
         preferred_element_type: Any = None,
         lhs_amax: jax.Array | None = None,
+        observe_grad: bool = True,
     ) -> jax.Array:
         """``lax.dot_general``'s contract. Operands are promoted to a common compute dtype; the
         result has ``preferred_element_type`` if given, else the compute dtype. ``precision`` is
@@ -386,6 +394,7 @@ class Fp8DotGeneral(nn.Module):
                 preferred_element_type,
                 lhs_amax,
                 q_rhs_t,
+                observe_grad,
             )
         return fp8_dot_general(
             lhs,
@@ -398,4 +407,5 @@ class Fp8DotGeneral(nn.Module):
             self.amax_reduction,
             self.margin,
             lhs_amax,
+            observe_grad,
         )

@@ -18,6 +18,7 @@ amax is ``max|act(pre)|`` of the very values the cast quantises.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -47,3 +48,60 @@ def recomputed_amax(fn: Callable[..., jax.Array], *inputs: jax.Array) -> jax.Arr
     """
     twins = [exact_twin(x) for x in inputs]
     return lax.stop_gradient(scaling.amax(fn(*twins)))
+
+
+def activation_observing_grad_amax(
+    fn: Callable[[jax.Array], jax.Array], pre: jax.Array, grad_scale_inv: jax.Array
+) -> jax.Array:
+    """``fn(pre)``, whose backward also reports the amax of ``pre``'s gradient as the "gradient"
+    of ``grad_scale_inv`` (scaling.observation): the amax an FP8 dot reports for its output
+    gradient, when ``pre`` is that dot's output and the dot is told not to report it itself
+    (``observe_grad=False``; the FFN's input projection under GeLU, mlp.py).
+
+    Why: GeLU's backward (float32, erf and exp) is an expensive producer with two consumers, the
+    dot's E5M2 cast and the amax; XLA will not compute it twice, so it wrote the gradient in bf16
+    and read it back for a cast+amax kernel. Here the amax is measured on twins of the backward's
+    inputs (:func:`exact_twin`), as :func:`recomputed_amax` does forward: the cast owns GeLU's
+    backward and XLA fuses it, the cast and the amax into one kernel (the 8B FOG-flash step on a
+    GH200: 26 ms less memory-bound time, docs/speed.md).
+
+    The numbers are unchanged: the gradient of ``pre`` is the VJP of ``fn``, rounded to ``pre``'s
+    dtype, and the amax is max|gradient| of those values (bit for bit under the GPU step's
+    compiler options, tests/model/test_mlp_grad_amax.py).
+
+    Args:
+      fn: elementwise and deterministic, NOT wrapped in ``jax.checkpoint`` (its backward inputs
+        would pass an optimisation barrier and the twins could not fuse); e.g.
+        ``mlp.gelu_float32``. Only ``pre`` is saved; its float32 math is recomputed backward.
+      pre: its input, e.g. bf16 [B, T, F].
+      grad_scale_inv: the float32 [1] ``scale_inv`` of the producing dot's gradient state; only
+        its cotangent is used.
+    Returns:
+      ``fn(pre)``.
+    """
+    return _observing(fn, pre, grad_scale_inv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _observing(fn, pre, grad_scale_inv):
+    del grad_scale_inv
+    return fn(pre)
+
+
+def _observing_fwd(fn, pre, grad_scale_inv):
+    del grad_scale_inv
+    return fn(pre), pre
+
+
+def _observing_bwd(fn, pre, d_out):
+    # Each gradient rounded to pre's dtype by a reduce_precision: fused into the FP8 cast, the
+    # convert alone would be dropped where XLA allows excess precision (CPU's default), and the
+    # cast would quantise the unrounded float32 values (the GPU step forbids it:
+    # train/compiler_options.py).
+    d_pre = exact_twin(jax.vjp(fn, pre)[1](d_out)[0])
+    twin_pre, twin_d_out = exact_twin(pre), exact_twin(d_out)
+    seen = scaling.amax(exact_twin(jax.vjp(fn, twin_pre)[1](twin_d_out)[0]))
+    return d_pre, jnp.reshape(seen, (1,))
+
+
+_observing.defvjp(_observing_fwd, _observing_bwd)

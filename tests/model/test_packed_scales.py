@@ -1,6 +1,6 @@
 """The scanned layers read their delayed-scaling scales packed, one [L, K] array
 (fogjax/model/packed_scales.py): the same bits as per-tensor leaves, the stored collection
-unchanged, and one scanned fp8 input (so one cotangent write per layer) instead of one per tensor."""
+unchanged, and one scanned fp8 input (one cotangent write per layer) instead of one per tensor."""
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +48,8 @@ def test_pack_puts_every_scale_in_one_array_and_unpack_restores_each_layer():
     for layer in range(L):  # what nn.scan hands one layer, then the module's view of it
         row = jax.tree.map(lambda x, i=layer: x[i], view)
         ops = packed_scales.unpack(row)
-        jax.tree.map(
-            np.testing.assert_array_equal, ops["fp8"], jax.tree.map(lambda x: x[layer], fp8)
-        )
+        rows = jax.tree.map(lambda x, i=layer: x[i], fp8)
+        jax.tree.map(np.testing.assert_array_equal, ops["fp8"], rows)
 
 
 def test_pack_leaves_a_collection_without_pairs_alone_and_unpack_refuses_a_mismatch():
@@ -74,9 +73,14 @@ def _layer_scan_shapes(jaxpr, layers: int) -> list[tuple[int, ...]]:
             if eqn.primitive.name == "scan" and eqn.params["length"] == layers:
                 for v in (*eqn.invars, *eqn.outvars):
                     aval = getattr(v, "aval", None)
-                    if aval is not None and aval.dtype == jnp.float32 and aval.ndim == 2:
-                        if aval.shape[0] == layers and aval.shape[1] < 64:
-                            found.append(aval.shape)
+                    if (
+                        aval is not None
+                        and aval.dtype == jnp.float32
+                        and aval.ndim == 2
+                        and aval.shape[0] == layers
+                        and aval.shape[1] < 64
+                    ):
+                        found.append(aval.shape)
             for param in eqn.params.values():
                 for sub in param if isinstance(param, (list, tuple)) else [param]:
                     if isinstance(sub, jex_core.ClosedJaxpr):
@@ -90,8 +94,9 @@ def _layer_scan_shapes(jaxpr, layers: int) -> list[tuple[int, ...]]:
 
 def test_the_step_scans_packed_scales_and_gets_the_same_bits(monkeypatch):
     """fp8dpa with FP8 attention einsums (6 dots, 18 delayed-scaled tensors per layer), 2 layers,
-    4 micro-batches (a loop of another length): the layer scans take the scales as one [2, 18] array, never as [2, 1] leaves,
-    and the step's gradients and amaxes equal those of the unpacked scan bit for bit."""
+    4 micro-batches (a loop of another length): the layer scans take the scales as one [2, 18]
+    array, never as [2, 1] leaves, and the step's gradients and amaxes equal those of the
+    unpacked scan bit for bit."""
     model, state, _ = setup(tiny_config("fp8dpa"))
     assert model.cfg.num_layers == 2 and model.cfg.attention_impl == "xla"
     params = state["params"]
