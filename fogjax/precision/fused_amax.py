@@ -60,10 +60,10 @@ def activation_observing_grad_amax(
 
     Why: GeLU's backward (float32, erf and exp) is an expensive producer with two consumers, the
     dot's E5M2 cast and the amax; XLA will not compute it twice, so it wrote the gradient in bf16
-    and read it back for a cast+amax kernel. Here the amax is measured on twins of the backward's
-    inputs (:func:`exact_twin`), as :func:`recomputed_amax` does forward: the cast owns GeLU's
-    backward and XLA fuses it, the cast and the amax into one kernel (the 8B FOG-flash step on a
-    GH200: 26 ms less memory-bound time, docs/speed.md).
+    and read it back for a cast+amax kernel. Here the amax is measured on bit-identical twins of
+    the backward's inputs, as :func:`recomputed_amax` does forward: the cast owns GeLU's backward
+    and XLA fuses it, the cast and the amax into one kernel (the 8B FOG-flash step on a GH200:
+    114 ms less memory-bound time, docs/speed.md).
 
     The numbers are unchanged: the gradient of ``pre`` is the VJP of ``fn``, rounded to ``pre``'s
     dtype, and the amax is max|gradient| of those values (bit for bit under the GPU step's
@@ -99,7 +99,12 @@ def _observing_bwd(fn, pre, d_out):
     # cast would quantise the unrounded float32 values (the GPU step forbids it:
     # train/compiler_options.py).
     d_pre = exact_twin(jax.vjp(fn, pre)[1](d_out)[0])
-    twin_pre, twin_d_out = exact_twin(pre), exact_twin(d_out)
+    # The twins: times a 1 that XLA cannot see through (behind a barrier), so that it neither
+    # merges the twin computation with the real one nor writes the twins out. exact_twin would do
+    # the first, but pre arrives as a slice of the layer scan's residual stack, and XLA wrote its
+    # twin out in bf16 (a [tokens, F] write and read per layer; 88 ms of the 8B step).
+    one = lax.optimization_barrier(jnp.ones((), pre.dtype))
+    twin_pre, twin_d_out = pre * one, d_out * one.astype(d_out.dtype)
     seen = scaling.amax(exact_twin(jax.vjp(fn, twin_pre)[1](twin_d_out)[0]))
     return d_pre, jnp.reshape(seen, (1,))
 
