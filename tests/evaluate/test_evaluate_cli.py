@@ -38,15 +38,13 @@ def assert_clean_error(out, *needles):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run with checkpoints at steps 2 and 4."""
+    """A run with checkpoints at steps 2 and 4. Its train step is test_faults' (and
+    test_divergence_resume's lower-LR run's): the suite's shared compilation cache compiles it
+    once for all three."""
     workdir = str(tmp_path_factory.mktemp("evaluate") / "run")
-    # A one-layer d_model 64 model with statistics on every step (one compiled step variant):
-    # these tests read the workdir and the checkpoints' files, never the numbers.
     flags = ["--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.eval_every=0",
              "--config.optim.warmup_steps=1", "--config.optim.cooldown_steps=1",
-             "--config.precision.recipe=bf16", "--config.model.num_layers=1",
-             "--config.model.d_model=64", "--config.model.ffn_dim=192",
-             "--config.train.stats_every=1"]  # fmt: skip
+             "--config.precision.recipe=bf16"]  # fmt: skip
     out = run(train_cmd(workdir, *flags))
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]

@@ -106,10 +106,7 @@ def test_after_a_sigkill_tensorboard_has_every_checkpointed_step(tmp_path):
     events of steps before N for good (the resumed run starts after N). They are now flushed
     with every checkpoint."""
     workdir = str(tmp_path / "run")
-    # A one-layer d_model 64 model: it compiles in a few seconds; its size does not matter here.
-    small = ("--config.model.num_layers=1", "--config.model.d_model=64",
-             "--config.model.ffn_dim=192")  # fmt: skip
-    cmd = train_cmd(workdir, "--config.train.steps=4", "--config.train.ckpt_every=1", *FAST, *small)
+    cmd = train_cmd(workdir, "--config.train.steps=4", "--config.train.ckpt_every=1", *FAST)
     out = run([sys.executable, "-c", KILLED_AFTER_CHECKPOINT_2, *cmd[3:]])
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]
