@@ -38,7 +38,9 @@ def assert_clean_error(out, *needles):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run with checkpoints at steps 2 and 4."""
+    """A run with checkpoints at steps 2 and 4. Its train step is test_faults' (and
+    test_divergence_resume's lower-LR run's): the suite's shared compilation cache compiles it
+    once for all three."""
     workdir = str(tmp_path_factory.mktemp("evaluate") / "run")
     flags = ["--config.train.steps=4", "--config.train.ckpt_every=2", "--config.train.eval_every=0",
              "--config.optim.warmup_steps=1", "--config.optim.cooldown_steps=1",

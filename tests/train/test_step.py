@@ -62,8 +62,11 @@ def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
     cfg = tiny_config("fp8dpa")
     model, state, _ = setup(cfg)
     tokens = batch(b=8)
-    _, grads1, fp8_one, _ = jit_grads(model, 1, False)(state, tokens)
-    _, grads4, fp8_four, _ = jit_grads(model, 4, False)(state, tokens)
+    # Statistics steps: the FP8 state, the gradients and the probes from one compilation per
+    # micro-batch count (statistics only add mutable probe collections to the same forward; the
+    # accumulation, the amax max-combine and the state update are the code of every step).
+    _, grads1, fp8_one, aux1 = jit_grads(model, 1, True)(state, tokens)
+    _, grads4, fp8_four, aux4 = jit_grads(model, 4, True)(state, tokens)
     flat_one = jax.tree_util.tree_leaves_with_path(fp8_one)
     flat_four = dict(jax.tree_util.tree_leaves_with_path(fp8_four))
     for path, a in flat_one:
@@ -74,8 +77,6 @@ def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
         else:  # forward amaxes and scales: exactly the full batch's
             np.testing.assert_array_equal(b, a, err_msg=name)
     # Activation statistics combine exactly: amax by max, mean square and kurtosis by mean.
-    _, _, _, aux1 = jit_grads(model, 1, True)(state, tokens)
-    _, _, _, aux4 = jit_grads(model, 4, True)(state, tokens)
     qkv1 = aux1["probes"]["layers"]["attn"]["qkv"]
     qkv4 = aux4["probes"]["layers"]["attn"]["qkv"]
     np.testing.assert_array_equal(qkv4["amax"], qkv1["amax"])
@@ -120,7 +121,10 @@ def test_fp8_recipes_start_close_to_bf16_and_all_learn():
         _, state, step = setup(tiny_config(recipe))
         step = jax.jit(step)
         losses = []
-        for i in range(20):  # the loss falls by > 8 in 20 steps (measured), 1.0 is asserted
+        # 4 warm-up steps and 4 at full rate over the 4 batches: the mean of the last 4 losses is
+        # 3.1-3.2 below the first under each recipe (measured, CPU: 8.44 -> 5.28 bf16, 5.28
+        # fp8, 5.29 fp8dpa); 1.0 is asserted. (It falls by > 8 in 20 steps.)
+        for i in range(8):
             state, m = step(state, tokens[i % 4])
             losses.append(float(m["loss"]))
         curves[recipe] = losses

@@ -165,6 +165,12 @@ runpy.run_module("fogjax.train", run_name="__main__")
 """
 
 
+# A one-layer d_model 64 model for the run below and its resumes: each compiles in a few seconds;
+# the size is not what these tests test.
+SMALL_MODEL = ("--config.model.num_layers=1", "--config.model.d_model=64",
+               "--config.model.ffn_dim=192")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def full_disk_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("hardening") / "run")
@@ -175,6 +181,7 @@ def full_disk_run(tmp_path_factory):
         "--config.train.eval_every=0",
         "--config.train.profile_steps=1,2",
         "--config.precision.recipe=bf16",  # Compiles faster; FP8 is not what these tests test.
+        *SMALL_MODEL,
     )[3:]  # Drop "python -m fogjax.train".
     out = run([sys.executable, "-c", FULL_DISK, *args])
     return workdir, out
@@ -197,6 +204,7 @@ def test_shape_compatible_model_change_is_refused_then_allowed(full_disk_run):
         workdir,
         "--config.train.steps=3",
         "--config.precision.recipe=bf16",
+        *SMALL_MODEL,
         "--config.model.rope_base=10000.0",
     )
     out = run(changed)
