@@ -19,9 +19,31 @@ from typing import Any
 import jax
 import numpy as np
 import tqdm
-from tensorboardX import summary as tb_summary
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2
+
+
+def _import_tensorboardx_without_torch() -> None:
+    """Imports tensorboardX with ``torch`` hidden, where torch is installed but not yet imported.
+
+    tensorboardX's package import tries ``import torch`` only to accept torch tensors as values,
+    which fogjax never passes; where torch is installed (the Hugging Face export extra) that was
+    1.3 s of every trainer's start-up. A ``None`` in ``sys.modules`` makes that import fail fast
+    inside tensorboardX (it falls back to numpy); the entry is removed right after, so a later
+    ``import torch`` works as usual.
+    """
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        if hide:
+            del sys.modules["torch"]
+
+
+_import_tensorboardx_without_torch()
+from tensorboardX import summary as tb_summary  # noqa: E402
+from tensorboardX.event_file_writer import EventsWriter  # noqa: E402
+from tensorboardX.proto import event_pb2  # noqa: E402
 
 # tensorboardX warns once per tag and step that a value is NaN or inf; a diverging run has dozens
 # per step, and the NaN check (fogjax/monitoring/reporter.py) already says it, in one message.

@@ -200,3 +200,17 @@ def test_provenance_record_and_markdown():
     md = provenance.to_markdown(rec)
     assert "| devices.kind |" in md and "| mesh.data | `8` |" in md
     assert "    optim:" in md  # The config as an indented code block.
+
+
+def test_the_writer_does_not_import_torch_and_torch_still_imports_after_it():
+    """tensorboardX tries ``import torch`` at import time (1.3 s where torch is installed, as in
+    the test environment); the writer hides it, and only for that import."""
+    pytest.importorskip("torch")
+    import subprocess
+
+    code = (
+        "import sys, fogjax.monitoring.writer; assert 'torch' not in sys.modules, 'imported'; "
+        "import torch; torch.zeros(1); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
