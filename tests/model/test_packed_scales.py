@@ -94,18 +94,18 @@ def _layer_scan_shapes(jaxpr, layers: int) -> list[tuple[int, ...]]:
 
 def test_the_step_scans_packed_scales_and_gets_the_same_bits(monkeypatch):
     """fp8dpa with FP8 attention einsums (6 dots, 18 delayed-scaled tensors per layer), 2 layers,
-    4 micro-batches (a loop of another length): the layer scans take the scales as one [2, 18]
-    array, never as [2, 1] leaves, and the step's gradients and amaxes equal those of the
-    unpacked scan bit for bit."""
+    one micro-batch (so every scan of length 2 is a layer scan): the layer scans take the scales
+    as one [2, 18] array, never as [2, 1] leaves, and the step's gradients and amaxes equal those
+    of the unpacked scan bit for bit."""
     model, state, _ = setup(tiny_config("fp8dpa"))
     assert model.cfg.num_layers == 2 and model.cfg.attention_impl == "xla"
     params = state["params"]
     fp8 = jax.tree.map(lambda x: x * 0.5 + 0.01, state["fp8"])  # scales other than 1
-    tokens = batch(b=8, t=16)
+    tokens = batch(b=2, t=16)
 
     def program():
         """A fresh function each time: JAX caches traces by function."""
-        return lambda p, f, t: compute_grads(model, p, f, t, 4, False)[1:3]
+        return lambda p, f, t: compute_grads(model, p, f, t, 1, False)[1:3]
 
     def trace_and_run():
         jax.clear_caches()
