@@ -57,24 +57,31 @@ def batch(seed=0, b=8, t=32, vocab=4096):
     return jax.random.randint(jax.random.key(seed), (b, t + 1), 0, vocab)
 
 
-def fp8_dot_counts(jaxpr) -> dict[tuple[str, str], int]:
-    """Counts dot_general equations by (lhs dtype, rhs dtype) with an FP8 operand, recursively."""
-    counts: dict[tuple[str, str], int] = {}
+def all_eqns(jaxpr):
+    """Every equation of a ClosedJaxpr and, recursively, of the jaxprs in its equations' params
+    (scan and while bodies, custom VJPs, pjit, remat), in order."""
 
     def walk(jp):
         for eqn in jp.eqns:
-            if eqn.primitive.name == "dot_general":
-                dts = tuple(str(v.aval.dtype) for v in eqn.invars[:2])
-                if any("float8" in d for d in dts):
-                    counts[dts] = counts.get(dts, 0) + 1
+            yield eqn
             for param in eqn.params.values():
                 for sub in param if isinstance(param, (list, tuple)) else [param]:
                     if isinstance(sub, jex_core.ClosedJaxpr):
-                        walk(sub.jaxpr)
+                        yield from walk(sub.jaxpr)
                     elif isinstance(sub, jex_core.Jaxpr):
-                        walk(sub)
+                        yield from walk(sub)
 
-    walk(jaxpr.jaxpr)
+    return walk(jaxpr.jaxpr)
+
+
+def fp8_dot_counts(jaxpr) -> dict[tuple[str, str], int]:
+    """Counts dot_general equations by (lhs dtype, rhs dtype) with an FP8 operand, recursively."""
+    counts: dict[tuple[str, str], int] = {}
+    for eqn in all_eqns(jaxpr):
+        if eqn.primitive.name == "dot_general":
+            dts = tuple(str(v.aval.dtype) for v in eqn.invars[:2])
+            if any("float8" in d for d in dts):
+                counts[dts] = counts.get(dts, 0) + 1
     return counts
 
 

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.steps import batch, setup, tiny_config
-from jax.extend import core as jex_core
+from helpers.steps import all_eqns, batch, setup, tiny_config
 
 from fogjax.model import packed_scales
 from fogjax.train.step import compute_grads
@@ -67,28 +66,18 @@ def _layer_scan_shapes(jaxpr, layers: int) -> list[tuple[int, ...]]:
     """Shapes of the float32 [layers, n] arrays (n < 64: scales, not histories) that the layer
     scans of ``jaxpr`` (recursively; scans of length ``layers``) read or write."""
     found = []
-
-    def walk(jp):
-        for eqn in jp.eqns:
-            if eqn.primitive.name == "scan" and eqn.params["length"] == layers:
-                for v in (*eqn.invars, *eqn.outvars):
-                    aval = getattr(v, "aval", None)
-                    if (
-                        aval is not None
-                        and aval.dtype == jnp.float32
-                        and aval.ndim == 2
-                        and aval.shape[0] == layers
-                        and aval.shape[1] < 64
-                    ):
-                        found.append(aval.shape)
-            for param in eqn.params.values():
-                for sub in param if isinstance(param, (list, tuple)) else [param]:
-                    if isinstance(sub, jex_core.ClosedJaxpr):
-                        walk(sub.jaxpr)
-                    elif isinstance(sub, jex_core.Jaxpr):
-                        walk(sub)
-
-    walk(jaxpr.jaxpr)
+    for eqn in all_eqns(jaxpr):
+        if eqn.primitive.name == "scan" and eqn.params["length"] == layers:
+            for v in (*eqn.invars, *eqn.outvars):
+                aval = getattr(v, "aval", None)
+                if (
+                    aval is not None
+                    and aval.dtype == jnp.float32
+                    and aval.ndim == 2
+                    and aval.shape[0] == layers
+                    and aval.shape[1] < 64
+                ):
+                    found.append(aval.shape)
     return found
 
 
