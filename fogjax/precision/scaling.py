@@ -99,7 +99,7 @@ def reduce_history(amax_history: jax.Array, reduction: str) -> jax.Array:
 
 
 def next_scale_inv(
-    reduced_amax: jax.Array, scale_inv: jax.Array, fp8_max: float, margin: float = 0
+    reduced_amax: jax.Array, scale_inv: jax.Array, fp8_max: float | jax.Array, margin: float = 0
 ) -> jax.Array:
     """``1 / ((fp8_max / reduced_amax) / 2**margin)``, or the old ``scale_inv`` when the reduced
     amax is 0 (nothing seen yet) or not finite (an inf/NaN step must not destroy the scale).
@@ -129,7 +129,7 @@ def observation(seen: jax.Array) -> ScalingState:
 def apply_observation(
     state: ScalingState,
     observed: jax.Array,
-    fp8_max: float,
+    fp8_max: float | jax.Array,
     reduction: str = "max",
     margin: float = 0,
 ) -> ScalingState:
@@ -138,7 +138,8 @@ def apply_observation(
     Per row, exactly flax's ``compute_amax_history`` (roll the window left, write index 0) and
     ``compute_scale``, so a stacked [L, H] state updated in one call equals L separate updates.
 
-    Shapes: ``amax_history`` float32 [..., H], ``scale_inv`` and ``observed`` float32 [..., 1].
+    Shapes: ``amax_history`` float32 [..., H], ``scale_inv`` and ``observed`` float32 [..., 1];
+    ``fp8_max`` a float, or float32 [..., 1] (one format per row; bulk_scaling.apply).
     """
     history = jnp.roll(state.amax_history, -1, axis=-1)
     history = history.at[..., 0].set(observed[..., 0].astype(history.dtype))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from helpers import fp8_state
 from helpers.steps import batch, setup, tiny_config
 
@@ -41,6 +42,53 @@ def test_stacked_update_equals_one_update_per_row(reduction):
         np.testing.assert_array_equal(bulk.amax_history[row], one.amax_history)
         np.testing.assert_array_equal(bulk.scale_inv[row], one.scale_inv)
     np.testing.assert_array_equal(bulk.scale_inv[1], scale_inv[1])  # nothing seen: unchanged
+
+
+@pytest.mark.parametrize("reduction", ["max", "most_recent"])
+def test_grouped_apply_equals_one_update_per_tensor(reduction):
+    """apply() updates every state of one window length in one concatenated call: each tensor's
+    history and scale equal its own apply_observation, bit for bit, across E4M3 and E5M2 tensors,
+    stacked [L, ...] and unstacked states and two window lengths; TE states are replaced."""
+    rng = np.random.default_rng(1)
+
+    def state(lead, window):
+        history = jnp.asarray(rng.uniform(0, 3, (*lead, window)), jnp.float32)
+        return history, jnp.asarray(rng.uniform(0.001, 0.01, (*lead, 1)), jnp.float32)
+
+    shapes = {
+        ("layers", "wi", "lhs"): ((3,), 8),
+        ("layers", "wi", "grad"): ((3,), 8),
+        ("layers", "attn", "dq"): ((3,), 8),
+        ("head", "rhs"): ((), 8),
+        ("other", "grad"): ((2,), 5),
+    }
+    fp8, seen = {}, {}
+    for (*where, t), (lead, window) in shapes.items():
+        history, scale_inv = state(lead, window)
+        fp8[(*where, f"{t}_amax_history")] = history
+        fp8[(*where, f"{t}_scale_inv")] = scale_inv
+        amax = rng.uniform(0, 5, (*lead, 1)).astype(np.float32)
+        amax.flat[0] = {"lhs": np.inf, "grad": 0.0}.get(t, amax.flat[0])  # keep-the-scale rows
+        seen[(*where, f"{t}_scale_inv")] = jnp.asarray(amax)
+    fp8[("te", "state", "kernel_scale")] = jnp.ones(1)
+    seen[("te", "state", "kernel_scale")] = jnp.full((1,), 3.0)
+    observed, fixed = bulk_scaling.split(traverse_util.unflatten_dict(fp8))
+    new = traverse_util.flatten_dict(
+        jax.jit(bulk_scaling.apply, static_argnums=(3, 4))(observed, fixed, seen, reduction, 1.0)
+    )
+    for *where, t in shapes:
+        scale_path = (*where, f"{t}_scale_inv")
+        history_path = (*where, f"{t}_amax_history")
+        one = scaling.apply_observation(
+            scaling.ScalingState(fp8[history_path], fp8[scale_path]),
+            seen[scale_path],
+            bulk_scaling.FP8_MAX[t],
+            reduction,
+            1.0,
+        )
+        np.testing.assert_array_equal(new[history_path], one.amax_history)
+        np.testing.assert_array_equal(new[scale_path], one.scale_inv)
+    np.testing.assert_array_equal(new[("te", "state", "kernel_scale")], [3.0])
 
 
 def test_every_declared_state_has_a_format():
