@@ -233,7 +233,8 @@ def _attention(q, k, v, states, scale, reduction, margin, specs):
 
 def _fwd(q, k, v, states, scale, reduction, margin, specs):
     q8, k8, v8 = (
-        scaling.quantize(x, states[n].scale_inv, E4M3) for n, x in (("q", q), ("k", k), ("v", v))
+        scaling.quantize(x, states[n].scale_inv, E4M3, clip_in_float32=True)
+        for n, x in (("q", q), ("k", k), ("v", v))
     )
     factors = (
         _descale(states["q"]),

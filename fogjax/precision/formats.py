@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax import lax
 
 E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
@@ -41,12 +42,26 @@ def fp8_max(dtype: Any) -> float:
     return float(jnp.finfo(dtype).max)
 
 
-def saturating_cast(x: jax.Array, dtype: Any) -> jax.Array:
+def saturating_cast(x: jax.Array, dtype: Any, clip_in_float32: bool = False) -> jax.Array:
     """``x`` (any float dtype, any shape) clipped to +-fp8_max(dtype), then cast to ``dtype``.
 
     Finite inputs never become NaN or inf; +-inf become +-fp8_max; NaN stays NaN. Rounding is the
-    conversion's round-to-nearest-even. The clip runs in ``x``'s own dtype: both maxima (448 =
-    1.75 * 2**8, 57344 = 1.75 * 2**15) are exact in bfloat16, float16 and float32.
+    conversion's round-to-nearest-even. The clip runs in ``x``'s own dtype, or with
+    ``clip_in_float32`` (bf16 ``x`` only) in float32: the same values either way (widening is
+    exact, and both maxima, 448 = 1.75 * 2**8 and 57344 = 1.75 * 2**15, are exact in bfloat16,
+    float16 and float32).
+
+    Why the choice: XLA:GPU widens a bf16 clip to float32 itself, and the widened bf16 bounds
+    became two parameterless kernels in every layer of every micro-batch (``convert`` of a
+    constant, made after constant folding). The forward casts clip in float32 for that. A cast of
+    a GEMM's output keeps the bf16 clip: that is the pattern XLA's GemmRewriter folds into the
+    cuBLAS call (FP8 output and its amax in the GEMM's epilogue), and a float32 clip breaks it.
     """
+    if clip_in_float32 and x.dtype == jnp.bfloat16:
+        # Widened through a reduce_precision to bf16 (exact: bf16 has float32's exponent range):
+        # where XLA allows excess precision (XLA:CPU's default) a bare convert would let it fold
+        # the widening into x's producer, then clip and cast values x never held (x / scale_inv
+        # unrounded). float16 keeps its own clip (reduce_precision would flush its subnormals).
+        x = lax.reduce_precision(x.astype(jnp.float32), exponent_bits=8, mantissa_bits=7)
     bound = jnp.asarray(fp8_max(dtype), x.dtype)
     return jnp.clip(x, -bound, bound).astype(dtype)

@@ -111,7 +111,7 @@ def _fp8_dot_general(
 
 
 def _forward(lhs, rhs, lhs_state, rhs_state, dims, out_dtype):
-    q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3)
+    q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3, clip_in_float32=True)
     q_rhs = scaling.quantize(rhs, rhs_state.scale_inv, E4M3)
     scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
     out = _scaled_dot(q_lhs, q_rhs, dims, scale_inv, out_dtype, lax.Precision.DEFAULT)
@@ -273,7 +273,7 @@ def _fwd_q(
     lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes, obs
 ):
     del rhs, obs  # Only rhs's cotangent is wanted; obs matters backward.
-    q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3)
+    q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3, clip_in_float32=True)
     scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
     if q_rhs_t is None:
         q_kernel = q_rhs.reshape(shapes[0])

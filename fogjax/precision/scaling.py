@@ -58,17 +58,22 @@ def init_state(history_len: int) -> ScalingState:
     return ScalingState(jnp.zeros((history_len,), jnp.float32), jnp.ones((1,), jnp.float32))
 
 
-def quantize(x: jax.Array, scale_inv: jax.Array, dtype: Any) -> jax.Array:
+def quantize(
+    x: jax.Array, scale_inv: jax.Array, dtype: Any, clip_in_float32: bool = False
+) -> jax.Array:
     """``saturating_cast(x / scale_inv, dtype)``; the division runs in ``x``'s dtype, as in flax.
 
     Args:
       x: any shape, float (bf16 in training).
       scale_inv: float32 [1] (or any size-1 array).
       dtype: ``float8_e4m3fn`` or ``float8_e5m2``.
+      clip_in_float32: the same values, clipped in float32 (formats.saturating_cast: fewer
+        kernels for a forward cast; keep False for a cast of a GEMM's output).
     Returns:
       ``x.shape`` in ``dtype``.
     """
-    return saturating_cast(x / jnp.reshape(scale_inv, ()).astype(x.dtype), dtype)
+    scaled = x / jnp.reshape(scale_inv, ()).astype(x.dtype)
+    return saturating_cast(scaled, dtype, clip_in_float32)
 
 
 def quantize_per_row(x: jax.Array, scale_inv: jax.Array, dtype: Any) -> jax.Array:

@@ -72,12 +72,15 @@ def test_constants_match_the_formats():
         formats.fp8_max(jnp.bfloat16)
 
 
+@pytest.mark.parametrize("clip_in_float32", [False, True], ids=["own-dtype-clip", "f32-clip"])
 @pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("in_dtype", IN_DTYPES, ids=["f32", "bf16", "f16"])
-def test_boundary_table_matches_ml_dtypes_bit_for_bit(dtype, in_dtype):
+def test_boundary_table_matches_ml_dtypes_bit_for_bit(dtype, in_dtype, clip_in_float32):
+    """Either clip (the input's dtype, or float32 for the forward casts) gives ml_dtypes' bits."""
     with np.errstate(over="ignore"):  # 3e38 overflows float16/bfloat16 to inf on purpose
         x = np.array(BOUNDARY, np.float32).astype(in_dtype)
-    ours = np.asarray(jax.jit(saturating_cast, static_argnums=1)(jnp.asarray(x), dtype))
+    cast = jax.jit(saturating_cast, static_argnums=(1, 2))
+    ours = np.asarray(cast(jnp.asarray(x), dtype, clip_in_float32))
     ref = _reference(x, dtype)
     nan = np.isnan(ref.astype(np.float32))
     assert np.array_equal(np.isnan(ours.astype(np.float32)), nan)
