@@ -148,6 +148,24 @@ def cudnn_attention(q: Array, k: Array, v: Array, scale: float, recipe: Recipe) 
     dtype through ``jax.nn.dot_product_attention(implementation='cudnn')``."""
     if recipe.quantizes_attention:
         return recipe.fused_fp8_attention("fp8_attention")(q, k, v, scale)
+    return _bf16_cudnn_attention(q, k, v, scale)
+
+
+def cudnn_attention_fp8_output(
+    q: Array, k: Array, v: Array, scale: float, recipe: Recipe
+) -> tuple[Array, tuple[Array, Array] | None]:
+    """:func:`cudnn_attention`, and where the out-projection can read it (FP8 attention under our
+    delayed-scaling dots, ``recipe.takes_lhs_amax``) cuDNN's E4M3 output with its float32 [1]
+    scale_inv, else None: FP8 across the attention boundary, as Transformer Engine's fp8_mha.
+    The out-projection then skips its own cast of the output (a read of it, an E4M3 write and an
+    amax: two kernels per layer and micro-batch) and quantises nothing twice."""
+    if recipe.quantizes_attention and recipe.takes_lhs_amax:
+        return recipe.fused_fp8_attention("fp8_attention")(q, k, v, scale, fp8_output=True)
+    return cudnn_attention(q, k, v, scale, recipe), None
+
+
+def _bf16_cudnn_attention(q: Array, k: Array, v: Array, scale: float) -> Array:
+    """cuDNN attention in the compute dtype: q [B, T, G, R, H], k and v [B, S, G, H]."""
     b, t, g, r, d = q.shape
     q = q.reshape(b, t, g * r, d)
     mesh = jax.sharding.get_abstract_mesh()
@@ -242,6 +260,7 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
+        out_fp8 = None  # cuDNN FP8 attention's own E4M3 output, where wo can read it.
         if self.decode_length:
             k, v, visible = self._cached_keys_values(k, v, positions)
             out = xla_attention(q, k, v, cfg.softmax_scale, recipe, visible)
@@ -257,6 +276,8 @@ class Attention(nn.Module):
             same = segments[:, :, None] == segments[:, None, :]  # [B, T, S]
             visible = (causal & same)[:, None, :, None, :]  # [B, 1, T, 1, S] as the logits
             out = xla_attention(q, k, v, cfg.softmax_scale, recipe, visible)
+        elif cfg.attention_impl == "cudnn":
+            out, out_fp8 = cudnn_attention_fp8_output(q, k, v, cfg.softmax_scale, recipe)
         else:
             out = ATTENTION_FUNCTIONS[cfg.attention_impl](q, k, v, cfg.softmax_scale, recipe)
 
@@ -267,7 +288,7 @@ class Attention(nn.Module):
             out_std or cfg.init_std,
             recipe,
             name="wo",
-        )(out)
+        )(out, x_fp8=out_fp8)
 
     def _cached_keys_values(
         self, k: Array, v: Array, positions: Array

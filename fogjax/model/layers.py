@@ -131,10 +131,13 @@ class Linear(nn.Module):
         row_scale: Array | None = None,
         x_amax: Array | None = None,
         observe_grad: bool = True,
+        x_fp8: tuple[Array, Array] | None = None,
     ) -> Array:
         """x [..., *in] -> [..., *features]; ``row_scale`` [*in] multiplies the kernel's rows.
         ``x_amax``: max|x| (float32 scalar) measured where x is made, for a recipe whose dot takes
-        it (``recipe.takes_lhs_amax``; fused_amax.py); ignored otherwise."""
+        it (``recipe.takes_lhs_amax``; fused_amax.py); ignored otherwise. ``x_fp8``: an E4M3 copy
+        of x and its float32 [1] scale_inv that the dot reads instead of casting x (the same
+        recipes; fp8_dot.fp8_dot_general's ``lhs_fp8``); refused by any other recipe."""
         features = tuple(self.features)
         n_in = len(self.kernel_axes) - len(features)
         if n_in < 1:
@@ -160,6 +163,13 @@ class Linear(nn.Module):
                 extra["lhs_amax"] = x_amax
             if not observe_grad:
                 extra["observe_grad"] = False
+            if x_fp8 is not None:
+                extra["lhs_fp8"] = x_fp8
+        elif x_fp8 is not None:
+            raise ValueError(
+                f"Linear {self.name}: recipe {self.recipe.name!r} cannot read an FP8 input "
+                "(x_fp8); only the delayed-scaling FP8 recipes on XLA do (recipe.takes_lhs_amax)."
+            )
         return dot_general(
             x.astype(dtype), kernel.astype(dtype), ((contract_x, contract_k), ((), ())), **extra
         )

@@ -208,7 +208,7 @@ def cudnn_fp8_attention(
     scale: float,
     amax_reduction: str = "max",
     margin: float = 0,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """Causal softmax(scale * q.k) v with every GEMM on E4M3 operands, in cuDNN's fused kernel.
 
     Args:
@@ -218,8 +218,11 @@ def cudnn_fp8_attention(
       scale: the softmax scale.
       amax_reduction, margin: the scale update rule (scaling.py).
     Returns:
-      [B, T, N, H] in q's dtype. Under ``jax.grad`` q, k, v get their gradients and every state
-      the observation ``ScalingState(None, amax [1])`` of its tensor.
+      ``(out, o8)``: [B, T, N, H] in q's dtype, and cuDNN's E4M3 output itself (``out`` is
+      ``o8 * states['o'].scale_inv``), for an out-projection that reads it without a BF16 round
+      trip (``Fp8DotGeneral(lhs_fp8=...)``). Under ``jax.grad`` q, k, v get their gradients (from
+      ``out``'s cotangent; ``o8`` takes none) and every state the observation
+      ``ScalingState(None, amax [1])`` of its tensor.
     """
     mesh = jax.sharding.get_abstract_mesh()
     specs = _mesh_specs(mesh, q.shape[0], k.shape[2])
@@ -251,11 +254,12 @@ def _fwd(q, k, v, states, scale, reduction, margin, specs):
     # The scales and the forward's amaxes travel to the backward as ONE float32 [15] (a stacked
     # residual per layer and micro-batch: one write, not fifteen), the [H] histories not at all.
     scalars = jnp.concatenate([states[n].scale_inv for n in TENSORS] + seen)
-    return out, (q8, k8, v8, o8, stats, scalars)
+    return (out, o8), (q8, k8, v8, o8, stats, scalars)
 
 
-def _bwd(scale, reduction, margin, specs, residuals, g):
+def _bwd(scale, reduction, margin, specs, residuals, cotangents):
     del reduction, margin  # The step applies the rule (bulk_scaling.py); kept for the signature.
+    g, _ = cotangents  # o8's: zeros (its readers take it without a gradient).
     q8, k8, v8, o8, stats, scalars = residuals
     states = {n: ScalingState(None, scalars[i : i + 1]) for i, n in enumerate(TENSORS)}
     forward_amaxes = scalars[len(TENSORS) :]
@@ -304,15 +308,22 @@ class CudnnFp8Attention(nn.Module):
     margin: float = 0
 
     @nn.compact
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-        """q [B, T, G, R, H], k and v [B, S, G, H] (compute dtype) -> [B, T, G, R, H]."""
+    def __call__(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, scale: float, fp8_output: bool = False
+    ) -> Any:
+        """q [B, T, G, R, H], k and v [B, S, G, H] (compute dtype) -> [B, T, G, R, H]; with
+        ``fp8_output`` also ``(o8, scale_inv)``: the E4M3 output (same shape) and its float32 [1]
+        scale_inv, for an out-projection that reads FP8 across the attention boundary."""
         b, t, g, r, d = q.shape
         states = {n: scaling.declare_state(self, n, self.amax_history_len) for n in TENSORS}
         sow_operand_stats(self, {n: (x, states[n]) for n, x in (("q", q), ("k", k), ("v", v))})
-        out = cudnn_fp8_attention(
+        out, o8 = cudnn_fp8_attention(
             q.reshape(b, t, g * r, d), k, v, states, scale, self.amax_reduction, self.margin
         )
-        return out.reshape(b, t, g, r, d)
+        out = out.reshape(b, t, g, r, d)
+        if not fp8_output:
+            return out
+        return out, (o8.reshape(b, t, g, r, d), states["o"].scale_inv)
 
 
 class CudnnAttentionUnavailable(ValueError):

@@ -66,6 +66,7 @@ def fp8_dot_general(
     margin: float = 0,
     lhs_amax: jax.Array | None = None,
     observe_grad: bool = True,
+    lhs_fp8: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """``lax.dot_general(lhs, rhs, dimension_numbers)`` with E4M3 operands and E5M2 gradients.
 
@@ -79,6 +80,12 @@ def fp8_dot_general(
       amax_reduction, margin: the scale update rule (scaling.py).
       lhs_amax: ``scaling.amax(lhs)`` measured by the caller (float32 scalar; fused_amax.py), or
         None to measure it here. Only what the lhs state observes depends on it.
+      observe_grad: whether the output gradient's amax is reported to ``grad_state`` (False when
+        somebody else reports it; mlp.py).
+      lhs_fp8: ``(q_lhs, scale_inv)``, an E4M3 copy of lhs and its float32 [1] scale_inv that
+        the caller already holds (cuDNN FP8 attention's output; :func:`check_lhs_fp8`), or None.
+        Given, the GEMMs read it instead of casting ``lhs`` (which is then only the variable its
+        gradient flows to), and ``lhs_state`` observes nothing (amax 0: its scale stays put).
     Returns:
       ``lax.dot_general``'s output shape in ``out_dtype``. Under ``jax.grad`` lhs and rhs get their
       FP8 gradients (in the compute dtype) and each of the three states the observation
@@ -94,6 +101,7 @@ def fp8_dot_general(
         rhs_state,
         grad_state,
         lhs_amax,
+        check_lhs_fp8(lhs_fp8, lhs),
         canonical_dimension_numbers(dimension_numbers),
         (out_dtype, compute_dtype),
         amax_reduction,
@@ -102,43 +110,94 @@ def fp8_dot_general(
     )
 
 
+def check_lhs_fp8(
+    lhs_fp8: tuple[jax.Array, jax.Array] | None, lhs: jax.Array
+) -> tuple[jax.Array, jax.Array] | None:
+    """``lhs_fp8`` as the custom VJPs take it (no gradient flows into it), after checking that it
+    is an E4M3 array of ``lhs``'s shape with a size-1 scale_inv; raises ValueError otherwise."""
+    if lhs_fp8 is None:
+        return None
+    q_lhs, scale_inv = lhs_fp8
+    if q_lhs.shape != lhs.shape or q_lhs.dtype != jnp.dtype(E4M3) or scale_inv.size != 1:
+        raise ValueError(
+            f"lhs_fp8 must be an E4M3 copy of lhs {lhs.shape} and a size-1 scale_inv; got "
+            f"{q_lhs.dtype} {q_lhs.shape} and scale_inv {scale_inv.shape}."
+        )
+    return lax.stop_gradient(q_lhs), lax.stop_gradient(jnp.reshape(scale_inv, (1,)))
+
+
 # ``dtypes`` = (out_dtype, compute_dtype); static, like the dimension numbers and the update rule.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def _fp8_dot_general(
-    lhs, rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, reduction, margin, observe
+    lhs,
+    rhs,
+    lhs_state,
+    rhs_state,
+    grad_state,
+    lhs_amax,
+    lhs_fp8,
+    dims,
+    dtypes,
+    reduction,
+    margin,
+    observe,
 ):
-    return _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])[0]
+    return _forward(lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, dtypes[0])[0]
 
 
-def _forward(lhs, rhs, lhs_state, rhs_state, dims, out_dtype):
-    q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3, clip_in_float32=True)
+def _lhs_operand(lhs, lhs_state, lhs_fp8):
+    """``(q_lhs, its scale_inv [1])``: lhs cast with its own state, or the caller's copy."""
+    if lhs_fp8 is not None:
+        return lhs_fp8
+    return scaling.quantize(
+        lhs, lhs_state.scale_inv, E4M3, clip_in_float32=True
+    ), lhs_state.scale_inv
+
+
+def _forward(lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, out_dtype):
+    q_lhs, lhs_scale_inv = _lhs_operand(lhs, lhs_state, lhs_fp8)
     q_rhs = scaling.quantize(rhs, rhs_state.scale_inv, E4M3)
-    scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
+    scale_inv = lhs_scale_inv * rhs_state.scale_inv
     out = _scaled_dot(q_lhs, q_rhs, dims, scale_inv, out_dtype, lax.Precision.DEFAULT)
     return out, q_lhs, q_rhs
 
 
-def _lhs_amax(lhs: jax.Array, lhs_amax: jax.Array | None) -> jax.Array:
+def _lhs_amax(lhs: jax.Array, lhs_amax: jax.Array | None, lhs_fp8: Any = None) -> jax.Array:
+    if lhs_fp8 is not None:
+        return jnp.zeros((), jnp.float32)  # The GEMMs never read lhs_state: nothing to observe.
     return scaling.amax(lhs) if lhs_amax is None else lhs_amax
 
 
 def _fwd(
-    lhs, rhs, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, reduction, margin, observe
+    lhs,
+    rhs,
+    lhs_state,
+    rhs_state,
+    grad_state,
+    lhs_amax,
+    lhs_fp8,
+    dims,
+    dtypes,
+    reduction,
+    margin,
+    observe,
 ):
-    out, q_lhs, q_rhs = _forward(lhs, rhs, lhs_state, rhs_state, dims, dtypes[0])
+    out, q_lhs, q_rhs = _forward(lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, dtypes[0])
     # Saved: the FP8 operands and ONE float32 [5] of scales and amaxes. Under the layer scan every
     # residual becomes a stacked [L, ...] output written once per layer and micro-batch, so five
     # scalars packed cost one tiny write instead of five kernels; no [H] history is saved at all
     # (the step updates those once, bulk_scaling.py).
-    amaxes = (_lhs_amax(lhs, lhs_amax), scaling.amax(rhs))
-    scalars = _pack(lhs_state, rhs_state, grad_state, *amaxes)
+    amaxes = (_lhs_amax(lhs, lhs_amax, lhs_fp8), scaling.amax(rhs))
+    lhs_scale_inv = lhs_state.scale_inv if lhs_fp8 is None else lhs_fp8[1]
+    scalars = _pack(lhs_scale_inv, rhs_state, grad_state, *amaxes)
     return out, (q_lhs, q_rhs, scalars)
 
 
-def _pack(lhs_state, rhs_state, grad_state, lhs_amax, rhs_amax) -> jax.Array:
-    """The float32 [5] residual: the three scale_invs, then the lhs and rhs amaxes."""
+def _pack(lhs_scale_inv, rhs_state, grad_state, lhs_amax, rhs_amax) -> jax.Array:
+    """The float32 [5] residual: the scale_invs the GEMMs used (lhs, rhs, gradient), then the lhs
+    and rhs amaxes."""
     amaxes = jnp.stack([lhs_amax, rhs_amax])
-    return jnp.concatenate([lhs_state.scale_inv, rhs_state.scale_inv, grad_state.scale_inv, amaxes])
+    return jnp.concatenate([lhs_scale_inv, rhs_state.scale_inv, grad_state.scale_inv, amaxes])
 
 
 def _bwd(dims, dtypes, reduction, margin, observe, residuals, g):
@@ -166,7 +225,7 @@ def _bwd(dims, dtypes, reduction, margin, observe, residuals, g):
     drhs = scaling.dequantize(drhs, lhs_scale_inv * grad_scale_inv, out_dtype)
     seen_g = scaling.observation(g) if observe else ScalingState(None, None)
     seen = (ScalingState(None, amax_lhs), ScalingState(None, amax_rhs), seen_g)
-    return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), *seen, None
+    return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), *seen, None, None
 
 
 _fp8_dot_general.defvjp(_fwd, _bwd)
@@ -225,6 +284,7 @@ def fp8_dot_general_quantized_rhs(
     lhs_amax: jax.Array | None = None,
     q_rhs_t: jax.Array | None = None,
     observe_grad: bool = True,
+    lhs_fp8: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """:func:`fp8_dot_general` with the rhs already quantised (``q_rhs`` = its E4M3 cast with
     ``rhs_state.scale_inv``, made once per optimizer step; weight_quantization.py).
@@ -236,7 +296,7 @@ def fp8_dot_general_quantized_rhs(
     GEMM, which then needs no transpose of ``q_rhs``; the backward reads ``q_rhs``. Either may
     come as a matrix (:func:`kernel_shape`), reshaped inside the VJP so that the backward's
     residual is the very array given (under the layer scan, a slice of the stacked input, not a
-    per-layer copy).
+    per-layer copy). ``lhs_fp8``: as :func:`fp8_dot_general`'s.
     """
     compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     out_dtype = jnp.dtype(out_dtype or compute_dtype)
@@ -253,6 +313,7 @@ def fp8_dot_general_quantized_rhs(
         rhs_state,
         grad_state,
         lhs_amax,
+        check_lhs_fp8(lhs_fp8, lhs),
         dims,
         (out_dtype, compute_dtype),
         shapes,
@@ -261,20 +322,44 @@ def fp8_dot_general_quantized_rhs(
 
 
 # ``shapes``: (the shape the products read q_rhs in, that of q_rhs_t or None); static.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
 def _fp8_dot_general_q(
-    lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes, obs
+    lhs,
+    rhs,
+    q_rhs,
+    q_rhs_t,
+    lhs_state,
+    rhs_state,
+    grad_state,
+    lhs_amax,
+    lhs_fp8,
+    dims,
+    dtypes,
+    shapes,
+    obs,
 ):
-    args = (lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax)
+    args = (lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, lhs_fp8)
     return _fwd_q(*args, dims, dtypes, shapes, obs)[0]
 
 
 def _fwd_q(
-    lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, dims, dtypes, shapes, obs
+    lhs,
+    rhs,
+    q_rhs,
+    q_rhs_t,
+    lhs_state,
+    rhs_state,
+    grad_state,
+    lhs_amax,
+    lhs_fp8,
+    dims,
+    dtypes,
+    shapes,
+    obs,
 ):
     del rhs, obs  # Only rhs's cotangent is wanted; obs matters backward.
-    q_lhs = scaling.quantize(lhs, lhs_state.scale_inv, E4M3, clip_in_float32=True)
-    scale_inv = lhs_state.scale_inv * rhs_state.scale_inv
+    q_lhs, lhs_scale_inv = _lhs_operand(lhs, lhs_state, lhs_fp8)
+    scale_inv = lhs_scale_inv * rhs_state.scale_inv
     if q_rhs_t is None:
         q_kernel = q_rhs.reshape(shapes[0])
         out = _scaled_dot(q_lhs, q_kernel, dims, scale_inv, dtypes[0], lax.Precision.DEFAULT)
@@ -284,16 +369,16 @@ def _fwd_q(
         out = _scaled_dot(q_lhs, q_kernel_t, dims_t, scale_inv, dtypes[0], lax.Precision.DEFAULT)
     # The rhs amax slot stays 0: the quantiser reports it (weight_quantization.py).
     zero = jnp.zeros((), jnp.float32)
-    scalars = _pack(lhs_state, rhs_state, grad_state, _lhs_amax(lhs, lhs_amax), zero)
+    scalars = _pack(lhs_scale_inv, rhs_state, grad_state, _lhs_amax(lhs, lhs_amax, lhs_fp8), zero)
     return out, (q_lhs, q_rhs, scalars)
 
 
 def _bwd_q(dims, dtypes, shapes, observe, residuals, g):
     q_lhs, q_rhs, scalars = residuals
     residuals = (q_lhs, q_rhs.reshape(shapes[0]), scalars)
-    dlhs, drhs, seen_lhs, _, seen_grad, _ = _bwd(dims, dtypes, None, None, observe, residuals, g)
+    dlhs, drhs, seen_lhs, _, seen_grad, *_ = _bwd(dims, dtypes, None, None, observe, residuals, g)
     no_observation = ScalingState(None, None)
-    return dlhs, drhs, None, None, seen_lhs, no_observation, seen_grad, None
+    return dlhs, drhs, None, None, seen_lhs, no_observation, seen_grad, None, None
 
 
 _fp8_dot_general_q.defvjp(_fwd_q, _bwd_q)
@@ -364,12 +449,14 @@ class Fp8DotGeneral(nn.Module):
         preferred_element_type: Any = None,
         lhs_amax: jax.Array | None = None,
         observe_grad: bool = True,
+        lhs_fp8: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """``lax.dot_general``'s contract. Operands are promoted to a common compute dtype; the
         result has ``preferred_element_type`` if given, else the compute dtype. ``precision`` is
         accepted for signature compatibility and ignored: an FP8 GEMM has no precision choice.
         ``lhs_amax``: max|lhs| as the caller measured it in the pass that makes ``lhs``
-        (fused_amax.py; Recipe.takes_lhs_amax), or None to measure it here.
+        (fused_amax.py; Recipe.takes_lhs_amax), or None to measure it here. ``lhs_fp8``: an E4M3
+        copy of lhs and its scale_inv that the caller holds (:func:`fp8_dot_general`), or None.
         """
         del precision
         compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
@@ -378,7 +465,11 @@ class Fp8DotGeneral(nn.Module):
         lhs_state = scaling.declare_state(self, "lhs", h)
         rhs_state = scaling.declare_state(self, "rhs", h)
         grad_state = scaling.declare_state(self, "grad", h)
-        sow_operand_stats(self, {"lhs": (lhs, lhs_state), "rhs": (rhs, rhs_state)})
+        # With lhs_fp8 the lhs state quantises nothing; the producer reports on its own cast.
+        operands = {"rhs": (rhs, rhs_state)}
+        if lhs_fp8 is None:
+            operands = {"lhs": (lhs, lhs_state), **operands}
+        sow_operand_stats(self, operands)
         if self.has_variable(FP8_WEIGHTS_COLLECTION, "rhs"):
             q_rhs_t = None
             if self.has_variable(FP8_WEIGHTS_COLLECTION, "rhs_t"):
@@ -395,6 +486,7 @@ class Fp8DotGeneral(nn.Module):
                 lhs_amax,
                 q_rhs_t,
                 observe_grad,
+                lhs_fp8,
             )
         return fp8_dot_general(
             lhs,
@@ -408,4 +500,5 @@ class Fp8DotGeneral(nn.Module):
             self.margin,
             lhs_amax,
             observe_grad,
+            lhs_fp8,
         )

@@ -62,7 +62,7 @@ def _fp8_step(q, k, v, cotangent, states):
     """Output, input gradients and new states of one forward/backward pass."""
 
     def loss(q, k, v, states):
-        out = cudnn_attention.cudnn_fp8_attention(q, k, v, states, SCALE)
+        out, _ = cudnn_attention.cudnn_fp8_attention(q, k, v, states, SCALE)
         return jnp.sum(out * cotangent), out
 
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, states)
@@ -196,6 +196,14 @@ def test_model_trains_with_emulated_kernel_and_reports_its_state(emulated_traini
         assert np.all(by_step[:, first_known:] > 0), (name, by_step)
     tags = fp8_state_metrics(state["fp8"])
     assert {f"fp8/layers_1/attn/fp8_attention/{n}_scale" for n in TENSORS} <= set(tags)
+    # FP8 across the attention boundary: the out-projection reads cuDNN's E4M3 output with the
+    # 'o' scale, so its own lhs state quantises nothing and observes nothing (its scale stays 1);
+    # its weight and gradient states work as everywhere.
+    wo = state["fp8"]["layers"]["attn"]["wo"]["dot"]
+    assert not np.any(np.asarray(wo["lhs_amax_history"]))
+    np.testing.assert_array_equal(wo["lhs_scale_inv"], 1.0)
+    assert np.all(np.asarray(wo["grad_amax_history"])[:, 0] > 0)
+    assert np.all(np.asarray(fp8["o_amax_history"])[:, 0] > 0)
 
 
 @pytest.mark.slow

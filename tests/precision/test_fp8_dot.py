@@ -11,7 +11,7 @@ import pytest
 from flax.linen import fp8_ops
 from helpers import fp8_state
 
-from fogjax.precision import stats
+from fogjax.precision import fp8_dot, stats
 from fogjax.precision.fp8_dot import FP8_STATS_COLLECTION, Fp8DotGeneral, operand_stats
 from fogjax.precision.recipe import FP8_COLLECTION
 
@@ -362,3 +362,58 @@ def test_gpu_lowers_all_three_gemms_to_cublaslt_fp8():
 
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(lhs, rhs, fp8).compile()
     assert compiled.as_text().count("__cublas$lt$matmul$f8") == 3
+
+
+@pytest.mark.parametrize("quantized_rhs", [False, True], ids=["rhs-cast-here", "rhs-once-per-step"])
+def test_a_given_fp8_lhs_is_read_as_is(quantized_rhs):
+    """lhs_fp8 = (q, s): the GEMMs read q with scale s (cuDNN attention's E4M3 output for the
+    out-projection), never lhs itself, and the lhs state observes nothing. With a power-of-two s
+    that is exactly the path that casts lhs = q * s with scale s: output and both gradients equal
+    it bit for bit."""
+    lhs, rhs, ct = _inputs(jax.random.PRNGKey(3), (2, 8, 16), (16, 12), (2, 8, 12), (3.0, 0.1, 1.0))
+    s = jnp.full((1,), 2.0**-4, jnp.float32)
+    q = fp8_dot.scaling.quantize(lhs.astype(jnp.bfloat16), s, fp8_dot.E4M3)
+    exact_lhs = (q.astype(jnp.float32) * s).astype(jnp.bfloat16)  # casts back to q with scale s
+    rhs = rhs.astype(jnp.bfloat16)
+    states = [fp8_dot.scaling.init_state(H) for _ in range(3)]
+    cast_state = fp8_dot.scaling.ScalingState(states[0].amax_history, s)
+
+    def run(lhs_in, lhs_state, lhs_fp8):
+        def loss(lhs_in, rhs, lhs_state, grad_state):
+            if quantized_rhs:
+                q_rhs = fp8_dot.scaling.quantize(rhs, states[1].scale_inv, fp8_dot.E4M3)
+                out = fp8_dot.fp8_dot_general_quantized_rhs(
+                    lhs_in,
+                    rhs,
+                    q_rhs,
+                    lhs_state,
+                    states[1],
+                    grad_state,
+                    LINEAR_DIMS,
+                    lhs_fp8=lhs_fp8,
+                )
+            else:
+                out = fp8_dot.fp8_dot_general(
+                    lhs_in, rhs, lhs_state, states[1], grad_state, LINEAR_DIMS, lhs_fp8=lhs_fp8
+                )
+            return jnp.sum(out.astype(jnp.float32) * ct), out
+
+        grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+        return jax.jit(grad)(lhs_in, rhs, lhs_state, states[2])
+
+    (_, out), (dlhs, drhs, seen_lhs, seen_grad) = run(jnp.zeros_like(exact_lhs), states[0], (q, s))
+    (_, ref), (ref_dlhs, ref_drhs, ref_seen_lhs, ref_seen_grad) = run(exact_lhs, cast_state, None)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32)))) > 0  # not the zeros passed as lhs
+    for got, want in ((out, ref), (dlhs, ref_dlhs), (drhs, ref_drhs)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(seen_grad.scale_inv, ref_seen_grad.scale_inv)
+    assert float(ref_seen_lhs.scale_inv[0]) > 0
+    assert float(seen_lhs.scale_inv[0]) == 0.0  # the GEMMs never read the lhs state
+
+
+def test_a_malformed_fp8_lhs_is_refused():
+    lhs = jnp.ones((4, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="E4M3 copy of lhs"):
+        fp8_dot.check_lhs_fp8((lhs, jnp.ones((1,))), lhs)  # bf16, not E4M3
+    with pytest.raises(ValueError, match="E4M3 copy of lhs"):
+        fp8_dot.check_lhs_fp8((jnp.ones((4, 8), fp8_dot.E4M3), jnp.ones((1,))), lhs)
