@@ -417,3 +417,19 @@ def test_a_malformed_fp8_lhs_is_refused():
         fp8_dot.check_lhs_fp8((lhs, jnp.ones((1,))), lhs)  # bf16, not E4M3
     with pytest.raises(ValueError, match="E4M3 copy of lhs"):
         fp8_dot.check_lhs_fp8((jnp.ones((4, 8), fp8_dot.E4M3), jnp.ones((1,))), lhs)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp8_current"])
+def test_a_linear_whose_recipe_cannot_read_fp8_refuses_an_fp8_input(recipe):
+    """Linear(x_fp8=...) is for the delayed-scaling dots; any other recipe says so, not silently
+    casting x itself."""
+    from helpers.recipes import precision_config
+
+    from fogjax.model.layers import Linear
+    from fogjax.precision.registry import make_recipe
+
+    linear = Linear((4,), ("embed", "mlp"), 0.02, make_recipe(precision_config(recipe=recipe)))
+    x = jnp.ones((2, 8), jnp.bfloat16)
+    x_fp8 = (x.astype(fp8_dot.E4M3), jnp.ones((1,), jnp.float32))
+    with pytest.raises(ValueError, match="cannot read an FP8 input"):
+        linear.init(jax.random.PRNGKey(0), x, x_fp8=x_fp8)
