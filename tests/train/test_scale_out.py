@@ -277,6 +277,7 @@ def test_checkpoint_saved_on_fsdp8_restores_on_data2_fsdp4(tmp_path):
 
 CLI_FLAGS = [
     "--config=configs/default.py",
+    "--config.model.num_layers=2",  # half the default's compile, three processes on 2 cores
     "--config.train.steps=4",
     f"--config.train.batch_size={BATCH}",
     f"--config.train.seq_len={SEQ_LEN}",
@@ -304,8 +305,9 @@ def _losses(workdir: Path) -> dict[int, float]:
 
 # May run beside test_distributed's two-process join test (see the comment there).
 def test_two_processes_train_like_one(tmp_path):
-    """The embedded default on 2 processes x 1 CPU device (data=2, gloo collectives) logs the
-    losses of the same run on 1 process x 1 device: the global batches are the same."""
+    """The embedded default (cut to 2 layers) on 2 processes x 1 CPU device (data=2, gloo
+    collectives) logs the losses of the same run on 1 process x 1 device: the global batches are
+    the same."""
     env = {
         k: v
         for k, v in os.environ.items()
