@@ -159,7 +159,7 @@ def _forward(lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, out_dtype):
     q_rhs = scaling.quantize(rhs, rhs_state.scale_inv, E4M3)
     scale_inv = lhs_scale_inv * rhs_state.scale_inv
     out = _scaled_dot(q_lhs, q_rhs, dims, scale_inv, out_dtype, lax.Precision.DEFAULT)
-    return out, q_lhs, q_rhs
+    return out, q_lhs, q_rhs, lhs_scale_inv
 
 
 def _lhs_amax(lhs: jax.Array, lhs_amax: jax.Array | None, lhs_fp8: Any = None) -> jax.Array:
@@ -182,13 +182,14 @@ def _fwd(
     margin,
     observe,
 ):
-    out, q_lhs, q_rhs = _forward(lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, dtypes[0])
+    out, q_lhs, q_rhs, lhs_scale_inv = _forward(
+        lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, dtypes[0]
+    )
     # Saved: the FP8 operands and ONE float32 [5] of scales and amaxes. Under the layer scan every
     # residual becomes a stacked [L, ...] output written once per layer and micro-batch, so five
     # scalars packed cost one tiny write instead of five kernels; no [H] history is saved at all
     # (the step updates those once, bulk_scaling.py).
     amaxes = (_lhs_amax(lhs, lhs_amax, lhs_fp8), scaling.amax(rhs))
-    lhs_scale_inv = lhs_state.scale_inv if lhs_fp8 is None else lhs_fp8[1]
     scalars = _pack(lhs_scale_inv, rhs_state, grad_state, *amaxes)
     return out, (q_lhs, q_rhs, scalars)
 
