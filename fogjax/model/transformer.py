@@ -27,6 +27,7 @@ from fogjax.model.blocks import ARCHITECTURES, POST_NORMS, Block
 from fogjax.model.embedding import embed_lookup
 from fogjax.model.layers import RMSNorm
 from fogjax.model.mlp import ACTIVATIONS
+from fogjax.model.packed_residuals import PackedResidualBlock
 from fogjax.model.probes import KURTOSIS_FORMS, PROBES_COLLECTION
 from fogjax.precision.bf16_dot import bf16_dot_general
 from fogjax.precision.fp4_dot import FP4_RNG, FP4_STATS_COLLECTION
@@ -226,21 +227,27 @@ class Transformer(nn.Module):
         if self.document_eos_id is not None and not self.decode_length:
             segments = segment_ids(tokens, self.document_eos_id)
 
-        block = Block
-        # Remat only matters for gradients; decoding never differentiates.
-        if REMAT_POLICIES[cfg.remat] is not None and not self.decode_length:
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        collections = SCANNED_COLLECTIONS + ((CACHE_COLLECTION,) if self.decode_length else ())
-        # The scan reads each layer's delayed-scaling scales as one packed array (packed_scales.py):
-        # one cotangent write per layer instead of one per FP8 tensor. A view for apply only, and
-        # only where nothing writes the fp8 collection (init and the per-op update path do).
+        # Init and the per-op update path write the fp8 collection; only apply gets the views.
         pack_scales = not self.is_initializing() and not self.is_mutable_collection(FP8_COLLECTION)
-        scanned_block = block
-        if pack_scales:
-            scanned_block = nn.map_variables(block, FP8_COLLECTION, packed_scales.unpack)
+        # Remat only matters for gradients; decoding never differentiates.
+        remat = None if self.decode_length else REMAT_POLICIES[cfg.remat]
+        collections = SCANNED_COLLECTIONS + ((CACHE_COLLECTION,) if self.decode_length else ())
         for segment in layer_segments(cfg, self.recipe):
             layer_args = (cfg, segment.recipe, self.kurtosis_form, self.decode_length)
+            # A scanned layer saves its small float32 residuals as one array (packed_residuals.py),
+            # where its recipe has such residuals and nothing rematerialises them anyway.
+            block = Block
+            scanned_apply = pack_scales and cfg.scan_layers and not self.decode_length
+            if scanned_apply and remat is None and segment.recipe.packs_block_residuals:
+                block = PackedResidualBlock
+            if remat is not None:
+                block = nn.remat(block, policy=remat, prevent_cse=False)
             if cfg.scan_layers:
+                # The scan reads each layer's delayed-scaling scales as one packed array
+                # (packed_scales.py): one cotangent write per layer instead of one per FP8 tensor.
+                scanned_block = block
+                if pack_scales:
+                    scanned_block = nn.map_variables(block, FP8_COLLECTION, packed_scales.unpack)
                 stack = nn.scan(
                     scanned_block,
                     variable_axes={c: 0 for c in collections},

@@ -118,6 +118,12 @@ class Fp8Recipe(Recipe):
         return None if self.current else (self.amax_reduction, self.margin)
 
     @property
+    def packs_block_residuals(self) -> bool:
+        # Our ops save a float32 [5] (a Linear) or [15] (cuDNN FP8 attention) each. Transformer
+        # Engine's layers keep their own residuals (not tried there).
+        return self.backend == "xla"
+
+    @property
     def takes_lhs_amax(self) -> bool:
         # Our delayed-scaling Fp8DotGeneral; not Transformer Engine's GEMMs nor current scaling.
         return self.backend == "xla" and not self.current

@@ -93,6 +93,13 @@ class Recipe:
         that makes the input; fused_amax.py), so the FFN passes its activation's amax."""
         return False
 
+    @property
+    def packs_block_residuals(self) -> bool:
+        """Under the layer scan, its blocks save their small float32 residuals (per-tensor scales
+        and amaxes) as one array per layer (fogjax/model/packed_residuals.py). For recipes whose
+        ops save a few scalars each; such a block must draw no random numbers."""
+        return False
+
     def layer_recipes(self, num_layers: int) -> tuple[tuple[Recipe, int], ...]:
         """The recipe of each run of consecutive blocks, in order: ``((recipe, count), ...)`` with
         counts summing to ``num_layers``. This one recipe for every block, unless a subclass keeps
