@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
@@ -223,15 +224,20 @@ def _accumulate(
     # Chunk j takes rows j, j + k, j + 2k, ...: every device keeps a share of every chunk, so
     # the split needs no data movement across the batch-sharded devices.
     chunks = tokens.reshape(b // micro_batches, micro_batches, *tokens.shape[1:]).swapaxes(0, 1)
-    first = one(inputs, chunks[0], rng)
+    # The amaxes seen travel the loop as ONE float32 vector: the max of every micro-batch's
+    # observations over the one before is one kernel, where a max per state leaf was one kernel
+    # per leaf (22 under fp8dpa) per micro-batch. Exact: the same values, max-combined.
+    loss, grads, seen, aux = one(inputs, chunks[0], rng)
+    seen, unravel = ravel_pytree(seen)
 
     def body(acc: Any, chunk_and_index: tuple[jax.Array, jax.Array]) -> tuple[Any, None]:
-        return _combine_microbatch(
-            acc, one(inputs, chunk_and_index[0], rng, chunk_and_index[1])
-        ), None
+        loss, grads, seen, aux = one(inputs, chunk_and_index[0], rng, chunk_and_index[1])
+        return _combine_microbatch(acc, (loss, grads, ravel_pytree(seen)[0], aux)), None
 
     indices = jnp.arange(1, micro_batches)
+    first = (loss, grads, seen, aux)
     (loss, grads, seen, aux), _ = jax.lax.scan(body, first, (chunks[1:], indices))
+    seen = unravel(seen)
     aux = jax.tree_util.tree_map_with_path(
         lambda path, x: (
             x if _is_max_statistic(path) or _is_min_statistic(path) else x / micro_batches

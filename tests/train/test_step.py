@@ -8,7 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers.steps import E4M3_MAX, batch, fp8_dot_counts, jit_grads, setup, tiny_config
+from helpers.steps import (
+    E4M3_MAX,
+    all_eqns,
+    batch,
+    fp8_dot_counts,
+    jit_grads,
+    setup,
+    tiny_config,
+)
+
+from fogjax.train.step import compute_grads
 
 
 @pytest.mark.parametrize(
@@ -87,6 +97,28 @@ def test_micro_batches_leave_the_same_fp8_state_as_one_batch():
     for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads4), strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.linalg.norm(b - a) <= 0.02 * np.linalg.norm(a) + 1e-12
+
+
+def test_the_micro_batch_loop_carries_the_amaxes_seen_as_one_vector():
+    """Four micro-batches: the accumulation loop (a scan of length 3; the 2 layers scan with
+    length 2) carries every observation as one float32 vector (one max kernel per micro-batch),
+    no [L, 1] leaf per state."""
+    model, state, _ = setup(tiny_config("fp8dpa"))
+    args = (state["params"], state["fp8"], batch(b=8))
+    program = lambda p, f, t: compute_grads(model, p, f, t, 4, False)  # noqa: E731
+    # One observation per delayed-scaled tensor and layer: the amaxes seen have its scales' shape.
+    scales = jax.tree_util.tree_leaves_with_path(state["fp8"])
+    total = sum(x.size for p, x in scales if jax.tree_util.keystr(p).endswith("_scale_inv']"))
+    assert total == 2 * 18  # 2 layers x 18 tensors (6 dots, 3 each)
+    jaxpr = jax.make_jaxpr(program)(*args)
+    loops = [e for e in all_eqns(jaxpr) if e.primitive.name == "scan" and e.params["length"] == 3]
+    carries = [
+        v.aval
+        for e in loops
+        for v in e.invars[e.params["num_consts"] : e.params["num_consts"] + e.params["num_carry"]]
+    ]
+    assert any(a.dtype == jnp.float32 and a.shape == (total,) for a in carries), carries
+    assert not any(a.dtype == jnp.float32 and a.shape == (2, 1) for a in carries), carries
 
 
 @pytest.mark.slow
