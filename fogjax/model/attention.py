@@ -32,7 +32,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from fogjax.model import probes
-from fogjax.model.layers import Linear, RMSNorm, recompute_in_backward, rms_norm
+from fogjax.model.layers import (
+    Linear,
+    RMSNorm,
+    grad_arrives_whole,
+    recompute_in_backward,
+    rms_norm,
+)
 from fogjax.model.rope import apply_rope, rope_frequencies
 from fogjax.precision.recipe import Recipe
 from fogjax.sharding import mesh_axis_of, split_axis, split_batch_axes
@@ -288,7 +294,7 @@ class Attention(nn.Module):
             out_std or cfg.init_std,
             recipe,
             name="wo",
-        )(out, x_fp8=out_fp8)
+        )(out, x_fp8=out_fp8, grad_cast_transpose=grad_arrives_whole(cfg))
 
     def _cached_keys_values(
         self, k: Array, v: Array, positions: Array

@@ -106,6 +106,14 @@ def _layer_scale(x: Array, gain: Array, dtype: Any) -> Array:
     return (x.astype(jnp.float32) * gain).astype(dtype)
 
 
+def grad_arrives_whole(cfg: Any) -> bool:
+    """Whether a block branch's out-projection gets its output gradient as a tensor of its own:
+    the residual stream's gradient (pre-norm blocks) or an RMSNorm's VJP (post-norm), both
+    written once per layer anyway; not through a LayerScale gain, an elementwise product that XLA
+    fuses into the gradient's FP8 cast. Such a projection asks for ``grad_cast_transpose``."""
+    return cfg.post_norm != "layerscale"
+
+
 class Linear(nn.Module):
     """A bias-free linear map whose GEMM comes from the precision recipe.
 
@@ -132,12 +140,16 @@ class Linear(nn.Module):
         x_amax: Array | None = None,
         observe_grad: bool = True,
         x_fp8: tuple[Array, Array] | None = None,
+        grad_cast_transpose: bool = False,
     ) -> Array:
         """x [..., *in] -> [..., *features]; ``row_scale`` [*in] multiplies the kernel's rows.
         ``x_amax``: max|x| (float32 scalar) measured where x is made, for a recipe whose dot takes
         it (``recipe.takes_lhs_amax``; fused_amax.py); ignored otherwise. ``x_fp8``: an E4M3 copy
         of x and its float32 [1] scale_inv that the dot reads instead of casting x (the same
-        recipes; fp8_dot.fp8_dot_general's ``lhs_fp8``); refused by any other recipe."""
+        recipes; fp8_dot.fp8_dot_general's ``lhs_fp8``); refused by any other recipe.
+        ``grad_cast_transpose``: this Linear's output gradient arrives as a tensor of its own (a
+        norm's VJP, the residual stream's gradient), so the same recipes make its E5M2 cast, its
+        transposed copy and its amax in one pass (fp8_dot.fp8_dot_general's); ignored by others."""
         features = tuple(self.features)
         n_in = len(self.kernel_axes) - len(features)
         if n_in < 1:
@@ -165,6 +177,8 @@ class Linear(nn.Module):
                 extra["observe_grad"] = False
             if x_fp8 is not None:
                 extra["lhs_fp8"] = x_fp8
+            if grad_cast_transpose:
+                extra["grad_cast_transpose"] = True
         elif x_fp8 is not None:
             raise ValueError(
                 f"Linear {self.name}: recipe {self.recipe.name!r} cannot read an FP8 input "

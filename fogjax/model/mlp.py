@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fogjax.model import probes
-from fogjax.model.layers import Linear, recompute_in_backward
+from fogjax.model.layers import Linear, grad_arrives_whole, recompute_in_backward
 from fogjax.precision import fused_amax
 from fogjax.precision.recipe import FP8_COLLECTION, Recipe
 
@@ -145,9 +145,11 @@ class MLP(nn.Module):
         wo = Linear((cfg.d_model,), ("mlp", "embed"), out_std or cfg.init_std, recipe, name="wo")
         if down_scale is not None and cfg.smooth_swiglu_per_channel:
             # (h / s) @ (diag(s) W_out): the per-channel scale folds into the weight's rows.
-            y = wo(h, row_scale=down_scale)
+            y = wo(h, row_scale=down_scale, grad_cast_transpose=grad_arrives_whole(cfg))
         else:
-            y = wo(h, x_amax=h_amax)
+            # A down_scale after the GEMM is an elementwise producer of its gradient.
+            whole = grad_arrives_whole(cfg) and down_scale is None
+            y = wo(h, x_amax=h_amax, grad_cast_transpose=whole)
             if down_scale is not None:
                 y = (y.astype(acc) * down_scale).astype(dtype)
         probes.probe(self, "ffn_out", y, self.kurtosis_form)

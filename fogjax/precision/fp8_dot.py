@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -34,12 +34,20 @@ import jax.numpy as jnp
 from flax.linen import fp8_ops
 from jax import lax
 
-from fogjax.precision import scaling
+from fogjax.precision import cast_transpose, scaling
 from fogjax.precision.formats import E4M3, E5M2
 from fogjax.precision.recipe import FP8_STATS_COLLECTION, FP8_WEIGHTS_COLLECTION
 from fogjax.precision.scaling import ScalingState
 
 DimensionNumbers = tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], ...]]
+
+
+class GradMode(NamedTuple):
+    """What the backward does with the output gradient (static): report its amax (``observe``),
+    and make its E5M2 cast, transposed copy and amax in one pass (``cast_transpose``)."""
+
+    observe: bool
+    cast_transpose: bool = False
 
 
 def canonical_dimension_numbers(dimension_numbers: Any) -> DimensionNumbers:
@@ -67,6 +75,7 @@ def fp8_dot_general(
     lhs_amax: jax.Array | None = None,
     observe_grad: bool = True,
     lhs_fp8: tuple[jax.Array, jax.Array] | None = None,
+    grad_cast_transpose: bool = False,
 ) -> jax.Array:
     """``lax.dot_general(lhs, rhs, dimension_numbers)`` with E4M3 operands and E5M2 gradients.
 
@@ -86,6 +95,12 @@ def fp8_dot_general(
         the caller already holds (cuDNN FP8 attention's output; :func:`check_lhs_fp8`), or None.
         Given, the GEMMs read it instead of casting ``lhs`` (which is then only the variable its
         gradient flows to), and ``lhs_state`` observes nothing (amax 0: its scale stays put).
+      grad_cast_transpose: for a Linear (x [..., in] . W [in, ...]) that observes its output
+        gradient, whose gradient arrives as a tensor of its own (a norm's VJP, the residual
+        stream's gradient; not an elementwise producer that XLA would fuse into the cast): the
+        gradient's E5M2 cast, its transposed copy and its amax in one pass
+        (cast_transpose.py; on GPU a Pallas kernel) and the weight gradient reading the copy.
+        The same numbers either way.
     Returns:
       ``lax.dot_general``'s output shape in ``out_dtype``. Under ``jax.grad`` lhs and rhs get their
       FP8 gradients (in the compute dtype) and each of the three states the observation
@@ -106,7 +121,7 @@ def fp8_dot_general(
         (out_dtype, compute_dtype),
         amax_reduction,
         margin,
-        observe_grad,
+        GradMode(observe_grad, grad_cast_transpose),
     )
 
 
@@ -201,30 +216,63 @@ def _pack(lhs_scale_inv, rhs_state, grad_state, lhs_amax, rhs_amax) -> jax.Array
     return jnp.concatenate([lhs_scale_inv, rhs_state.scale_inv, grad_state.scale_inv, amaxes])
 
 
-def _bwd(dims, dtypes, reduction, margin, observe, residuals, g):
+def _linear_split(
+    dims: DimensionNumbers, lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...]
+) -> tuple[int, int] | None:
+    """(rows, in) of a Linear's product viewed as matrices: no batch axes, the lhs contracting
+    its trailing axes and the rhs its leading ones in the same order (x [..., in] . W [in, ...]);
+    None for any other product."""
+    (lc, rc), (lb, _) = dims
+    n = len(lc)
+    if lb or lc != tuple(range(len(lhs_shape) - n, len(lhs_shape))) or rc != tuple(range(n)):
+        return None
+    return math.prod(lhs_shape[: len(lhs_shape) - n]), math.prod(rhs_shape[:n])
+
+
+def _bwd(dims, dtypes, reduction, margin, grad_mode, residuals, g):
     del reduction, margin  # The step applies the rule (bulk_scaling.py); kept for the signature.
+    observe, cast_t = grad_mode
     out_dtype, compute_dtype = dtypes
     q_lhs, q_rhs, scalars = residuals
     lhs_scale_inv, rhs_scale_inv, grad_scale_inv, amax_lhs, amax_rhs = (
         scalars[i : i + 1] for i in range(5)
     )
-    q_g = scaling.quantize(g, grad_scale_inv, E5M2)
-    if not dims[1][0]:
-        # A Linear's product (no batch axes): its weight gradient needs q_g transposed. Behind the
-        # barrier XLA casts and reduces the amax in one pass and transposes the E5M2 copy, instead
-        # of writing g in bf16 for a cast-transpose kernel to read back (docs/speed.md). Not for
-        # the attention einsums, whose batched operands the partitioner may reshard across it.
-        q_g = lax.optimization_barrier(q_g)
-    # flax's transposes emit dot_general(q_g, operand): E5M2 x E4M3 in both backward GEMMs. Their
-    # middle argument only lends its rank, so the FP8 copy stands in for the unsaved original.
     transpose = dict(
         dimension_numbers=dims, precision=lax.Precision.HIGHEST, preferred_element_type=out_dtype
     )
+    split = _linear_split(dims, q_lhs.shape, q_rhs.shape) if observe and cast_t else None
+    if split is not None:
+        # One pass over g makes q(g), q(g)^T and max|g| (cast_transpose.py: a Pallas kernel on
+        # GPU), and the weight gradient reads q(g)^T as is: no transpose kernel of its own.
+        rows, cols = split
+        q_g, q_g_t, amax_g = cast_transpose.cast_transpose_or_xla(
+            g.reshape(rows, -1), grad_scale_inv, E5M2
+        )
+        q_g = q_g.reshape(g.shape)
+        seen_g = ScalingState(None, amax_g)
+        drhs = lax.dot_general(
+            q_lhs.reshape(rows, cols),
+            q_g_t,
+            (((0,), (1,)), ((), ())),
+            precision=lax.Precision.HIGHEST,
+            preferred_element_type=out_dtype,
+        ).reshape(q_rhs.shape)
+    else:
+        q_g = scaling.quantize(g, grad_scale_inv, E5M2)
+        if not dims[1][0]:
+            # A Linear's product (no batch axes): its weight gradient needs q_g transposed. Behind
+            # the barrier XLA casts and reduces the amax in one pass and transposes the E5M2 copy,
+            # instead of writing g in bf16 for a cast-transpose kernel to read back
+            # (docs/speed.md). Not for the attention einsums, whose batched operands the
+            # partitioner may reshard across it.
+            q_g = lax.optimization_barrier(q_g)
+        seen_g = scaling.observation(g) if observe else ScalingState(None, None)
+        # flax's transposes emit dot_general(q_g, operand): E5M2 x E4M3. Their middle argument
+        # only lends its rank, so the FP8 copy stands in for the unsaved original.
+        drhs = fp8_ops.dot_general_transpose_rhs(q_g, q_lhs, q_rhs, **transpose)
     dlhs = fp8_ops.dot_general_transpose_lhs(q_g, q_lhs, q_rhs, **transpose)
     dlhs = scaling.dequantize(dlhs, rhs_scale_inv * grad_scale_inv, out_dtype)
-    drhs = fp8_ops.dot_general_transpose_rhs(q_g, q_lhs, q_rhs, **transpose)
     drhs = scaling.dequantize(drhs, lhs_scale_inv * grad_scale_inv, out_dtype)
-    seen_g = scaling.observation(g) if observe else ScalingState(None, None)
     seen = (ScalingState(None, amax_lhs), ScalingState(None, amax_rhs), seen_g)
     return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), *seen, None, None
 
@@ -286,6 +334,7 @@ def fp8_dot_general_quantized_rhs(
     q_rhs_t: jax.Array | None = None,
     observe_grad: bool = True,
     lhs_fp8: tuple[jax.Array, jax.Array] | None = None,
+    grad_cast_transpose: bool = False,
 ) -> jax.Array:
     """:func:`fp8_dot_general` with the rhs already quantised (``q_rhs`` = its E4M3 cast with
     ``rhs_state.scale_inv``, made once per optimizer step; weight_quantization.py).
@@ -297,7 +346,7 @@ def fp8_dot_general_quantized_rhs(
     GEMM, which then needs no transpose of ``q_rhs``; the backward reads ``q_rhs``. Either may
     come as a matrix (:func:`kernel_shape`), reshaped inside the VJP so that the backward's
     residual is the very array given (under the layer scan, a slice of the stacked input, not a
-    per-layer copy). ``lhs_fp8``: as :func:`fp8_dot_general`'s.
+    per-layer copy). ``lhs_fp8``, ``grad_cast_transpose``: as :func:`fp8_dot_general`'s.
     """
     compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     out_dtype = jnp.dtype(out_dtype or compute_dtype)
@@ -318,7 +367,7 @@ def fp8_dot_general_quantized_rhs(
         dims,
         (out_dtype, compute_dtype),
         shapes,
-        observe_grad,
+        GradMode(observe_grad, grad_cast_transpose),
     )
 
 
@@ -451,6 +500,7 @@ class Fp8DotGeneral(nn.Module):
         lhs_amax: jax.Array | None = None,
         observe_grad: bool = True,
         lhs_fp8: tuple[jax.Array, jax.Array] | None = None,
+        grad_cast_transpose: bool = False,
     ) -> jax.Array:
         """``lax.dot_general``'s contract. Operands are promoted to a common compute dtype; the
         result has ``preferred_element_type`` if given, else the compute dtype. ``precision`` is
@@ -458,6 +508,7 @@ class Fp8DotGeneral(nn.Module):
         ``lhs_amax``: max|lhs| as the caller measured it in the pass that makes ``lhs``
         (fused_amax.py; Recipe.takes_lhs_amax), or None to measure it here. ``lhs_fp8``: an E4M3
         copy of lhs and its scale_inv that the caller holds (:func:`fp8_dot_general`), or None.
+        ``grad_cast_transpose``: as :func:`fp8_dot_general`'s.
         """
         del precision
         compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
@@ -488,6 +539,7 @@ class Fp8DotGeneral(nn.Module):
                 q_rhs_t,
                 observe_grad,
                 lhs_fp8,
+                grad_cast_transpose,
             )
         return fp8_dot_general(
             lhs,
@@ -502,4 +554,5 @@ class Fp8DotGeneral(nn.Module):
             lhs_amax,
             observe_grad,
             lhs_fp8,
+            grad_cast_transpose,
         )
