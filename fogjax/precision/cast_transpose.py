@@ -14,10 +14,10 @@ The numbers are those of ``scaling.quantize`` and ``scaling.amax`` (the division
 computes it: in float32, then rounded; the clip in the input's dtype; round-to-nearest-even
 conversion): tests/precision/test_cast_transpose.py runs the kernel in Pallas's interpret mode on
 CPU against the XLA path, bit for bit. :func:`cast_transpose_or_xla` picks the kernel only where
-the program is lowered for CUDA (``lax.platform_dependent``) and the tensor is whole on the device
-(no mesh axis splits the computation; under FSDP or tensor parallelism XLA's path, which its
-partitioner can split: a ``shard_map`` around the kernel is future work), with tile-divisible
-shapes; everywhere else it is XLA's path with the same numbers.
+the program is lowered for CUDA (``lax.platform_dependent``) and :func:`applies`: the tensor is
+whole on the device (no mesh axis splits the computation; under FSDP or tensor parallelism the
+caller keeps XLA's path, which the partitioner can split: a ``shard_map`` around the kernel is
+future work) and tiles; everywhere else it is XLA's path with the same numbers.
 """
 
 from __future__ import annotations
@@ -133,12 +133,20 @@ def _whole_on_device() -> bool:
     return math.prod(n for a, n in sizes.items() if a not in mesh.manual_axes) == 1
 
 
+def applies(shape: tuple[int, ...]) -> bool:
+    """Whether :func:`cast_transpose_or_xla` may run the kernel on a matrix of ``shape`` in the
+    current tracing context (it tiles, and the tensor is whole on the device). Where not, callers
+    keep their own XLA path: there XLA's partitioner splits the cast and the transpose, and the
+    kernel's explicit transpose would only cost."""
+    return tiles(shape) and _whole_on_device()
+
+
 def cast_transpose_or_xla(
     x: jax.Array, scale_inv: jax.Array, dtype: Any
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """:func:`pallas_cast_transpose` where the program is lowered for CUDA, the tensor is whole on
-    the device and tiles; :func:`xla_cast_transpose` otherwise (the same values)."""
-    if not (tiles(x.shape) and _whole_on_device()):
+    """:func:`pallas_cast_transpose` where the program is lowered for CUDA and :func:`applies`;
+    :func:`xla_cast_transpose` otherwise (the same values)."""
+    if not applies(x.shape):
         return xla_cast_transpose(x, scale_inv, dtype)
     return lax.platform_dependent(
         x,

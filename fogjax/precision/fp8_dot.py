@@ -241,6 +241,8 @@ def _bwd(dims, dtypes, reduction, margin, grad_mode, residuals, g):
         dimension_numbers=dims, precision=lax.Precision.HIGHEST, preferred_element_type=out_dtype
     )
     split = _linear_split(dims, q_lhs.shape, q_rhs.shape) if observe and cast_t else None
+    if split is not None and not cast_transpose.applies((split[0], g.size // split[0])):
+        split = None  # sharded or untiled: XLA's path below, which the partitioner splits
     if split is not None:
         # One pass over g makes q(g), q(g)^T and max|g| (cast_transpose.py: a Pallas kernel on
         # GPU), and the weight gradient reads q(g)^T as is: no transpose kernel of its own.
