@@ -28,12 +28,13 @@ ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED"
 # forward E4M3 x E4M3 GEMM and two backward E5M2 x E4M3 GEMMs (data and weight gradient);
 # fp8dpa adds QK^T and PV, 3 GEMMs each.
 E4M3, E5M2 = "float8_e4m3fn", "float8_e5m2"
-# Per layer and backward GEMM pair; the two out-projections' weight gradients read the E5M2
-# gradient's transposed copy as their rhs (E4M3 x E5M2; precision/cast_transpose.py).
+# Both backward GEMMs of every dot read the E5M2 gradient first: at these tiny shapes (32 tokens)
+# the out-projections' gradients do not tile for the cast-transpose kernel, and keep the flax
+# transposes (precision/cast_transpose.py; tests/precision/test_cast_transpose.py covers the other).
 EXPECTED_FP8 = {
     "bf16": {},
-    "fp8": {f"{E4M3} x {E4M3}": 4, f"{E5M2} x {E4M3}": 6, f"{E4M3} x {E5M2}": 2},
-    "fp8dpa": {f"{E4M3} x {E4M3}": 6, f"{E5M2} x {E4M3}": 10, f"{E4M3} x {E5M2}": 2},
+    "fp8": {f"{E4M3} x {E4M3}": 4, f"{E5M2} x {E4M3}": 8},
+    "fp8dpa": {f"{E4M3} x {E4M3}": 6, f"{E5M2} x {E4M3}": 12},
 }
 
 # Small enough that the three compilations dominate (about 15 s on 2 CPU cores).
