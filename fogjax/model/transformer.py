@@ -232,13 +232,15 @@ class Transformer(nn.Module):
         # Remat only matters for gradients; decoding never differentiates.
         remat = None if self.decode_length else REMAT_POLICIES[cfg.remat]
         collections = SCANNED_COLLECTIONS + ((CACHE_COLLECTION,) if self.decode_length else ())
+        # A scanned layer saves its small float32 residuals as one array (packed_residuals.py),
+        # where its recipe has such residuals and nothing rematerialises them anyway.
+        pack_residuals = (
+            pack_scales and cfg.scan_layers and not self.decode_length and remat is None
+        )
         for segment in layer_segments(cfg, self.recipe):
             layer_args = (cfg, segment.recipe, self.kurtosis_form, self.decode_length)
-            # A scanned layer saves its small float32 residuals as one array (packed_residuals.py),
-            # where its recipe has such residuals and nothing rematerialises them anyway.
             block = Block
-            scanned_apply = pack_scales and cfg.scan_layers and not self.decode_length
-            if scanned_apply and remat is None and segment.recipe.packs_block_residuals:
+            if pack_residuals and segment.recipe.packs_block_residuals:
                 block = PackedResidualBlock
             if remat is not None:
                 block = nn.remat(block, policy=remat, prevent_cse=False)

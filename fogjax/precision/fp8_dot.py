@@ -155,7 +155,7 @@ def _fp8_dot_general(
     dtypes,
     reduction,
     margin,
-    observe,
+    grad_mode,
 ):
     return _forward(lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, dtypes[0])[0]
 
@@ -195,7 +195,7 @@ def _fwd(
     dtypes,
     reduction,
     margin,
-    observe,
+    grad_mode,
 ):
     out, q_lhs, q_rhs, lhs_scale_inv = _forward(
         lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, dtypes[0]
@@ -388,10 +388,10 @@ def _fp8_dot_general_q(
     dims,
     dtypes,
     shapes,
-    obs,
+    grad_mode,
 ):
     args = (lhs, rhs, q_rhs, q_rhs_t, lhs_state, rhs_state, grad_state, lhs_amax, lhs_fp8)
-    return _fwd_q(*args, dims, dtypes, shapes, obs)[0]
+    return _fwd_q(*args, dims, dtypes, shapes, grad_mode)[0]
 
 
 def _fwd_q(
@@ -407,9 +407,9 @@ def _fwd_q(
     dims,
     dtypes,
     shapes,
-    obs,
+    grad_mode,
 ):
-    del rhs, obs  # Only rhs's cotangent is wanted; obs matters backward.
+    del rhs, grad_mode  # Only rhs's cotangent is wanted; grad_mode matters backward.
     q_lhs, lhs_scale_inv = _lhs_operand(lhs, lhs_state, lhs_fp8)
     scale_inv = lhs_scale_inv * rhs_state.scale_inv
     if q_rhs_t is None:
@@ -425,10 +425,10 @@ def _fwd_q(
     return out, (q_lhs, q_rhs, scalars)
 
 
-def _bwd_q(dims, dtypes, shapes, observe, residuals, g):
+def _bwd_q(dims, dtypes, shapes, grad_mode, residuals, g):
     q_lhs, q_rhs, scalars = residuals
     residuals = (q_lhs, q_rhs.reshape(shapes[0]), scalars)
-    dlhs, drhs, seen_lhs, _, seen_grad, *_ = _bwd(dims, dtypes, None, None, observe, residuals, g)
+    dlhs, drhs, seen_lhs, _, seen_grad, *_ = _bwd(dims, dtypes, None, None, grad_mode, residuals, g)
     no_observation = ScalingState(None, None)
     return dlhs, drhs, None, None, seen_lhs, no_observation, seen_grad, None, None
 
