@@ -200,6 +200,16 @@ def split_batch_axes(mesh: Any, batch: int) -> tuple[str, ...]:
     return () if batch % math.prod(sizes[a] for a in axes) else axes
 
 
+def partitioned_batch_axes(mesh: Any) -> tuple[str, ...]:
+    """The :data:`BATCH_MESH_AXES` with several devices in ``mesh`` (a Mesh, an AbstractMesh, or
+    None) that are not Manual there: those the partitioner splits a batch over (no divisibility
+    check; see :func:`split_batch_axes`)."""
+    if mesh is None or mesh.empty:
+        return ()
+    sizes = _auto_axis_sizes(mesh)
+    return tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
+
+
 def without_mesh_axis(rules: LogicalRules, axis: str) -> LogicalRules:
     """``rules`` with the mesh axis ``axis`` removed from every rule (a rule left with no axis maps
     to None, replicated): the rules inside a shard_map that holds ``axis`` manual, where a sharding

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from fogjax.model import probes
 from fogjax.model.layers import Linear, grad_arrives_whole, recompute_in_backward
-from fogjax.precision import fused_amax
+from fogjax.precision import fused_amax, scaling
 from fogjax.precision.recipe import FP8_COLLECTION, Recipe
 
 Array = jax.Array
@@ -129,8 +129,10 @@ class MLP(nn.Module):
         else:
             activation = XIELU(cfg.xielu_alpha_init, cfg.xielu_beta, cfg.xielu_eps, name="xielu")
         if grad_amax_in_activation:
-            grad_scale_inv = wi.variables[FP8_COLLECTION]["dot"]["grad_scale_inv"]
-            h = fused_amax.activation_observing_grad_amax(gelu_float32, pre, grad_scale_inv)
+            states = wi.variables[FP8_COLLECTION]["dot"]
+            # Its per-device stand-in under FSDP, where the scan has them (packed_scales.py).
+            sink = states.get("grad" + scaling.PARTIALS_SUFFIX, states["grad_scale_inv"])
+            h = fused_amax.activation_observing_grad_amax(gelu_float32, pre, sink)
         else:
             h = activation(pre)
         if act == "smooth_swiglu":

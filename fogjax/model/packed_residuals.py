@@ -11,10 +11,12 @@ such sibling fusions only when they read the same operand.
 :class:`PackedResidualBlock` is :class:`~fogjax.model.blocks.Block` with a custom VJP whose
 forward runs the block's own VJP (``nn.vjp``) and concatenates every float32 residual of at most
 :data:`MAX_PACKED_SIZE` elements into one vector; its backward splits that vector back and calls
-the same VJP. The backward computes exactly what it computed before, from the same bits (a
-concatenation and its slices move values, they never round), so gradients and the amaxes the
-step observes are unchanged bit for bit (tests/model/test_packed_residuals.py); only the kernel
-count of the compiled step moves (docs/speed.md).
+the same VJP. Under FSDP the per-device amaxes ([D, k] float32, split over the devices;
+scaling.amax_partials) go into a second array, [D, n], instead. The backward computes exactly
+what it computed before, from the same bits (a concatenation and its slices move values, they
+never round), so gradients and the amaxes the step observes are unchanged bit for bit
+(tests/model/test_packed_residuals.py); only the kernel count of the compiled step moves
+(docs/speed.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fogjax.model.blocks import Block
+from fogjax.precision import scaling
 
 # The largest residual (in elements) that goes into the packed vector. Per-tensor scales and amaxes
 # are [1]-[15]; activations are thousands of elements and stay separate arrays.
@@ -35,37 +38,64 @@ MAX_PACKED_SIZE = 64
 Array = jax.Array
 
 
-def _packable(leaf: Any) -> bool:
+def _small_float32(leaf: Any, size: int) -> bool:
     return (
         isinstance(leaf, jax.Array | jax.core.Tracer)
         and leaf.dtype == jnp.float32
-        and math.prod(leaf.shape) <= MAX_PACKED_SIZE
+        and math.prod(leaf.shape) <= size
     )
 
 
-def pack(leaves: list[Any]) -> tuple[Array | None, list[Any], tuple[tuple[int, ...] | None, ...]]:
-    """Splits residual ``leaves`` into (the packable ones concatenated as one float32 vector, or
-    None when there are none; the others, in order; per leaf its shape if packed else None)."""
-    packed, rest, shapes = [], [], []
+def _per_device(leaf: Any, devices: int) -> bool:
+    """A [D, k] float32 of per-device amaxes (scaling.amax_partials), split over the devices: it
+    joins the [D, n] matrix, not the replicated vector (a concatenation with replicated values
+    would gather it onto every device)."""
+    return (
+        devices > 1
+        and _small_float32(leaf, devices * MAX_PACKED_SIZE)
+        and leaf.ndim == 2
+        and leaf.shape[0] == devices
+    )
+
+
+def pack(
+    leaves: list[Any], devices: int = 1
+) -> tuple[Array | None, Array | None, list[Any], tuple[tuple[str, tuple[int, ...]] | None, ...]]:
+    """Splits residual ``leaves`` into (the small float32 ones concatenated as one vector, or
+    None; the [D, k] per-device ones, ``devices`` = D > 1, concatenated as one [D, n] matrix, or
+    None; the others, in order; per leaf where it went and its shape, or None for the others)."""
+    packed, per_device, rest, shapes = [], [], [], []
     for leaf in leaves:
-        if _packable(leaf):
+        if _per_device(leaf, devices):
+            per_device.append(leaf)
+            shapes.append(("per_device", tuple(leaf.shape)))
+        elif _small_float32(leaf, MAX_PACKED_SIZE):
             packed.append(jnp.ravel(leaf))
-            shapes.append(tuple(leaf.shape))
+            shapes.append(("vector", tuple(leaf.shape)))
         else:
             rest.append(leaf)
             shapes.append(None)
     vector = jnp.concatenate(packed) if packed else None
-    return vector, rest, tuple(shapes)
+    matrix = jnp.concatenate(per_device, axis=1) if per_device else None
+    return vector, matrix, rest, tuple(shapes)
 
 
 def unpack(
-    vector: Array | None, rest: list[Any], shapes: tuple[tuple[int, ...] | None, ...]
+    vector: Array | None,
+    matrix: Array | None,
+    rest: list[Any],
+    shapes: tuple[tuple[str, tuple[int, ...]] | None, ...],
 ) -> list[Any]:
     """The inverse of :func:`pack`: the leaves in their original order and shapes."""
-    leaves, others, offset = [], iter(rest), 0
-    for shape in shapes:
-        if shape is None:
+    leaves, others, offset, column = [], iter(rest), 0, 0
+    for where in shapes:
+        if where is None:
             leaves.append(next(others))
+            continue
+        kind, shape = where
+        if kind == "per_device":
+            leaves.append(matrix[:, column : column + shape[1]])
+            column += shape[1]
             continue
         size = math.prod(shape)
         leaves.append(vector[offset : offset + size].reshape(shape))
@@ -100,8 +130,9 @@ class PackedResidualBlock(Block):
             y_t = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), y)
             closed, out_shape = jax.make_jaxpr(vjp_fn, return_shape=True)(y_t)
             layout["jaxpr"], layout["out_tree"] = closed.jaxpr, jax.tree.structure(out_shape)
-            vector, rest, layout["shapes"] = pack(list(closed.consts))
-            return y, (vector, rest)
+            devices = scaling.partial_devices()
+            vector, matrix, rest, layout["shapes"] = pack(list(closed.consts), devices)
+            return y, (vector, matrix, rest)
 
         def backward(residuals: Any, y_t: Any) -> Any:
             consts = unpack(*residuals, layout["shapes"])

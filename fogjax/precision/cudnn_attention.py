@@ -32,7 +32,9 @@ most attention gradients to zero, after which the recorded amaxes take over.
 Sharding: the primitives' partitioning rules hand back each shard's own amax as if it were
 replicated. Both kernels therefore run inside ``shard_map`` (batch over 'data'/'fsdp', key/value
 groups over 'tensor') and the amaxes are reduced with ``lax.pmax`` over the whole mesh, so every
-device keeps the same state.
+device keeps the same state; except inside the scanned layers under FSDP, where the states carry
+per-device stand-ins (scaling.ScalingState.partials, packed_scales.py): there the amaxes leave
+the kernels split over the batch axes, one row per device, and are reduced once per micro-batch.
 
 Constraints (cuDNN FP8 training kernels): Hopper or newer, cuDNN >= 9.1, head dim 128, sequence
 lengths that are multiples of 128. :func:`require_cudnn_fp8_attention` refuses anything else at
@@ -44,6 +46,7 @@ to check the wiring.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -140,9 +143,13 @@ def _scale(state: ScalingState) -> jax.Array:
     return 1.0 / _descale(state)
 
 
-def _mesh_specs(mesh: Any, batch: int, kv_heads: int) -> tuple[P, tuple[str, ...]] | None:
-    """The shard_map spec of a [B, T, N, H] operand, and the mesh axes to reduce amaxes over; None
-    when no multi-device axis is left to partition (the kernels then run on the arrays as given).
+def _mesh_specs(
+    mesh: Any, batch: int, kv_heads: int, devices: int = 1
+) -> tuple[P, tuple[str, ...], tuple[str, ...]] | None:
+    """The shard_map spec of a [B, T, N, H] operand, the mesh axes to reduce amaxes over, and the
+    batch axes the amaxes stay split over instead (when the states want ``devices`` > 1 rows and
+    the batch is split over exactly that many); None when no multi-device axis is left to
+    partition (the kernels then run on the arrays as given).
 
     Axes that an enclosing ``shard_map`` holds Manual are neither split nor reduced over here:
     inside the train step's per-replica accumulation (manual over 'data'), each replica's amaxes
@@ -159,24 +166,31 @@ def _mesh_specs(mesh: Any, batch: int, kv_heads: int) -> tuple[P, tuple[str, ...
         sharding.split_axis(mesh, sharding.mesh_axis_of("heads"), kv_heads),
         None,
     )
-    return spec, axes
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    keep = batch_axes if devices > 1 and math.prod(sizes[a] for a in batch_axes) == devices else ()
+    return spec, tuple(a for a in axes if a not in keep), keep
+
+
+def _pmax(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return lax.pmax(x, axes) if axes else x
 
 
 def _run_forward(q8, k8, v8, factors, scale, specs):
     call = functools.partial(KERNEL.forward, scale=scale)
     if specs is None:
         return call(q8, k8, v8, *factors)
-    spec, axes = specs
+    spec, axes, keep = specs
     stats_spec = P(spec[0], spec[2], None)  # [B, N, T]
+    amax_spec = P(keep or None)  # [1, 1, 1, 1] per device: [D, 1, 1, 1] when kept split
 
     def local(q8, k8, v8, *factors):
         o8, amax_s, amax_o, stats = call(q8, k8, v8, *factors)
-        return o8, lax.pmax(amax_s, axes), lax.pmax(amax_o, axes), stats
+        return o8, _pmax(amax_s, axes), _pmax(amax_o, axes), stats
 
     return jax.shard_map(
         local,
         in_specs=(spec, spec, spec) + (P(),) * len(factors),
-        out_specs=(spec, P(), P(), stats_spec),
+        out_specs=(spec, amax_spec, amax_spec, stats_spec),
         check_vma=False,
     )(q8, k8, v8, *factors)
 
@@ -185,17 +199,17 @@ def _run_backward(q8, k8, v8, o8, do8, stats, factors, scale, specs):
     call = functools.partial(KERNEL.backward, scale=scale)
     if specs is None:
         return call(q8, k8, v8, o8, do8, stats, *factors)
-    spec, axes = specs
+    spec, axes, keep = specs
     stats_spec = P(spec[0], spec[2], None)
 
     def local(q8, k8, v8, o8, do8, stats, *factors):
         dq8, dk8, dv8, *amaxes = call(q8, k8, v8, o8, do8, stats, *factors)
-        return (dq8, dk8, dv8, *(lax.pmax(a, axes) for a in amaxes))
+        return (dq8, dk8, dv8, *(_pmax(a, axes) for a in amaxes))
 
     return jax.shard_map(
         local,
         in_specs=(spec,) * 5 + (stats_spec,) + (P(),) * len(factors),
-        out_specs=(spec,) * 3 + (P(),) * 4,
+        out_specs=(spec,) * 3 + (P(keep or None),) * 4,
         check_vma=False,
     )(q8, k8, v8, o8, do8, stats, *factors)
 
@@ -225,7 +239,9 @@ def cudnn_fp8_attention(
       ``ScalingState(None, amax [1])`` of its tensor.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    specs = _mesh_specs(mesh, q.shape[0], k.shape[2])
+    partials = states["q"].partials
+    devices = 1 if partials is None else partials.shape[0]
+    specs = _mesh_specs(mesh, q.shape[0], k.shape[2], devices)
     return _attention(q, k, v, states, float(scale), amax_reduction, float(margin), specs)
 
 
@@ -249,20 +265,38 @@ def _fwd(q, k, v, states, scale, reduction, margin, specs):
     )
     o8, amax_p, amax_o, stats = _run_forward(q8, k8, v8, factors, scale, specs)
     out = scaling.dequantize(o8, states["o"].scale_inv, q.dtype)
+    scales = [states[n].scale_inv for n in TENSORS]
+    form = states["q"].partials
+    if form is not None:
+        # Per device ([D, 1] each), kept apart from the replicated scales: ([10], [D, 5]).
+        seen = [scaling.measure(x, form) for x in (q, k, v)]
+        seen += [_kernel_amax(a, form) for a in (amax_p, amax_o)]
+        return (out, o8), (q8, k8, v8, o8, stats, (jnp.concatenate(scales), jnp.hstack(seen)))
     # In FORWARD_TENSORS order.
     seen = [scaling.observation(x).scale_inv for x in (q, k, v, amax_p, amax_o)]
     # The scales and the forward's amaxes travel to the backward as ONE float32 [15] (a stacked
     # residual per layer and micro-batch: one write, not fifteen), the [H] histories not at all.
-    scalars = jnp.concatenate([states[n].scale_inv for n in TENSORS] + seen)
+    scalars = jnp.concatenate(scales + seen)
     return (out, o8), (q8, k8, v8, o8, stats, scalars)
+
+
+def _kernel_amax(amax: jax.Array, form: jax.Array) -> jax.Array:
+    """An amax the kernels returned ([1, 1, 1, 1], or [D, 1, 1, 1] kept split over the devices)
+    in ``form``'s [D, 1] per-device form."""
+    return scaling.conform(jnp.reshape(amax, (-1, 1)), form)
 
 
 def _bwd(scale, reduction, margin, specs, residuals, cotangents):
     del reduction, margin  # The step applies the rule (bulk_scaling.py); kept for the signature.
     g, _ = cotangents  # o8's: zeros (its readers take it without a gradient).
     q8, k8, v8, o8, stats, scalars = residuals
+    form = None
+    if isinstance(scalars, tuple):  # per-device amaxes: ([10] scales, [D, 5] amaxes)
+        scalars, forward_amaxes = scalars
+        form = forward_amaxes[:, :1]
+    else:
+        forward_amaxes = scalars[len(TENSORS) :]
     states = {n: ScalingState(None, scalars[i : i + 1]) for i, n in enumerate(TENSORS)}
-    forward_amaxes = scalars[len(TENSORS) :]
     do8 = scaling.quantize(g, states["do"].scale_inv, E4M3)
     factors = (
         _descale(states["q"]),
@@ -286,10 +320,17 @@ def _bwd(scale, reduction, margin, specs, residuals, cotangents):
         for n, x8 in (("dq", dq8), ("dk", dk8), ("dv", dv8))
     )
     backward = {"do": g, "dp": amax_dp, "dq": amax_dq, "dk": amax_dk, "dv": amax_dv}
-    seen = {n: scaling.observation(x) for n, x in backward.items()}
+    if form is None:
+        seen = {n: scaling.observation(x) for n, x in backward.items()}
+        for i, n in enumerate(FORWARD_TENSORS):
+            seen[n] = ScalingState(None, forward_amaxes[i : i + 1])
+        return (*grads, {n: seen[n] for n in states})
+    seen = {"do": scaling.seen_as(scaling.measure(g, form))}
+    for n in ("dp", "dq", "dk", "dv"):
+        seen[n] = scaling.seen_as(_kernel_amax(backward[n], form))
     for i, n in enumerate(FORWARD_TENSORS):
-        seen[n] = ScalingState(None, forward_amaxes[i : i + 1])
-    return (*grads, {n: seen[n] for n in states})
+        seen[n] = scaling.seen_as(forward_amaxes[:, i : i + 1])
+    return (*grads, {n: seen[n] for n in TENSORS})
 
 
 _attention.defvjp(_fwd, _bwd)

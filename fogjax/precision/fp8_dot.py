@@ -177,10 +177,17 @@ def _forward(lhs, rhs, lhs_state, rhs_state, lhs_fp8, dims, out_dtype):
     return out, q_lhs, q_rhs, lhs_scale_inv
 
 
-def _lhs_amax(lhs: jax.Array, lhs_amax: jax.Array | None, lhs_fp8: Any = None) -> jax.Array:
+def _lhs_amax(
+    lhs: jax.Array, lhs_amax: jax.Array | None, lhs_fp8: Any, lhs_state: ScalingState
+) -> jax.Array:
+    """max|lhs| as a float32 scalar, or as [D, 1] per-device partials when the state has them
+    (scaling.measure)."""
     if lhs_fp8 is not None:
-        return jnp.zeros((), jnp.float32)  # The GEMMs never read lhs_state: nothing to observe.
-    return scaling.amax(lhs) if lhs_amax is None else lhs_amax
+        # The GEMMs never read lhs_state: nothing to observe.
+        return scaling.conform(jnp.zeros((), jnp.float32), lhs_state.partials)
+    if lhs_amax is None:
+        return scaling.measure(lhs, lhs_state.partials)
+    return scaling.conform(lhs_amax, lhs_state.partials)
 
 
 def _fwd(
@@ -204,16 +211,32 @@ def _fwd(
     # residual becomes a stacked [L, ...] output written once per layer and micro-batch, so five
     # scalars packed cost one tiny write instead of five kernels; no [H] history is saved at all
     # (the step updates those once, bulk_scaling.py).
-    amaxes = (_lhs_amax(lhs, lhs_amax, lhs_fp8), scaling.amax(rhs))
+    amaxes = (
+        _lhs_amax(lhs, lhs_amax, lhs_fp8, lhs_state),
+        scaling.measure(rhs, rhs_state.partials),
+    )
     scalars = _pack(lhs_scale_inv, rhs_state, grad_state, *amaxes)
     return out, (q_lhs, q_rhs, scalars)
 
 
-def _pack(lhs_scale_inv, rhs_state, grad_state, lhs_amax, rhs_amax) -> jax.Array:
+def _pack(lhs_scale_inv, rhs_state, grad_state, lhs_amax, rhs_amax) -> Any:
     """The float32 [5] residual: the scale_invs the GEMMs used (lhs, rhs, gradient), then the lhs
-    and rhs amaxes."""
+    and rhs amaxes. With per-device amaxes ([D, 1] each): ([3] scales, [D, 2] amaxes), the amaxes
+    kept apart because they are split over the devices and the scales are not."""
+    scales = [lhs_scale_inv, rhs_state.scale_inv, grad_state.scale_inv]
+    if lhs_amax.ndim == 2:
+        return jnp.concatenate(scales), jnp.concatenate([lhs_amax, rhs_amax], axis=1)
     amaxes = jnp.stack([lhs_amax, rhs_amax])
-    return jnp.concatenate([lhs_scale_inv, rhs_state.scale_inv, grad_state.scale_inv, amaxes])
+    return jnp.concatenate(scales + [amaxes])
+
+
+def _unpack(scalars: Any) -> tuple[jax.Array, ...]:
+    """:func:`_pack`'s inverse: (lhs, rhs, gradient scale_inv [1] each, lhs amax, rhs amax as
+    [1] each or [D, 1] each)."""
+    if isinstance(scalars, tuple):
+        scales, amaxes = scalars
+        return (*(scales[i : i + 1] for i in range(3)), amaxes[:, 0:1], amaxes[:, 1:2])
+    return tuple(scalars[i : i + 1] for i in range(5))
 
 
 def _linear_split(
@@ -234,9 +257,9 @@ def _bwd(dims, dtypes, reduction, margin, grad_mode, residuals, g):
     observe, cast_t = grad_mode
     out_dtype, compute_dtype = dtypes
     q_lhs, q_rhs, scalars = residuals
-    lhs_scale_inv, rhs_scale_inv, grad_scale_inv, amax_lhs, amax_rhs = (
-        scalars[i : i + 1] for i in range(5)
-    )
+    lhs_scale_inv, rhs_scale_inv, grad_scale_inv, amax_lhs, amax_rhs = _unpack(scalars)
+    # [D, 1] when the states carry per-device amaxes (scaling.ScalingState.partials), else [1].
+    form = amax_lhs if amax_lhs.ndim == 2 else None
     transpose = dict(
         dimension_numbers=dims, precision=lax.Precision.HIGHEST, preferred_element_type=out_dtype
     )
@@ -251,7 +274,7 @@ def _bwd(dims, dtypes, reduction, margin, grad_mode, residuals, g):
             g.reshape(rows, -1), grad_scale_inv, E5M2
         )
         q_g = q_g.reshape(g.shape)
-        seen_g = ScalingState(None, amax_g)
+        seen_g = scaling.seen_as(scaling.conform(amax_g, form))
         drhs = lax.dot_general(
             q_lhs.reshape(rows, cols),
             q_g_t,
@@ -268,14 +291,16 @@ def _bwd(dims, dtypes, reduction, margin, grad_mode, residuals, g):
             # (docs/speed.md). Not for the attention einsums, whose batched operands the
             # partitioner may reshard across it.
             q_g = lax.optimization_barrier(q_g)
-        seen_g = scaling.observation(g) if observe else ScalingState(None, None)
+        seen_g = ScalingState(None, None)
+        if observe:
+            seen_g = scaling.seen_as(scaling.measure(g, form))
         # flax's transposes emit dot_general(q_g, operand): E5M2 x E4M3. Their middle argument
         # only lends its rank, so the FP8 copy stands in for the unsaved original.
         drhs = fp8_ops.dot_general_transpose_rhs(q_g, q_lhs, q_rhs, **transpose)
     dlhs = fp8_ops.dot_general_transpose_lhs(q_g, q_lhs, q_rhs, **transpose)
     dlhs = scaling.dequantize(dlhs, rhs_scale_inv * grad_scale_inv, out_dtype)
     drhs = scaling.dequantize(drhs, lhs_scale_inv * grad_scale_inv, out_dtype)
-    seen = (ScalingState(None, amax_lhs), ScalingState(None, amax_rhs), seen_g)
+    seen = (scaling.seen_as(amax_lhs), scaling.seen_as(amax_rhs), seen_g)
     return dlhs.astype(compute_dtype), drhs.astype(compute_dtype), *seen, None, None
 
 
@@ -420,8 +445,9 @@ def _fwd_q(
         q_kernel_t = q_rhs_t.reshape(shapes[1])
         out = _scaled_dot(q_lhs, q_kernel_t, dims_t, scale_inv, dtypes[0], lax.Precision.DEFAULT)
     # The rhs amax slot stays 0: the quantiser reports it (weight_quantization.py).
-    zero = jnp.zeros((), jnp.float32)
-    scalars = _pack(lhs_scale_inv, rhs_state, grad_state, _lhs_amax(lhs, lhs_amax, lhs_fp8), zero)
+    lhs_seen = _lhs_amax(lhs, lhs_amax, lhs_fp8, lhs_state)
+    zero = scaling.conform(jnp.zeros((), jnp.float32), rhs_state.partials)
+    scalars = _pack(lhs_scale_inv, rhs_state, grad_state, lhs_seen, zero)
     return out, (q_lhs, q_rhs, scalars)
 
 

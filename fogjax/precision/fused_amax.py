@@ -41,12 +41,17 @@ def exact_twin(x: jax.Array) -> jax.Array:
 
 def recomputed_amax(fn: Callable[..., jax.Array], *inputs: jax.Array) -> jax.Array:
     """``scaling.amax(fn(*inputs))`` (float32 scalar, no gradient), computed from twins of the
-    inputs so that XLA fuses it with whatever else consumes ``fn(*inputs)`` (the FP8 cast).
+    inputs so that XLA fuses it with whatever else consumes ``fn(*inputs)`` (the FP8 cast). Where
+    the batch is split over D > 1 devices, the per-device form [D, 1] (scaling.amax_partials).
 
     ``fn`` must be elementwise-deterministic (the same inputs give the same bits); an activation
     with parameters is fine (call the same module again).
     """
     twins = [exact_twin(x) for x in inputs]
+    devices = scaling.partial_devices()
+    if devices > 1:
+        # Under FSDP, per device (scaling.amax_partials): the op reports it as such, no all-reduce.
+        return lax.stop_gradient(scaling.amax_partials(fn(*twins), devices))
     return lax.stop_gradient(scaling.amax(fn(*twins)))
 
 
@@ -74,26 +79,30 @@ def activation_observing_grad_amax(
         would pass an optimisation barrier and the twins could not fuse); e.g.
         ``mlp.gelu_float32``. Only ``pre`` is saved; its float32 math is recomputed backward.
       pre: its input, e.g. bf16 [B, T, F].
-      grad_scale_inv: the float32 [1] ``scale_inv`` of the producing dot's gradient state; only
-        its cotangent is used.
+      grad_scale_inv: the float32 [1] ``scale_inv`` of the producing dot's gradient state, or
+        its [D, 1] ``partials`` where it has them (then the amax is reported per device,
+        scaling.amax_partials); only its cotangent is used.
     Returns:
       ``fn(pre)``.
     """
-    return _observing(fn, pre, grad_scale_inv)
+    # Static: how many per-device rows the amax is reported in (0: one [1] amax).
+    devices = grad_scale_inv.shape[0] if grad_scale_inv.ndim == 2 else 0
+    return _observing(fn, pre, grad_scale_inv, devices)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _observing(fn, pre, grad_scale_inv):
-    del grad_scale_inv
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _observing(fn, pre, grad_scale_inv, devices):
+    del grad_scale_inv, devices
     return fn(pre)
 
 
-def _observing_fwd(fn, pre, grad_scale_inv):
-    del grad_scale_inv
+def _observing_fwd(fn, pre, grad_scale_inv, devices):
+    del grad_scale_inv, devices
     return fn(pre), pre
 
 
-def _observing_bwd(fn, pre, d_out):
+def _observing_bwd(fn, devices, pre, d_out):
+    form = jnp.zeros((devices, 1), jnp.float32) if devices else None
     # Each gradient rounded to pre's dtype by a reduce_precision: fused into the FP8 cast, the
     # convert alone would be dropped where XLA allows excess precision (CPU's default), and the
     # cast would quantise the unrounded float32 values (the GPU step forbids it:
@@ -105,8 +114,8 @@ def _observing_bwd(fn, pre, d_out):
     # twin out in bf16 (a [tokens, F] write and read per layer; 88 ms of the 8B step).
     one = lax.optimization_barrier(jnp.ones((), pre.dtype))
     twin_pre, twin_d_out = pre * one, d_out * one.astype(d_out.dtype)
-    seen = scaling.amax(exact_twin(jax.vjp(fn, twin_pre)[1](twin_d_out)[0]))
-    return d_pre, jnp.reshape(seen, (1,))
+    seen = scaling.measure(exact_twin(jax.vjp(fn, twin_pre)[1](twin_d_out)[0]), form)
+    return d_pre, seen if seen.ndim == 2 else jnp.reshape(seen, (1,))
 
 
 _observing.defvjp(_observing_fwd, _observing_bwd)

@@ -33,17 +33,23 @@ set, vectorised) so that this holds to the last bit.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import fp8_ops
+from jax.sharding import PartitionSpec
 
+from fogjax import sharding
 from fogjax.precision.formats import saturating_cast
 from fogjax.precision.recipe import FP8_COLLECTION
 
 AMAX_REDUCTIONS = ("max", "most_recent")
+
+# The view-only leaf beside each ``<t>_scale_inv`` that stands in for ScalingState.partials.
+PARTIALS_SUFFIX = "_amax_partials"
 
 
 class ScalingState(NamedTuple):
@@ -51,6 +57,10 @@ class ScalingState(NamedTuple):
 
     amax_history: jax.Array  # float32[H], index 0 = most recent step.
     scale_inv: jax.Array  # float32[1], dequantisation multiplier = amax * 2**margin / fp8_max.
+    # float32 [D, 1] zeros, only inside the scanned layers of a step whose batch is split over D
+    # devices (packed_scales.py): the op reports its amax per device as this leaf's "gradient"
+    # (:func:`amax_partials`), and the scan's caller max-reduces over D once per micro-batch.
+    partials: jax.Array | None = None
 
 
 def init_state(history_len: int) -> ScalingState:
@@ -90,6 +100,74 @@ def dequantize(y: jax.Array, scale_inv: jax.Array, dtype: Any) -> jax.Array:
 def amax(x: jax.Array) -> jax.Array:
     """max|x| over every element as a float32 scalar (a global max under sharding)."""
     return jnp.max(jnp.abs(x)).astype(jnp.float32)
+
+
+def partial_devices() -> int:
+    """D: how many devices the tracing context splits a batch over (the non-Manual batch mesh
+    axes, sharding.partitioned_batch_axes); 1 without a mesh. Inside the train step's per-replica
+    ``shard_map`` over 'data', 'data' is Manual and does not count: its amaxes are reduced once
+    per step anyway (train/step.py)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = sharding.partitioned_batch_axes(mesh)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)) if axes else {}
+    return math.prod(sizes[a] for a in axes)
+
+
+def constrain_partials(x: jax.Array, axis: int) -> jax.Array:
+    """``x`` with its ``axis`` (of size D) split over the batch mesh axes, one entry per device,
+    when D is :func:`partial_devices`; unchanged otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = sharding.partitioned_batch_axes(mesh)
+    if not axes or x.shape[axis] != partial_devices():
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = axes
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def amax_partials(x: jax.Array, devices: int) -> jax.Array:
+    """float32 [D, 1]: row d is max|x| over the d-th of D equal blocks of ``x``'s leading axis, so
+    the max over D is :func:`amax` (the same bits: the maxima are taken in ``x``'s dtype).
+
+    Why: an activation's leading axis is the batch, split over the D devices of the batch mesh
+    axes; block d is then device d's own rows, and the partitioner computes each row without
+    communication, where :func:`amax` all-reduces inside every layer of every micro-batch (two
+    combined all-reduces plus their concatenations and slices per layer, forward and backward, in
+    the 8B FSDP step). The [D, 1] result stays split over the devices until the scan's caller
+    reduces all layers at once (packed_scales.py). Any tensor is correct here, only the cost
+    differs: a leading axis that D does not divide gives every row the global amax.
+    """
+    if devices == 1 or x.ndim == 0 or x.shape[0] % devices:
+        return jnp.broadcast_to(jnp.reshape(amax(x), (1, 1)), (devices, 1))
+    blocks = jnp.abs(x.reshape((devices, x.shape[0] // devices) + x.shape[1:]))
+    rows = jnp.max(blocks, axis=tuple(range(1, blocks.ndim))).astype(jnp.float32)
+    return constrain_partials(rows[:, None], 0)
+
+
+def measure(x: jax.Array, like: jax.Array | None) -> jax.Array:
+    """max|x| in the form an op reports it: :func:`amax_partials` [D, 1] when ``like`` is a
+    [D, 1] array (a ``partials`` leaf or an amax in that form), else :func:`amax` (scalar)."""
+    if like is not None and like.ndim == 2:
+        return amax_partials(x, like.shape[0])
+    return amax(x)
+
+
+def conform(measured: jax.Array, like: jax.Array | None) -> jax.Array:
+    """An amax someone else measured (a scalar or [1], or [D, 1] partials) in ``like``'s form (see
+    :func:`measure`): partials are max-reduced to a scalar, a scalar broadcast to [D, 1] rows."""
+    if like is not None and like.ndim == 2:
+        if measured.shape == like.shape:
+            return measured
+        return jnp.broadcast_to(jnp.reshape(jnp.max(measured), (1, 1)), like.shape)
+    return jnp.max(measured) if measured.ndim == 2 else jnp.reshape(measured, ())
+
+
+def seen_as(measured: jax.Array) -> ScalingState:
+    """The "gradient" of a state whose tensor had amax ``measured``: in the ``scale_inv`` slot as
+    float32 [1] (:func:`observation`), or, for [D, 1] partials, in the ``partials`` slot."""
+    if measured.ndim == 2:
+        return ScalingState(None, None, measured)
+    return ScalingState(None, jnp.reshape(measured, (1,)))
 
 
 def reduce_history(amax_history: jax.Array, reduction: str) -> jax.Array:
@@ -171,4 +249,7 @@ def declare_state(module: nn.Module, prefix: str, history_len: int) -> ScalingSt
         FP8_COLLECTION, f"{prefix}_amax_history", jnp.zeros, (history_len,), jnp.float32
     )
     scale_inv = module.variable(FP8_COLLECTION, f"{prefix}_scale_inv", jnp.ones, (1,), jnp.float32)
-    return ScalingState(history.value, scale_inv.value)
+    partials = None
+    if module.has_variable(FP8_COLLECTION, prefix + PARTIALS_SUFFIX):
+        partials = module.get_variable(FP8_COLLECTION, prefix + PARTIALS_SUFFIX)
+    return ScalingState(history.value, scale_inv.value, partials)

@@ -22,14 +22,37 @@ def test_pack_and_unpack_restore_every_leaf_in_order():
         jnp.zeros((packed_residuals.MAX_PACKED_SIZE + 1,), jnp.float32),  # too large
         jnp.float32(2.5),
     ]
-    vector, rest, shapes = packed_residuals.pack(leaves)
-    assert vector.shape == (5,) and vector.dtype == jnp.float32
-    assert len(rest) == 2 and shapes == ((3,), None, (1,), None, ())
-    back = packed_residuals.unpack(vector, rest, shapes)
+    vector, matrix, rest, shapes = packed_residuals.pack(leaves)
+    assert vector.shape == (5,) and vector.dtype == jnp.float32 and matrix is None
+    assert len(rest) == 2
+    assert shapes == (("vector", (3,)), None, ("vector", (1,)), None, ("vector", ()))
+    back = packed_residuals.unpack(vector, matrix, rest, shapes)
     for a, b in zip(back, leaves, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     assert packed_residuals.pack([jnp.ones((9, 9))])[0] is None
+
+
+def test_per_device_amaxes_go_into_their_own_matrix():
+    """Under FSDP (D devices) the [D, k] per-device amaxes are concatenated along k, apart from
+    the replicated vector; a [D, k] that is not float32, or a [k, D], stays where it was."""
+    d = 4
+    leaves = [
+        jnp.arange(8, dtype=jnp.float32).reshape(d, 2),
+        jnp.full((1,), 7.0, jnp.float32),
+        jnp.arange(4, dtype=jnp.float32).reshape(d, 1) + 10,
+        jnp.ones((d, 1), jnp.bfloat16),  # not float32: kept apart
+        jnp.ones((2, d), jnp.float32),  # not [D, k]: into the vector
+    ]
+    vector, matrix, rest, shapes = packed_residuals.pack(leaves, devices=d)
+    assert matrix.shape == (d, 3) and vector.shape == (1 + 2 * d,) and len(rest) == 1
+    np.testing.assert_array_equal(matrix[:, 2], [10, 11, 12, 13])
+    back = packed_residuals.unpack(vector, matrix, rest, shapes)
+    for a, b in zip(back, leaves, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # One device: no per-device amaxes; every small float32 goes into the vector.
+    assert packed_residuals.pack(leaves)[1] is None
 
 
 CASES = [

@@ -121,3 +121,74 @@ def test_declare_state_creates_fp8_variables():
     np.testing.assert_array_equal(variables["fp8"]["lhs_scale_inv"], [1.0])
     state = Holder().apply(variables)
     assert state.amax_history.shape == (5,) and state.scale_inv.shape == (1,)
+
+
+def test_declare_state_reads_the_per_device_stand_in_where_the_view_gives_one():
+    """Inside the scanned layers under FSDP the packed-scales view adds ``<t>_amax_partials``
+    (model/packed_scales.py); the state carries it, and elsewhere its slot is None."""
+
+    class Holder(nn.Module):
+        @nn.compact
+        def __call__(self):
+            return scaling.declare_state(self, "lhs", 5)
+
+    variables = Holder().init(jax.random.PRNGKey(0))
+    assert Holder().apply(variables).partials is None
+    partials = jnp.zeros((4, 1), jnp.float32)
+    view = {"fp8": {**variables["fp8"], "lhs" + scaling.PARTIALS_SUFFIX: partials}}
+    assert Holder().apply(view).partials.shape == (4, 1)
+
+
+def _block_maxima(x: np.ndarray, devices: int) -> np.ndarray:
+    """The float64 re-derivation: max|x| over each of ``devices`` blocks of the leading axis."""
+    blocks = np.abs(np.asarray(x, np.float64)).reshape(devices, -1)
+    return blocks.max(axis=1)[:, None]
+
+
+def test_amax_partials_are_the_block_maxima_and_their_max_is_the_amax():
+    x = jax.random.normal(jax.random.key(0), (8, 3, 5), jnp.bfloat16) * 3
+    x = x.at[5, 1, 2].set(-40.0)  # the largest magnitude negative, in block 2 of 4
+    partials = scaling.amax_partials(x, 4)
+    assert partials.shape == (4, 1) and partials.dtype == jnp.float32
+    np.testing.assert_array_equal(partials, _block_maxima(x, 4))
+    assert float(partials[2, 0]) == 40.0
+    np.testing.assert_array_equal(jnp.max(partials), scaling.amax(x))
+    # A leading axis that 4 does not divide: every row the global amax (still correct).
+    ragged = scaling.amax_partials(x[:6], 4)
+    np.testing.assert_array_equal(ragged, np.full((4, 1), float(scaling.amax(x[:6]))))
+
+
+def test_measure_conform_and_seen_as_keep_the_form_they_are_asked_for():
+    x = jnp.array([[1.0, -6.0], [3.0, 2.0]], jnp.float32)
+    like = jnp.zeros((2, 1), jnp.float32)
+    assert scaling.measure(x, None).shape == ()
+    np.testing.assert_array_equal(scaling.measure(x, like), [[6.0], [3.0]])
+    # Scalars broadcast to every device's row; partials reduce to their max.
+    np.testing.assert_array_equal(scaling.conform(jnp.float32(5.0), like), [[5.0], [5.0]])
+    assert float(scaling.conform(jnp.array([[6.0], [3.0]]), None)) == 6.0
+    seen = scaling.seen_as(jnp.array([[6.0], [3.0]]))
+    assert seen.scale_inv is None and seen.partials.shape == (2, 1)
+    seen = scaling.seen_as(jnp.float32(6.0))
+    assert seen.partials is None
+    np.testing.assert_array_equal(seen.scale_inv, [6.0])
+
+
+def test_amax_partials_of_a_batch_split_over_fsdp_need_no_collective():
+    """The point of the per-device form: on a batch split over 4 devices each row is computed
+    where its block lives, so the compiled program has no all-reduce; scaling.amax has one."""
+    from fogjax import sharding
+
+    devices = jax.devices()[:4]
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 1}, devices)
+    x = jax.random.normal(jax.random.key(1), (8, 16, 32), jnp.bfloat16)
+    with sharding.sharding_context(mesh):
+        assert scaling.partial_devices() == 4
+        x = jax.device_put(x, sharding.batch_sharding(mesh))
+        per_device = jax.jit(lambda x: scaling.amax_partials(x, 4)).lower(x).compile()
+        whole = jax.jit(scaling.amax).lower(x).compile()
+        partials = per_device(x)
+    assert "all-reduce" not in per_device.as_text() and "all-gather" not in per_device.as_text()
+    assert "all-reduce" in whole.as_text()
+    assert partials.sharding.spec[0] in ("fsdp", ("fsdp",))
+    np.testing.assert_array_equal(partials, _block_maxima(x, 4))
+    assert scaling.partial_devices() == 1  # outside the mesh
