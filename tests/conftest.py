@@ -32,16 +32,7 @@ def _has_gpu() -> bool:
         return False
 
 
-def _slow_modules_first(items):
-    """Runs the modules that hold a slow test first, each module's tests kept together and in
-    order: xdist hands tests out in this order, and a minute-long test handed out last keeps one
-    worker busy while the others have nothing left (the suite's tail)."""
-    slow = {item.module.__name__ for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.module.__name__ not in slow)
-
-
 def pytest_collection_modifyitems(config, items):
-    _slow_modules_first(items)
     if os.environ.get("FOGJAX_TEST_GPU") == "1" and _has_gpu():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run with FOGJAX_TEST_GPU=1 on one)")
