@@ -195,9 +195,7 @@ def split_batch_axes(mesh: Any, batch: int) -> tuple[str, ...]:
     """The :data:`BATCH_MESH_AXES` with several devices in ``mesh`` and not Manual there (inside a
     shard_map over 'data', ``batch`` is already one replica's rows), if their product divides
     ``batch``; else () (the batch stays whole)."""
-    sizes = _auto_axis_sizes(mesh)
-    axes = tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
-    return () if batch % math.prod(sizes[a] for a in axes) else axes
+    return () if batch % batch_devices(mesh) else partitioned_batch_axes(mesh)
 
 
 def partitioned_batch_axes(mesh: Any) -> tuple[str, ...]:
@@ -208,6 +206,13 @@ def partitioned_batch_axes(mesh: Any) -> tuple[str, ...]:
         return ()
     sizes = _auto_axis_sizes(mesh)
     return tuple(a for a in BATCH_MESH_AXES if sizes.get(a, 1) > 1)
+
+
+def batch_devices(mesh: Any) -> int:
+    """How many devices :func:`partitioned_batch_axes` split a batch over; 1 without any."""
+    axes = partitioned_batch_axes(mesh)
+    sizes = _auto_axis_sizes(mesh) if axes else {}
+    return math.prod(sizes[a] for a in axes)
 
 
 def without_mesh_axis(rules: LogicalRules, axis: str) -> LogicalRules:

@@ -46,7 +46,6 @@ to check the wiring.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -166,8 +165,7 @@ def _mesh_specs(
         sharding.split_axis(mesh, sharding.mesh_axis_of("heads"), kv_heads),
         None,
     )
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    keep = batch_axes if devices > 1 and math.prod(sizes[a] for a in batch_axes) == devices else ()
+    keep = batch_axes if batch_axes and sharding.batch_devices(mesh) == devices > 1 else ()
     return spec, tuple(a for a in axes if a not in keep), keep
 
 
@@ -267,22 +265,23 @@ def _fwd(q, k, v, states, scale, reduction, margin, specs):
     out = scaling.dequantize(o8, states["o"].scale_inv, q.dtype)
     scales = [states[n].scale_inv for n in TENSORS]
     form = states["q"].partials
+    # In FORWARD_TENSORS order: scalars, or [D, 1] per device (scaling.ScalingState.partials).
+    seen = [scaling.measure(x, form) for x in (q, k, v)]
+    seen += [_kernel_amax(a, form) for a in (amax_p, amax_o)]
     if form is not None:
-        # Per device ([D, 1] each), kept apart from the replicated scales: ([10], [D, 5]).
-        seen = [scaling.measure(x, form) for x in (q, k, v)]
-        seen += [_kernel_amax(a, form) for a in (amax_p, amax_o)]
+        # Kept apart from the replicated scales: ([10], [D, 5]).
         return (out, o8), (q8, k8, v8, o8, stats, (jnp.concatenate(scales), jnp.hstack(seen)))
-    # In FORWARD_TENSORS order.
-    seen = [scaling.observation(x).scale_inv for x in (q, k, v, amax_p, amax_o)]
     # The scales and the forward's amaxes travel to the backward as ONE float32 [15] (a stacked
     # residual per layer and micro-batch: one write, not fifteen), the [H] histories not at all.
-    scalars = jnp.concatenate(scales + seen)
+    scalars = jnp.concatenate(scales + [jnp.reshape(a, (1,)) for a in seen])
     return (out, o8), (q8, k8, v8, o8, stats, scalars)
 
 
-def _kernel_amax(amax: jax.Array, form: jax.Array) -> jax.Array:
+def _kernel_amax(amax: jax.Array, form: jax.Array | None) -> jax.Array:
     """An amax the kernels returned ([1, 1, 1, 1], or [D, 1, 1, 1] kept split over the devices)
-    in ``form``'s [D, 1] per-device form."""
+    in ``form``'s form (scaling.measure): a scalar, or [D, 1] per device."""
+    if form is None:
+        return scaling.amax(amax)
     return scaling.conform(jnp.reshape(amax, (-1, 1)), form)
 
 
@@ -319,17 +318,11 @@ def _bwd(scale, reduction, margin, specs, residuals, cotangents):
         scaling.dequantize(x8, states[n].scale_inv, g.dtype)
         for n, x8 in (("dq", dq8), ("dk", dk8), ("dv", dv8))
     )
-    backward = {"do": g, "dp": amax_dp, "dq": amax_dq, "dk": amax_dk, "dv": amax_dv}
-    if form is None:
-        seen = {n: scaling.observation(x) for n, x in backward.items()}
-        for i, n in enumerate(FORWARD_TENSORS):
-            seen[n] = ScalingState(None, forward_amaxes[i : i + 1])
-        return (*grads, {n: seen[n] for n in states})
+    kernel_amaxes = {"dp": amax_dp, "dq": amax_dq, "dk": amax_dk, "dv": amax_dv}
     seen = {"do": scaling.seen_as(scaling.measure(g, form))}
-    for n in ("dp", "dq", "dk", "dv"):
-        seen[n] = scaling.seen_as(_kernel_amax(backward[n], form))
-    for i, n in enumerate(FORWARD_TENSORS):
-        seen[n] = scaling.seen_as(forward_amaxes[:, i : i + 1])
+    seen.update({n: scaling.seen_as(_kernel_amax(a, form)) for n, a in kernel_amaxes.items()})
+    for i, n in enumerate(FORWARD_TENSORS):  # [1] each, or [D, 1]
+        seen[n] = scaling.seen_as(forward_amaxes[..., i : i + 1])
     return (*grads, {n: seen[n] for n in TENSORS})
 
 

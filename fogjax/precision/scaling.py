@@ -33,7 +33,6 @@ set, vectorised) so that this holds to the last bit.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -107,10 +106,7 @@ def partial_devices() -> int:
     axes, sharding.partitioned_batch_axes); 1 without a mesh. Inside the train step's per-replica
     ``shard_map`` over 'data', 'data' is Manual and does not count: its amaxes are reduced once
     per step anyway (train/step.py)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = sharding.partitioned_batch_axes(mesh)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)) if axes else {}
-    return math.prod(sizes[a] for a in axes)
+    return sharding.batch_devices(jax.sharding.get_abstract_mesh())
 
 
 def constrain_partials(x: jax.Array, axis: int) -> jax.Array:
@@ -118,7 +114,7 @@ def constrain_partials(x: jax.Array, axis: int) -> jax.Array:
     when D is :func:`partial_devices`; unchanged otherwise."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = sharding.partitioned_batch_axes(mesh)
-    if not axes or x.shape[axis] != partial_devices():
+    if not axes or x.shape[axis] != sharding.batch_devices(mesh):
         return x
     spec = [None] * x.ndim
     spec[axis] = axes
